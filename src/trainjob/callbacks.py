@@ -1,0 +1,151 @@
+"""trainjob's Keras callbacks: the standard set, plus RunKeeper, which keeps the run folder
+and the resume state current every epoch.
+
+Keras' BackupAndRestore restores weights and the epoch but forgets EarlyStopping,
+ReduceLROnPlateau and ModelCheckpoint state, and deletes its folder on success. RunKeeper
+saves all of it under ``backup/`` (never ``checkpoints/``) and puts it back on restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+import keras
+
+from trainjob.artifacts import BEST, HISTORY, LAST, LOG_CSV, RunFolder, read_json, sha256
+from trainjob.config import Config
+from trainjob.errors import Preempted, TrainingError
+from trainjob.resume import CALLBACK_STATE, STATE, WEIGHTS, StopSignal, plain
+
+log = logging.getLogger(__name__)
+
+
+def exp_decay(base_lr: float):
+    """The reference script's scheduler: base rate until epoch 10, then exponential decay."""
+
+    def schedule(epoch: int, lr: float) -> float:
+        return base_lr if epoch < 10 else base_lr * math.exp(0.1 * (10 - epoch))
+
+    return schedule
+
+
+def make_callbacks(cfg: Config, run: RunFolder, keeper: RunKeeper) -> list[keras.callbacks.Callback]:
+    c = cfg.callbacks
+    callbacks: list[keras.callbacks.Callback] = [
+        keras.callbacks.ModelCheckpoint(str(run.path(BEST)), monitor=c.checkpoint_monitor,
+                                        save_best_only=True, save_weights_only=True),
+        keras.callbacks.ModelCheckpoint(str(run.path(LAST)), save_weights_only=True),
+        keras.callbacks.CSVLogger(str(run.path(LOG_CSV)), append=True),
+    ]
+    if c.early_stopping_patience > 0:
+        callbacks.append(keras.callbacks.EarlyStopping(
+            monitor=c.early_stopping_monitor, patience=c.early_stopping_patience,
+            min_delta=c.early_stopping_min_delta))
+    if cfg.optim.lr_schedule == "exp-decay":
+        callbacks.append(keras.callbacks.LearningRateScheduler(exp_decay(cfg.optim.learning_rate)))
+    elif c.reduce_lr:
+        callbacks.append(keras.callbacks.ReduceLROnPlateau(
+            monitor=c.reduce_lr_monitor, factor=c.reduce_lr_factor, patience=c.reduce_lr_patience,
+            min_delta=c.reduce_lr_min_delta, cooldown=c.reduce_lr_cooldown, min_lr=c.reduce_lr_min_lr,
+            verbose=1))
+    # Last: it must see every other callback's state after the epoch (DESIGN: BackupAndRestore
+    # goes last for the same reason).
+    callbacks.append(keeper)
+    keeper.set_peers(callbacks)
+    run.path(BEST).parent.mkdir(parents=True, exist_ok=True)
+    return callbacks
+
+
+class RunKeeper(keras.callbacks.Callback):
+    """Last in the callback list: restores callback state, and at every epoch end writes
+    history, status and resume state, then queues them for upload. Also stops on a signal,
+    and fails fast on a NaN loss, without recording a partial epoch."""
+
+    def __init__(self, run: RunFolder, *, history: list[dict], fingerprint: dict,
+                 restore: dict | None, stop: StopSignal, backup_every_steps: int = 0,
+                 on_epoch: Any = None) -> None:
+        super().__init__()
+        self.run = run
+        self.history = history
+        self.fingerprint = fingerprint
+        self.restore = restore
+        self.stop = stop
+        self.backup_every_steps = backup_every_steps
+        self.on_epoch = on_epoch  # e.g. the lock heartbeat
+        self.epoch = 0
+        self._epoch_started = time.monotonic()
+        self._tracked: dict[str, keras.callbacks.Callback] = {}
+
+    def set_peers(self, callbacks: list[keras.callbacks.Callback]) -> None:
+        """The callbacks whose state is saved, keyed by kind (and file, for checkpoints)."""
+        self._tracked = {}
+        for cb in callbacks:
+            for kind in CALLBACK_STATE:
+                if kind in (c.__name__ for c in type(cb).__mro__):
+                    self._tracked[f"{kind}:{getattr(cb, 'filepath', '')}"] = cb
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        if not self.restore:
+            return
+        for key, cb in self._tracked.items():
+            base = key.split(":")[0]
+            for attr, value in self.restore.get("callbacks", {}).get(key, {}).items():
+                if attr in CALLBACK_STATE[base]:
+                    setattr(cb, attr, value)
+        log.info("restored callback state: %s", self.restore.get("callbacks"))
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.epoch = epoch
+        self._epoch_started = time.monotonic()
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            raise TrainingError(f"loss became {float(loss)} at epoch {self.epoch} batch {batch}: "
+                                "lower --learning-rate or check the data")
+        if self.stop.requested:
+            raise Preempted(f"stopped by signal in epoch {self.epoch}")
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        logs = dict(logs or {})
+        opt = self.model.optimizer
+        row = {"epoch": epoch, **{k: float(v) for k, v in logs.items()},
+               "learning_rate": float(keras.ops.convert_to_numpy(opt.learning_rate)),
+               "seconds": round(time.monotonic() - self._epoch_started, 3)}
+        self.history.append(row)
+        self.run.write(HISTORY, self.history, upload=False)
+        self.save_state(next_epoch=epoch + 1)
+        self.run.set_status("running", epoch=epoch, epochs_done=epoch + 1, metrics=row)
+        if self.on_epoch:
+            self.on_epoch()
+        self.run.sync_epoch()
+        self.run.uploader.submit(WEIGHTS, STATE)  # weights first: state.json names them
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        # Reached only when fit ends normally (all epochs, or EarlyStopping): a restart
+        # before publishing must not train further.
+        state = read_json(self.run.path(STATE))
+        if state:
+            state["finished_training"] = True
+            self.run.write(STATE, state)
+
+    def save_state(self, next_epoch: int) -> None:
+        weights = self.run.path(WEIGHTS)
+        weights.parent.mkdir(parents=True, exist_ok=True)
+        self.model.save_weights(weights)  # includes the optimizer: iterations, moments, lr
+        state = {
+            "epoch": next_epoch,
+            "weights_sha256": sha256(weights),
+            "iterations": int(keras.ops.convert_to_numpy(self.model.optimizer.iterations)),
+            "callbacks": {key: {a: plain(getattr(cb, a, None)) for a in
+                                CALLBACK_STATE[key.split(':')[0]]}
+                          for key, cb in self._tracked.items()},
+            "fingerprint": self.fingerprint,
+            "saved": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        self.run.write(STATE, state, upload=False)
+
+

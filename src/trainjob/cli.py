@@ -1,0 +1,140 @@
+"""Command line: parse options, build the config, set up logging, run, map errors to exit codes."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import traceback
+from typing import Any
+
+import click
+
+from trainjob import __version__
+from trainjob.config import Config, option_fields
+from trainjob.errors import ConfigError, TrainJobError
+
+ENV_PREFIX = "TRAINJOB"
+log = logging.getLogger(__name__)
+
+
+class GroupedOption(click.Option):
+    """An option that remembers which help section it belongs to."""
+
+    def __init__(self, *args: Any, group: str = "Other", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.group = group
+
+
+class GroupedCommand(click.Command):
+    """Shows options under their group headings in --help."""
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        sections: dict[str, list[tuple[str, str]]] = {}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record:
+                sections.setdefault(getattr(param, "group", "Other"), []).append(record)
+        for title, rows in sections.items():
+            with formatter.section(f"{title} options"):
+                formatter.write_dl(rows)
+
+
+def _click_option(group: str, f: Any) -> click.Option:
+    meta = f.metadata
+    name = f.name.replace("_", "-")
+    default = f.default_factory() if callable(f.default_factory) else f.default
+    kwargs: dict[str, Any] = dict(
+        help=meta["help"], group=group, show_default=default is not None,
+        envvar=f"{ENV_PREFIX}_{f.name.upper()}", show_envvar=True,
+    )
+    if isinstance(default, bool):
+        return GroupedOption([f"--{name}/--no-{name}"], default=default, **kwargs)
+    if meta["choices"]:
+        kwargs["type"] = click.Choice(meta["choices"])
+    else:
+        kwargs["type"] = meta["type"] or (str if default is None else type(default))
+    return GroupedOption([f"--{name}"], default=default, required=meta["required"], **kwargs)
+
+
+def _add_config_options(command: click.Command) -> click.Command:
+    command.params.extend(_click_option(group, f) for group, f in option_fields())
+    return command
+
+
+def _setup_logging(verbosity: int) -> None:
+    level = {-2: logging.ERROR, -1: logging.WARNING, 0: logging.INFO}.get(
+        max(-2, verbosity), logging.DEBUG)
+    # Progress goes to stdout; stderr is kept for the one-line error a failure prints.
+    logging.basicConfig(level=level, stream=sys.stdout, force=True,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.captureWarnings(True)
+    for noisy in ("botocore", "boto3", "s3transfer", "urllib3", "PIL", "matplotlib", "h5py"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    # TensorFlow's C++ logging is read once at import: quiet it before anything imports TF.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if verbosity > 1 else "2")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="trainjob")
+@click.option("--debug", is_flag=True, envvar=f"{ENV_PREFIX}_DEBUG", show_envvar=True,
+              help="Show tracebacks on errors.")
+@click.option("-v", "--verbose", count=True, help="More logging (repeatable).")
+@click.option("-q", "--quiet", count=True, help="Less logging (repeatable).")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool, verbose: int, quiet: int) -> None:
+    """Train Keras ResNet50 on an image-classification dataset from S3-compatible storage."""
+    ctx.obj = {"debug": debug}
+    _setup_logging(verbose - quiet)
+
+
+@cli.command(cls=GroupedCommand)
+@click.pass_context
+def train(ctx: click.Context, **options: Any) -> None:
+    """Train on --data and write the run folder to --output.
+
+    Every option can also be set as TRAINJOB_<OPTION_NAME>, e.g. TRAINJOB_EPOCHS=50.
+    """
+    cfg = Config.from_options(**options)
+    from trainjob import job  # after logging is set up, so TF's import stays quiet
+
+    job.run(cfg)
+
+
+_add_config_options(train)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry: one line on stderr and a typed exit code for every failure."""
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:]) or \
+        os.environ.get(f"{ENV_PREFIX}_DEBUG", "").lower() in ("1", "true", "yes")
+    try:
+        rc = cli.main(args=argv, prog_name="trainjob", standalone_mode=False)
+        return rc if isinstance(rc, int) else 0
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        hint = " (see 'trainjob train --help')" if isinstance(exc, click.UsageError) else ""
+        _fail(ConfigError(exc.format_message() + hint), debug)
+        return ConfigError.exit_code
+    except click.exceptions.Abort:
+        _fail(TrainJobError("aborted"), debug)
+        return 130
+    except TrainJobError as exc:
+        _fail(exc, debug)
+        return exc.exit_code
+    except Exception as exc:  # noqa: BLE001 - the last line of defence prints one line too
+        _fail(TrainJobError(f"unexpected {type(exc).__name__}: {exc} "
+                            "(rerun with --debug for the traceback and report it)"), debug)
+        return 1
+
+
+def _fail(exc: BaseException, debug: bool) -> None:
+    if debug:
+        traceback.print_exc(file=sys.stderr)
+    message = " ".join(str(exc).split())  # always exactly one line
+    click.echo(f"trainjob: error: {message}", err=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

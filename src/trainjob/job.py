@@ -1,0 +1,281 @@
+"""``run(cfg)``: fetch data, build the pipeline and model, train, evaluate, publish.
+
+Read top to bottom; each step is one call into the module that owns it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from trainjob import __version__, datasets, resume, storage
+from trainjob.artifacts import (BACKUP, CLASSES, CONFIG, LOCK, MANIFEST, METRICS, MODEL, PLOT,
+                                RunFolder, write_json)
+from trainjob.config import Config
+from trainjob.errors import Preempted, StorageError, TrainingError, TrainJobError
+from trainjob.lock import RunLock
+
+log = logging.getLogger(__name__)
+
+# Everything a run writes at the top of its folder; --overwrite removes only these.
+RUN_ENTRIES = ("config.json", "classes.json", "status.json", "training_log.csv", "history.json",
+               "history.png", "metrics.json", "manifest.json", "checkpoints", "model", "backup")
+FAILURE_FLUSH_SECONDS = 60.0
+
+
+def run(cfg: Config) -> None:
+    stop = resume.StopSignal()
+    stop.install()
+    store = storage.open_store(cfg.output.output, cfg.runtime.threads)
+    if isinstance(store, storage.S3Store):
+        store.check_bucket()  # fail in seconds, not after the download
+    if store.exists(MANIFEST) and not cfg.output.overwrite:
+        log.info("%s already holds a finished run (manifest.json); nothing to do. "
+                 "Pass --overwrite to train again.", store.uri)
+        return
+    lock = RunLock(store)
+    lock.acquire(force=cfg.output.force, timeout=cfg.output.lock_timeout)
+    run_dir = RunFolder(_local_run_dir(cfg), store, sync=cfg.output.sync)
+    try:
+        _run_locked(cfg, run_dir, lock, stop)
+    finally:
+        run_dir.uploader.close()
+        lock.release()
+
+
+def _run_locked(cfg: Config, run_dir: RunFolder, lock: RunLock, stop: resume.StopSignal) -> None:
+    timings: dict[str, float] = {}
+    state = _prepare(cfg, run_dir)
+    run_dir.set_status("running", error=None, started=time.time(),
+                       resumed_from_epoch=state["epoch"] if state else None)
+    try:
+        _train(cfg, run_dir, state, lock, stop, timings)
+    except Preempted as exc:
+        run_dir.set_status("preempted", error=str(exc))
+        left = stop.remaining(cfg.runtime.grace_seconds) - 2.0
+        if not run_dir.uploader.flush(timeout=max(0.0, left)):
+            log.warning("grace period over before all uploads finished; resume state may lag")
+        raise
+    except BaseException as exc:
+        error = _as_job_error(exc)
+        run_dir.set_status("failed", error=str(error))
+        try:
+            run_dir.uploader.flush(timeout=FAILURE_FLUSH_SECONDS)
+        except StorageError:
+            pass  # the original error matters more; the local folder keeps everything
+        log.error("run failed; local run folder kept at %s", run_dir.local)
+        if error is exc:
+            raise
+        raise error from exc
+
+
+def _train(cfg: Config, run_dir: RunFolder, state: dict | None, lock: RunLock,
+           stop: resume.StopSignal, timings: dict[str, float]) -> None:
+    cache = Path(cfg.data.cache_dir)
+    with _timed(timings, "download"):
+        fetched = storage.fetch(cfg.data.data, cache / "downloads", cfg.runtime.threads)
+    with _timed(timings, "extract"):
+        roots = datasets.unpack(fetched.path, cache / "extracted", cfg.data.max_extract_bytes)
+        class_root = datasets.locate(roots)
+    with _timed(timings, "scan"):
+        catalog = datasets.scan(class_root, cache / "converted",
+                                include_background=cfg.data.include_background,
+                                max_bad_fraction=cfg.data.max_bad_fraction,
+                                threads=min(8, os.cpu_count() or 2))
+    splits = datasets.split(catalog, val_fraction=cfg.split.val_fraction,
+                            test_fraction=cfg.split.test_fraction,
+                            train_per_class=cfg.split.train_per_class, seed=cfg.split.seed)
+    log.info("%d classes, %d images: %s", len(catalog.classes), len(catalog.samples),
+             splits.sizes())
+    fingerprint = {"classes": hashlib.sha1("\n".join(catalog.classes).encode()).hexdigest(),
+                   "image_size": cfg.model.image_size, "optimizer": cfg.optim.optimizer}
+    if state:
+        resume.check_compatible(state, fingerprint)
+    run_dir.write(CLASSES, {str(i): name for i, name in enumerate(catalog.classes)})
+    dataset_summary = {**catalog.summary(), "splits": splits.sizes(),
+                       "download": {"objects_downloaded": fetched.downloaded_objects,
+                                    "bytes_downloaded": fetched.downloaded_bytes,
+                                    "objects_cached": fetched.cached_objects}}
+    _write_config(cfg, run_dir, dataset_summary, timings, state)
+
+    # TensorFlow is imported only now: bad input fails above in a second, with no TF noise.
+    from trainjob import callbacks as callbacks_lib, inputs, model as models, training
+
+    with _timed(timings, "build"):
+        num_classes = len(catalog.classes)
+        work = Path(cfg.runtime.work_dir) / "tfcache"
+        steps = inputs.steps_for(len(splits.train), cfg.optim.batch_size, cfg.optim.steps_per_epoch)
+        first_epoch = state["epoch"] if state else 0
+        train_base = inputs.decoded(splits.train, cfg.model.image_size, cfg.data.pipeline_cache,
+                                    work, "train")
+        train_ds = inputs.training_stream(
+            train_base, len(splits.train), num_classes, image_size=cfg.model.image_size,
+            batch_size=cfg.optim.batch_size, steps=steps,
+            repeat=cfg.optim.steps_per_epoch is not None, shuffle=cfg.optim.shuffle,
+            augment=cfg.optim.augment, seed=cfg.split.seed, first_epoch=first_epoch,
+            epochs=cfg.optim.epochs)
+        val_ds = inputs.evaluation_stream(
+            inputs.decoded(splits.val, cfg.model.image_size, cfg.data.pipeline_cache, work, "val"),
+            num_classes, cfg.optim.batch_size) if splits.val else None
+        weights_file = None
+        if cfg.model.weights not in ("none", "imagenet"):
+            weights_file = storage.fetch(cfg.model.weights, cache / "downloads",
+                                         cfg.runtime.threads, single=True).path
+        with training.strategy_scope():
+            model = models.build_model(cfg.model, num_classes, weights_file)
+            training.compile_model(model, cfg, num_classes)
+        history = resume.trim_logs(run_dir, first_epoch) if state else []
+        if state:
+            iterations = resume.restore_weights(model, run_dir)
+            log.info("resuming at epoch %d (optimizer iterations %d)", first_epoch, iterations)
+        keeper = callbacks_lib.RunKeeper(run_dir, history=history, fingerprint=fingerprint,
+                                  restore=state, stop=stop, on_epoch=lock.heartbeat)
+        callbacks = callbacks_lib.make_callbacks(cfg, run_dir, keeper)
+
+    with _timed(timings, "train"):
+        if first_epoch < cfg.optim.epochs and not _stopped_early(state):
+            stop.in_training = True
+            try:
+                training.fit(model, train_ds, val_ds, cfg=cfg, steps=steps,
+                             initial_epoch=first_epoch, callbacks=callbacks,
+                             weights=training.class_weights(splits.train, num_classes,
+                                                            cfg.optim.class_weight))
+            finally:
+                stop.in_training = False
+        run_dir.uploader.flush()  # surface upload failures before spending time on the rest
+
+    with _timed(timings, "evaluate"):
+        best = run_dir.path("checkpoints/best.weights.h5")
+        if cfg.callbacks.restore_best and best.exists():
+            model.load_weights(best)
+            log.info("restored the best weights (%s) for the final model",
+                     cfg.callbacks.checkpoint_monitor)
+        test_ds = inputs.evaluation_stream(
+            inputs.decoded(splits.test, cfg.model.image_size, "none", work, "test"),
+            num_classes, cfg.optim.batch_size)
+        metrics = training.evaluate(model, test_ds, splits.test, catalog.classes)
+        run_dir.write(METRICS, metrics)
+        log.info("test: %s", {k: v for k, v in metrics.items() if not isinstance(v, dict)})
+
+    with _timed(timings, "publish"):
+        run_dir.path(MODEL).parent.mkdir(parents=True, exist_ok=True)
+        model.save(run_dir.path(MODEL))
+        from trainjob.artifacts import plot_history
+
+        plot_history(keeper.history, run_dir.path(PLOT))
+        run_dir.set_status("succeeded", error=None, finished=time.time(),
+                           epochs_done=len(keeper.history))
+        _write_config(cfg, run_dir, dataset_summary, timings, state)
+        run_dir.publish()
+    log.info("run finished: %s", run_dir.store.uri)
+
+
+def _stopped_early(state: dict | None) -> bool:
+    """A run killed after EarlyStopping fired but before publishing must not train on."""
+    return bool(state and state.get("finished_training"))
+
+
+def _prepare(cfg: Config, run_dir: RunFolder) -> dict | None:
+    """Make the local run folder match what the job should continue from; return resume state."""
+    store = run_dir.store
+    if cfg.output.overwrite:
+        log.info("--overwrite: removing the previous run at %s", store.uri)
+        _remove_run(run_dir)
+        return None
+    if not store.exists(f"{BACKUP}/state.json"):
+        if run_dir.uploader.enabled:
+            _clear_local(run_dir.local)
+        return None
+    if run_dir.uploader.enabled:  # the bucket is the truth: a new pod has no local files
+        _clear_local(run_dir.local)
+        for obj in store.list(""):
+            if not obj.key.startswith(("model/", MANIFEST, LOCK)):
+                store.get(obj.key, run_dir.path(obj.key))
+    state = resume.load_state(run_dir)
+    if state is None:
+        log.warning("resume state at %s is unusable; starting afresh", store.uri)
+        _remove_run(run_dir)
+    return state
+
+
+def _remove_run(run_dir: RunFolder) -> None:
+    store = run_dir.store
+    keys = [o.key for o in store.list("") if o.key.split("/")[0] in RUN_ENTRIES]
+    if run_dir.uploader.enabled:
+        store.delete(keys)
+        _clear_local(run_dir.local)
+    else:
+        for name in RUN_ENTRIES:
+            path = run_dir.path(name)
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def _clear_local(path: Path) -> None:
+    for child in path.iterdir():
+        if not child.name.startswith(".staging-"):
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+
+def _local_run_dir(cfg: Config) -> Path:
+    scheme, _, key = storage.parse_uri(cfg.output.output)
+    if scheme == "file":
+        return Path(key).expanduser().absolute()
+    digest = hashlib.sha1(cfg.output.output.rstrip("/").encode()).hexdigest()[:16]
+    return Path(cfg.runtime.work_dir) / "runs" / digest
+
+
+def _write_config(cfg: Config, run_dir: RunFolder, dataset: dict, timings: dict,
+                  state: dict | None) -> None:
+    run_dir.write(CONFIG, {
+        "settings": cfg.to_dict(),
+        "versions": _versions(),
+        "hardware": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                     "gpus": _gpu_names()},
+        "dataset": dataset,
+        "timings_seconds": {k: round(v, 2) for k, v in timings.items()},
+        "resumed_from_epoch": state["epoch"] if state else None,
+    })
+
+
+def _versions() -> dict[str, str]:
+    out = {"trainjob": __version__, "python": sys.version.split()[0]}
+    for name in ("tensorflow", "keras", "numpy", "boto3"):
+        mod = sys.modules.get(name)
+        if mod is not None:
+            out[name] = getattr(mod, "__version__", "?")
+    return out
+
+
+def _gpu_names() -> list[str]:
+    tf = sys.modules.get("tensorflow")
+    return [d.name for d in tf.config.list_physical_devices("GPU")] if tf else []
+
+
+def _as_job_error(exc: BaseException) -> BaseException:
+    """Out-of-memory and similar become TrainingError (exit 5); typed errors pass through."""
+    if isinstance(exc, TrainJobError):
+        return exc
+    name = type(exc).__name__
+    if isinstance(exc, MemoryError) or name == "ResourceExhaustedError":
+        return TrainingError("out of memory while training: lower --batch-size or --image-size")
+    if name in ("InvalidArgumentError", "UnknownError", "InternalError"):
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else name
+        return TrainingError(f"TensorFlow failed while training: {first[:300]}")
+    return exc
+
+
+@contextmanager
+def _timed(timings: dict[str, float], phase: str) -> Iterator[None]:
+    start = time.monotonic()
+    try:
+        yield
+    finally:
+        timings[phase] = timings.get(phase, 0.0) + time.monotonic() - start

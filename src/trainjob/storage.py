@@ -1,0 +1,426 @@
+"""``s3://`` and local URIs behind one small interface: list, get, put, delete, with retries.
+
+All S3 traffic goes through one boto3 client built from boto3's own credential chain, so
+env keys, profiles, IRSA and instance roles all work. ``AWS_ENDPOINT_URL`` (or
+``AWS_ENDPOINT_URL_S3``) points it at MinIO, Ceph or any S3-compatible server.
+Every botocore failure leaves this module as a one-line ``StorageError``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import boto3
+import botocore.config
+import botocore.exceptions
+from boto3.s3.transfer import TransferConfig
+
+from trainjob.errors import ConfigError, StorageError
+
+log = logging.getLogger(__name__)
+
+MiB = 1024**2
+ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str  # relative to the store's root
+    size: int
+    etag: str
+
+
+@dataclass
+class FetchResult:
+    path: Path
+    downloaded_objects: int = 0
+    downloaded_bytes: int = 0
+    cached_objects: int = 0
+
+
+def parse_uri(uri: str) -> tuple[str, str, str]:
+    """Split a URI into (scheme, bucket, key); local paths have scheme 'file' and no bucket."""
+    parts = urlsplit(uri)
+    if parts.scheme in ("", "file"):
+        return "file", "", parts.path if parts.scheme else uri
+    if parts.scheme in ("s3", "s3a"):
+        if not parts.netloc:
+            raise ConfigError(f"{uri!r} names no bucket: use s3://bucket/key")
+        return "s3", parts.netloc, parts.path.lstrip("/")
+    raise ConfigError(f"unsupported URI scheme {parts.scheme + '://'!r} in {uri!r}: "
+                      "use s3://bucket/key or a local path")
+
+
+def redact(uri: str) -> str:
+    """Drop any user:password from a URL so it can be logged."""
+    parts = urlsplit(uri)
+    if parts.password or parts.username:
+        return parts._replace(netloc=parts.hostname or "").geturl()
+    return uri
+
+
+_client_lock = threading.Lock()
+_clients: dict[int, object] = {}
+
+
+def s3_client(threads: int = 16):  # -> botocore S3 client
+    """One client per pool size, from boto3's standard chain, tuned for S3-compatible stores."""
+    with _client_lock:
+        if threads in _clients:
+            return _clients[threads]
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        config = botocore.config.Config(
+            retries={"mode": os.environ.get("AWS_RETRY_MODE", "standard"),
+                     "max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", "8"))},
+            max_pool_connections=max(10, threads + 4),
+            connect_timeout=10,
+            read_timeout=60,
+            # MinIO, Ceph and friends reject or mangle the newer default checksums.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+            s3={"addressing_style": "path" if endpoint else "auto"},
+        )
+        session = boto3.session.Session()
+        region = session.region_name or ("us-east-1" if endpoint else None)
+        client = session.client("s3", endpoint_url=endpoint, region_name=region, config=config)
+        _clients[threads] = client
+        return client
+
+
+def describe_error(exc: Exception, where: str) -> str:
+    """Turn a botocore failure into one line: what happened, where, what to do."""
+    endpoint = _endpoint_name()
+    if isinstance(exc, botocore.exceptions.NoCredentialsError):
+        return (f"no S3 credentials found for {where}: set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY, a profile, or a pod identity (IRSA)")
+    if isinstance(exc, (botocore.exceptions.EndpointConnectionError,
+                        botocore.exceptions.ConnectTimeoutError,
+                        botocore.exceptions.ConnectionClosedError,
+                        botocore.exceptions.ReadTimeoutError)):
+        return (f"cannot reach the S3 endpoint {endpoint} for {where}: check AWS_ENDPOINT_URL "
+                "and that the server is up")
+    if isinstance(exc, botocore.exceptions.ClientError):
+        err = exc.response.get("Error", {})
+        code = str(err.get("Code", ""))
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code in ("NoSuchBucket",):
+            return f"bucket for {where} does not exist: create it or fix the URI"
+        if code in ("NoSuchKey", "404", "NotFound"):
+            return f"{where} does not exist: check the key"
+        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken",
+                    "ExpiredToken", "AuthorizationHeaderMalformed"):
+            return (f"invalid S3 credentials for {where} ({code}): check AWS_ACCESS_KEY_ID "
+                    "and AWS_SECRET_ACCESS_KEY")
+        if code in ("AccessDenied", "403", "Forbidden", "AllAccessDisabled"):
+            return f"access denied to {where}: grant the job's identity s3 access to it"
+        return f"S3 error {code or status} on {where}: {err.get('Message') or exc}"
+    if isinstance(exc, botocore.exceptions.BotoCoreError):
+        return f"S3 failure on {where}: {exc}"
+    return f"storage failure on {where}: {exc}"
+
+
+def _endpoint_name() -> str:
+    return redact(os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+                  or "AWS S3")
+
+
+@contextlib.contextmanager
+def translated(where: str) -> Iterator[None]:
+    """Re-raise botocore and OS failures as StorageError naming ``where``."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError,
+            ConnectionError, TimeoutError) as exc:
+        raise StorageError(describe_error(exc, where)) from exc
+
+
+class Store:
+    """A folder-like location: a local directory or an S3 bucket + prefix."""
+
+    uri: str
+
+    def list(self, prefix: str = "") -> list[ObjectInfo]: ...
+    def get(self, key: str, dest: Path) -> None: ...
+    def put(self, src: Path, key: str) -> None: ...
+    def read_bytes(self, key: str) -> bytes | None: ...
+    def write_bytes(self, key: str, data: bytes) -> None: ...
+    def delete(self, keys: list[str]) -> None: ...
+
+    def exists(self, key: str) -> bool:
+        return self.read_info(key) is not None
+
+    def read_info(self, key: str) -> ObjectInfo | None: ...
+
+    def child(self, key: str) -> str:
+        return f"{self.uri.rstrip('/')}/{key}" if key else self.uri
+
+    def read_json(self, key: str) -> dict | None:
+        data = self.read_bytes(key)
+        if data is None:
+            return None
+        try:
+            return json.loads(data)
+        except ValueError:
+            log.warning("ignoring unreadable %s", self.child(key))
+            return None
+
+    def write_json(self, key: str, obj: object) -> None:
+        self.write_bytes(key, json.dumps(obj, indent=2, sort_keys=True).encode())
+
+
+class LocalStore(Store):
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.uri = str(root)
+
+    def _path(self, key: str) -> Path:
+        return self.root / key if key else self.root
+
+    def list(self, prefix: str = "") -> list[ObjectInfo]:
+        base = self._path(prefix)
+        if not base.exists():
+            return []
+        files = [base] if base.is_file() else sorted(p for p in base.rglob("*") if p.is_file())
+        return [ObjectInfo(p.relative_to(self.root).as_posix(), p.stat().st_size,
+                           str(p.stat().st_mtime_ns)) for p in files]
+
+    def read_info(self, key: str) -> ObjectInfo | None:
+        p = self._path(key)
+        if not p.is_file():
+            return None
+        st = p.stat()
+        return ObjectInfo(key, st.st_size, str(st.st_mtime_ns))
+
+    def get(self, key: str, dest: Path) -> None:
+        with _local_errors(self.child(key)):
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(self._path(key), dest)
+
+    def put(self, src: Path, key: str) -> None:
+        target = self._path(key)
+        if target.resolve() == src.resolve():
+            return
+        with _local_errors(self.child(key)):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.tmp")
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, target)  # readers never see half a file
+
+    def read_bytes(self, key: str) -> bytes | None:
+        p = self._path(key)
+        return p.read_bytes() if p.is_file() else None
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        with _local_errors(self.child(key)):
+            target = self._path(key)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, target)
+
+    def delete(self, keys: list[str]) -> None:
+        for key in keys:
+            self._path(key).unlink(missing_ok=True)
+
+
+class S3Store(Store):
+    def __init__(self, bucket: str, prefix: str, threads: int = 16) -> None:
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.uri = f"s3://{bucket}/{self.prefix}".rstrip("/")
+        self.client = s3_client(threads)
+        self.transfer = TransferConfig(multipart_threshold=64 * MiB, multipart_chunksize=64 * MiB,
+                                       max_concurrency=max(1, min(threads, 10)))
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix and key else (key or self.prefix)
+
+    def list(self, prefix: str = "") -> list[ObjectInfo]:
+        full = self._key(prefix)
+        if full and not full.endswith("/") and prefix == "":
+            full += "/"
+        cut = len(self.prefix) + 1 if self.prefix else 0
+        out = []
+        with translated(self.child(prefix)):
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=full)
+            for page in pages:
+                for obj in page.get("Contents", []):
+                    if obj["Key"].endswith("/"):
+                        continue  # folder markers some tools create
+                    out.append(ObjectInfo(obj["Key"][cut:], obj["Size"],
+                                          obj.get("ETag", "").strip('"')))
+        return out
+
+    def read_info(self, key: str) -> ObjectInfo | None:
+        try:
+            with translated(self.child(key)):
+                head = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+        except StorageError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, botocore.exceptions.ClientError) and \
+                    cause.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
+        return ObjectInfo(key, head["ContentLength"], head.get("ETag", "").strip('"'))
+
+    def get(self, key: str, dest: Path) -> None:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.part")
+        with translated(self.child(key)):
+            self.client.download_file(self.bucket, self._key(key), str(tmp), Config=self.transfer)
+        os.replace(tmp, dest)
+
+    def put(self, src: Path, key: str) -> None:
+        with translated(self.child(key)):
+            self.client.upload_file(str(src), self.bucket, self._key(key), Config=self.transfer)
+
+    def read_bytes(self, key: str) -> bytes | None:
+        try:
+            with translated(self.child(key)):
+                return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+        except StorageError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, botocore.exceptions.ClientError) and \
+                    cause.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None
+            raise
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        with translated(self.child(key)):
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+
+    def delete(self, keys: list[str]) -> None:
+        for start in range(0, len(keys), 1000):
+            batch = [{"Key": self._key(k)} for k in keys[start:start + 1000]]
+            with translated(self.uri):
+                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch})
+
+    def check_bucket(self) -> None:
+        """Fail fast, with a clear line, when the bucket is missing or unreadable."""
+        where = f"s3://{self.bucket}"
+        try:
+            with translated(where):
+                self.client.head_bucket(Bucket=self.bucket)
+        except StorageError as exc:
+            # HEAD responses carry no error body: only the status tells what went wrong.
+            cause = exc.__cause__
+            status = getattr(cause, "response", {}).get("ResponseMetadata", {}).get(
+                "HTTPStatusCode")
+            if status == 404:
+                raise StorageError(f"bucket {self.bucket!r} does not exist at "
+                                   f"{_endpoint_name()}: create it or fix the URI") from cause
+            if status in (401, 403):
+                raise StorageError(f"access denied to {where}: check AWS_ACCESS_KEY_ID / "
+                                   "AWS_SECRET_ACCESS_KEY and the bucket policy") from cause
+            raise
+
+
+def open_store(uri: str, threads: int = 16) -> Store:
+    scheme, bucket, key = parse_uri(uri)
+    if scheme == "s3":
+        return S3Store(bucket, key, threads)
+    return LocalStore(Path(key).expanduser().absolute())
+
+
+def fetch(uri: str, cache_dir: Path, threads: int = 16, *, single: bool = False) -> FetchResult:
+    """Make the data at ``uri`` available locally; S3 objects go through the download cache.
+
+    ``uri`` names one object when it is an archive or ``single`` is set, else a prefix.
+
+    The cache is keyed by bucket/key plus ETag and size, so an unchanged dataset is never
+    downloaded twice and a changed object is never served stale.
+    """
+    scheme, bucket, key = parse_uri(uri)
+    if scheme == "file":
+        path = Path(key).expanduser().absolute()
+        if not path.exists():
+            raise ConfigError(f"--data {uri}: no such file or folder")
+        return FetchResult(path)
+    store = S3Store(bucket, "", threads)
+    store.check_bucket()
+    is_archive = (single or key.lower().endswith(ARCHIVE_SUFFIXES)) and not key.endswith("/")
+    if is_archive:
+        info = store.read_info(key)
+        if info is None:
+            raise StorageError(f"{uri} does not exist: check the key")
+        objects, base = [info], key.rsplit("/", 1)[0] + "/" if "/" in key else ""
+    else:
+        base = key.rstrip("/") + "/" if key else ""
+        objects = store.list(base)
+        if not objects:
+            raise StorageError(f"{uri} holds no objects: check the prefix "
+                               "(it should hold class folders or an archive)")
+    local_root = cache_dir / "s3" / bucket / base
+    result = _sync_down(store, objects, base, local_root, cache_dir, threads)
+    result.path = local_root / key[len(base):] if is_archive else local_root
+    return result
+
+
+def _sync_down(store: S3Store, objects: list[ObjectInfo], base: str, local_root: Path,
+               cache_dir: Path, threads: int) -> FetchResult:
+    index_path = cache_dir / "index" / (hashlib.sha1(
+        f"{store.bucket}/{base}".encode()).hexdigest() + ".json")
+    index = {}
+    if index_path.exists():
+        with contextlib.suppress(ValueError):
+            index = json.loads(index_path.read_text())
+    todo, result = [], FetchResult(local_root)
+    for obj in objects:
+        rel = obj.key[len(base):]
+        local = local_root / rel
+        if index.get(rel) == [obj.etag, obj.size] and local.is_file() \
+                and local.stat().st_size == obj.size:
+            result.cached_objects += 1
+        else:
+            todo.append((obj, rel, local))
+    lock = threading.Lock()
+
+    def download(item: tuple[ObjectInfo, str, Path]) -> None:
+        obj, rel, local = item
+        _check_inside(local_root, local, store.child(obj.key))
+        store.get(obj.key, local)
+        with lock:
+            index[rel] = [obj.etag, obj.size]
+            result.downloaded_objects += 1
+            result.downloaded_bytes += obj.size
+
+    if todo:
+        log.info("downloading %d objects (%.1f MiB) from s3://%s/%s", len(todo),
+                 sum(o.size for o, _, _ in todo) / MiB, store.bucket, base)
+        try:
+            with ThreadPoolExecutor(max_workers=threads) as pool:
+                list(pool.map(download, todo))
+        finally:
+            index_path.parent.mkdir(parents=True, exist_ok=True)
+            index_path.write_text(json.dumps(index))
+    log.info("data: %d objects downloaded, %d from cache", result.downloaded_objects,
+             result.cached_objects)
+    return result
+
+
+def _check_inside(root: Path, path: Path, what: str) -> None:
+    root_r = root.resolve()
+    if not path.resolve().is_relative_to(root_r):
+        raise StorageError(f"{what}: object key escapes the cache folder; refusing it")
+
+
+@contextlib.contextmanager
+def _local_errors(where: str) -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        raise StorageError(f"cannot access {where}: {exc.strerror or exc}") from exc

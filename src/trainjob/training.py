@@ -1,0 +1,99 @@
+"""Compile, callbacks, fit, evaluate."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from collections import Counter
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from trainjob.config import Config
+from trainjob.datasets import Sample
+from trainjob.model import gpus, resolve_jit
+
+log = logging.getLogger(__name__)
+
+
+def strategy_scope():
+    """MirroredStrategy over all GPUs when there is more than one; else the default."""
+    if len(gpus()) > 1:
+        strategy = tf.distribute.MirroredStrategy()
+        log.info("MirroredStrategy over %d GPUs", strategy.num_replicas_in_sync)
+        return strategy.scope()
+    return contextlib.nullcontext()
+
+
+def compile_model(model: keras.Model, cfg: Config, num_classes: int) -> None:
+    o = cfg.optim
+    if o.optimizer == "sgd":
+        optimizer = keras.optimizers.SGD(o.learning_rate, momentum=o.momentum)
+    else:
+        optimizer = keras.optimizers.Adam(o.learning_rate)
+    model.compile(
+        optimizer=optimizer,
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=o.label_smoothing),
+        metrics=["accuracy",
+                 keras.metrics.TopKCategoricalAccuracy(k=min(5, num_classes), name="top5")],
+        jit_compile=resolve_jit(cfg.model.jit_compile),
+    )
+
+
+def class_weights(train: list[Sample], num_classes: int, mode: str) -> dict[int, float] | None:
+    if mode != "balanced":
+        return None
+    counts = Counter(s.label for s in train)
+    total = len(train)
+    return {k: total / (num_classes * counts[k]) if counts[k] else 0.0 for k in range(num_classes)}
+
+
+def fit_verbosity(mode: str) -> int:
+    if mode == "auto":
+        mode = "bar" if sys.stdout.isatty() else "line"
+    return 1 if mode == "bar" else 2
+
+
+def fit(model: keras.Model, train_ds: tf.data.Dataset, val_ds: tf.data.Dataset | None, *,
+        cfg: Config, steps: int, initial_epoch: int, callbacks: list,
+        weights: dict[int, float] | None) -> None:
+    model._initial_epoch = None  # left set by restores; it would override initial_epoch
+    model.fit(
+        train_ds,
+        epochs=cfg.optim.epochs,
+        initial_epoch=initial_epoch,
+        steps_per_epoch=steps,
+        validation_data=val_ds,
+        validation_freq=cfg.optim.validation_freq,
+        class_weight=weights,
+        shuffle=False,  # the pipeline shuffles, seeded per epoch (inputs.training_stream)
+        callbacks=callbacks,
+        verbose=fit_verbosity(cfg.runtime.verbose_fit),
+    )
+
+
+def evaluate(model: keras.Model, test_ds: tf.data.Dataset, test: list[Sample],
+             classes: list[str]) -> dict:
+    """Loss, accuracy, top-5, per-class accuracy and their mean (the Caltech101 figure)."""
+    if not test:
+        log.warning("the test split is empty: metrics.json holds no test figures")
+        return {"test_images": 0}
+    scores = model.evaluate(test_ds, verbose=0, return_dict=True)
+    probs = model.predict(test_ds, verbose=0)
+    predicted = np.argmax(probs, axis=1)
+    labels = np.array([s.label for s in test])
+    per_class = {}
+    for k, name in enumerate(classes):
+        mask = labels == k
+        if mask.any():
+            per_class[name] = float(np.mean(predicted[mask] == k))
+    return {
+        "test_images": len(test),
+        "loss": float(scores["loss"]),
+        "accuracy": float(scores["accuracy"]),
+        "top5_accuracy": float(scores["top5"]),
+        "per_class_accuracy": per_class,
+        "mean_per_class_accuracy": float(np.mean(list(per_class.values()))),
+    }

@@ -1,0 +1,96 @@
+"""Shared fixtures: a real S3 server (moto_server) over HTTP, generated datasets, a CLI runner.
+
+No S3 call in these tests is mocked in-process: the job talks HTTP to a separate server
+process, exactly as it talks to MinIO or AWS.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import sampledata  # noqa: E402
+from s3server import S3Server, start_moto, stop_moto  # noqa: E402
+
+SMALL = ["--image-size", "32", "--batch-size", "8", "--max-bad-fraction", "0.25",
+         "--threads", "4"]
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory) -> S3Server:
+    server = start_moto(tmp_path_factory.mktemp("moto"))
+    yield server
+    stop_moto(server)
+
+
+@pytest.fixture
+def bucket(s3: S3Server) -> str:
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    s3.client().create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def class_folders(tmp_path_factory) -> Path:
+    """10 classes x 8 images, grayscale/CMYK/PNG-as-jpg/truncated/empty/non-image files,
+    and a BACKGROUND_Google folder."""
+    root = tmp_path_factory.mktemp("classes") / "101_ObjectCategories"
+    names = sampledata.make_class_folders(root, classes=6, per_class=8)
+    sampledata.add_bad_files(root, names)
+    return root
+
+
+@pytest.fixture(scope="session")
+def official_zip(class_folders: Path, tmp_path_factory) -> Path:
+    return sampledata.make_official_zip(tmp_path_factory.mktemp("zip") / "caltech-101.zip",
+                                        class_folders)
+
+
+def upload_tree(s3: S3Server, bucket: str, root: Path, prefix: str) -> None:
+    client = s3.client()
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            client.upload_file(str(path), bucket, f"{prefix}{path.relative_to(root).as_posix()}")
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def error_lines(self) -> list[str]:
+        """stderr lines of trainjob's own (TensorFlow's C++ start-up noise excluded)."""
+        return [line for line in self.stderr.splitlines() if line.strip()
+                and not _tf_noise(line)]
+
+
+def _tf_noise(line: str) -> bool:
+    return line.startswith(("WARNING: All log messages before absl", "I0000", "E0000", "W0000"))
+
+
+def trainjob_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "trainjob.cli", *args]
+
+
+def run_trainjob(args: list[str], env: dict[str, str], home: Path, timeout: float = 600) -> Result:
+    env = {**env, "TRAINJOB_HOME": str(home)}
+    proc = subprocess.run(trainjob_cmd(*args), env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    return Result(proc.returncode, proc.stdout, proc.stderr)
+
+
+def start_trainjob(args: list[str], env: dict[str, str], home: Path, log: Path) -> subprocess.Popen:
+    env = {**env, "TRAINJOB_HOME": str(home)}
+    out = open(log, "wb")
+    return subprocess.Popen(trainjob_cmd(*args), env=env, stdout=out, stderr=subprocess.STDOUT)

@@ -160,7 +160,10 @@ class Uploader:
                     self._cond.notify_all()
 
     def _upload(self, snap: Path, rel: str) -> None:
-        for attempt in range(self.retries + 1):
+        # Once a file has failed all its retries the store is presumed down: the rest get
+        # one try each, so the job reports the failure promptly instead of retrying forever.
+        retries = 0 if self.error else self.retries
+        for attempt in range(retries + 1):
             try:
                 self.store.put(snap, rel)
                 with self._cond:
@@ -169,7 +172,7 @@ class Uploader:
                         self._uploaded[rel] = self._queued[rel]
                 return
             except StorageError as exc:
-                if attempt == self.retries:
+                if attempt == retries:
                     raise
                 delay = self.backoff * 2**attempt
                 log.warning("upload of %s failed (%s); retrying in %.0fs", rel, exc, delay)
@@ -202,10 +205,10 @@ class RunFolder:
                                                                  time.gmtime()))
         self.write(STATUS, status)
 
-    def sync_epoch(self) -> None:
-        """Queue what changed this epoch; the uploader sends it in the background."""
+    def sync_epoch(self, *extra: str) -> None:
+        """Queue what changed this epoch, status.json last; sent in the background."""
         if self.sync:
-            self.uploader.submit(LOG_CSV, HISTORY, BEST, LAST, STATUS)
+            self.uploader.submit(LOG_CSV, HISTORY, BEST, LAST, *extra, STATUS)
 
     def manifest(self) -> dict[str, Any]:
         files = {}

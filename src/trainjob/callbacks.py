@@ -8,9 +8,12 @@ saves all of it under ``backup/`` (never ``checkpoints/``) and puts it back on r
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 import keras
@@ -35,20 +38,23 @@ def exp_decay(base_lr: float):
 def make_callbacks(cfg: Config, run: RunFolder, keeper: RunKeeper) -> list[keras.callbacks.Callback]:
     c = cfg.callbacks
     callbacks: list[keras.callbacks.Callback] = [
+        *([ScriptedMetrics(hooks["metrics"])] if "metrics" in (hooks := test_hooks()) else []),
         keras.callbacks.ModelCheckpoint(str(run.path(BEST)), monitor=c.checkpoint_monitor,
-                                        save_best_only=True, save_weights_only=True),
+                                        mode=c.checkpoint_mode, save_best_only=True,
+                                        save_weights_only=True),
         keras.callbacks.ModelCheckpoint(str(run.path(LAST)), save_weights_only=True),
         keras.callbacks.CSVLogger(str(run.path(LOG_CSV)), append=True),
     ]
     if c.early_stopping_patience > 0:
         callbacks.append(keras.callbacks.EarlyStopping(
             monitor=c.early_stopping_monitor, patience=c.early_stopping_patience,
-            min_delta=c.early_stopping_min_delta))
+            min_delta=c.early_stopping_min_delta, mode=c.early_stopping_mode))
     if cfg.optim.lr_schedule == "exp-decay":
         callbacks.append(keras.callbacks.LearningRateScheduler(exp_decay(cfg.optim.learning_rate)))
     elif c.reduce_lr:
         callbacks.append(keras.callbacks.ReduceLROnPlateau(
-            monitor=c.reduce_lr_monitor, factor=c.reduce_lr_factor, patience=c.reduce_lr_patience,
+            monitor=c.reduce_lr_monitor, mode=c.reduce_lr_mode, factor=c.reduce_lr_factor,
+            patience=c.reduce_lr_patience,
             min_delta=c.reduce_lr_min_delta, cooldown=c.reduce_lr_cooldown, min_lr=c.reduce_lr_min_lr,
             verbose=1))
     # Last: it must see every other callback's state after the epoch (DESIGN: BackupAndRestore
@@ -121,8 +127,11 @@ class RunKeeper(keras.callbacks.Callback):
         self.run.set_status("running", epoch=epoch, epochs_done=epoch + 1, metrics=row)
         if self.on_epoch:
             self.on_epoch()
-        self.run.sync_epoch()
-        self.run.uploader.submit(WEIGHTS, STATE)  # weights first: state.json names them
+        # Upload order matters: weights before the state.json that names them, and status
+        # last, so a status showing epoch k means epoch k's resume state is in the bucket.
+        self.run.sync_epoch(WEIGHTS, STATE)
+        if delay := test_hooks().get("sleep_after_epoch", {}).get(str(epoch)):
+            time.sleep(float(delay))
 
     def on_train_end(self, logs: dict | None = None) -> None:
         # Reached only when fit ends normally (all epochs, or EarlyStopping): a restart
@@ -149,3 +158,22 @@ class RunKeeper(keras.callbacks.Callback):
         self.run.write(STATE, state, upload=False)
 
 
+def test_hooks() -> dict:
+    """Test-only behaviour, read from the JSON file named by TRAINJOB_TEST_HOOKS (unset in
+    production): scripted metric values, a pause after an epoch. It lets the resume tests
+    force callback decisions and kill at a known point."""
+    path = os.environ.get("TRAINJOB_TEST_HOOKS")
+    return json.loads(Path(path).read_text()) if path else {}
+
+
+class ScriptedMetrics(keras.callbacks.Callback):
+    """Test hook: adds ``name: values[epoch]`` to the epoch logs before other callbacks."""
+
+    def __init__(self, metrics: dict[str, list[float]]) -> None:
+        super().__init__()
+        self.metrics = metrics
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if logs is not None:
+            for name, values in self.metrics.items():
+                logs[name] = float(values[min(epoch, len(values) - 1)])

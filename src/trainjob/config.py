@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from trainjob.errors import ConfigError
+from trainjob.storage import parse_uri
 
 GiB = 1024**3
 
@@ -50,6 +51,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         if not self.data:
             raise ConfigError("--data is required: give s3://bucket/key or a local path")
+        parse_uri(self.data)  # an unknown scheme is a usage error, found before any I/O
         _check_range("--max-bad-fraction", self.max_bad_fraction, 0.0, 1.0)
         if self.max_extract_bytes <= 0:
             raise ConfigError("--max-extract-bytes must be positive")
@@ -91,6 +93,8 @@ class ModelConfig:
         if self.weights not in ("none", "imagenet") and not self.weights.endswith(".weights.h5"):
             raise ConfigError(f"--weights {self.weights!r}: use none, imagenet, or a URI "
                               "ending in .weights.h5")
+        if self.weights not in ("none", "imagenet"):
+            parse_uri(self.weights)
 
 
 @dataclass(frozen=True)
@@ -128,9 +132,15 @@ class CallbackConfig:
     early_stopping_patience: int = option(10, "EarlyStopping patience in epochs; 0 disables.")
     early_stopping_monitor: str = option("val_accuracy", "Metric EarlyStopping watches.")
     early_stopping_min_delta: float = option(0.0, "Smallest change that counts as better.")
+    early_stopping_mode: str = option("auto", "Whether the metric should go down or up.",
+                                      choices=("auto", "min", "max"))
     checkpoint_monitor: str = option("val_loss", "Metric that picks checkpoints/best.")
+    checkpoint_mode: str = option("auto", "Whether the metric should go down or up.",
+                                  choices=("auto", "min", "max"))
     reduce_lr: bool = option(True, "Use ReduceLROnPlateau.")
     reduce_lr_monitor: str = option("val_loss", "Metric ReduceLROnPlateau watches.")
+    reduce_lr_mode: str = option("auto", "Whether the metric should go down or up.",
+                                 choices=("auto", "min", "max"))
     reduce_lr_factor: float = option(0.1, "new_lr = lr * factor.")
     reduce_lr_patience: int = option(10, "Epochs without improvement before reducing.")
     reduce_lr_min_delta: float = option(1e-4, "Smallest change that counts as better.")
@@ -158,6 +168,7 @@ class OutputConfig:
     def __post_init__(self) -> None:
         if not self.output:
             raise ConfigError("--output is required: give s3://bucket/prefix or a local path")
+        parse_uri(self.output)
         if self.backup_every_steps < 0:
             raise ConfigError("--backup-every-steps must be 0 or more")
 

@@ -15,7 +15,7 @@ import time
 import uuid
 
 from trainjob.artifacts import LOCK
-from trainjob.errors import ConfigError
+from trainjob.errors import ConfigError, StorageError
 from trainjob.storage import Store
 
 log = logging.getLogger(__name__)
@@ -84,24 +84,30 @@ class RunLock:
         return ""
 
     def heartbeat(self) -> None:
-        held = self.store.read_json(LOCK)
-        if held and held.get("token") != self.token:
-            log.warning("run lock was taken over by %s pid %s", held.get("host"), held.get("pid"))
-            return
-        self.store.write_json(LOCK, self._record())
+        """Refresh the heartbeat. A failed beat is logged, never fatal: a storage outage
+        shows up in the uploads, and training should not die of a missed beat."""
+        try:
+            held = self.store.read_json(LOCK)
+            if held and held.get("token") != self.token:
+                log.warning("run lock was taken over by %s pid %s",
+                            held.get("host"), held.get("pid"))
+                return
+            self.store.write_json(LOCK, self._record())
+        except StorageError as exc:
+            log.warning("lock heartbeat failed: %s", exc)
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_SECONDS):
-            try:
-                self.heartbeat()
-            except Exception as exc:  # noqa: BLE001 - a missed beat must not kill training
-                log.warning("lock heartbeat failed: %s", exc)
+            self.heartbeat()
 
     def release(self) -> None:
         self._stop.set()
-        held = self.store.read_json(LOCK)
-        if held and held.get("token") == self.token:
-            self.store.delete([LOCK])
+        try:
+            held = self.store.read_json(LOCK)
+            if held and held.get("token") == self.token:
+                self.store.delete([LOCK])
+        except StorageError as exc:  # it goes stale by itself; the job's own error matters more
+            log.warning("could not release the run lock: %s", exc)
 
 
 def _pid_alive(pid: int) -> bool:

@@ -26,7 +26,7 @@ import botocore.config
 import botocore.exceptions
 from boto3.s3.transfer import TransferConfig
 
-from trainjob.errors import ConfigError, StorageError
+from trainjob.errors import ConfigError, DataError, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -324,8 +324,11 @@ class S3Store(Store):
                 raise StorageError(f"bucket {self.bucket!r} does not exist at "
                                    f"{_endpoint_name()}: create it or fix the URI") from cause
             if status in (401, 403):
-                raise StorageError(f"access denied to {where}: check AWS_ACCESS_KEY_ID / "
-                                   "AWS_SECRET_ACCESS_KEY and the bucket policy") from cause
+                # A GET carries the error code that tells bad keys from a missing grant.
+                with translated(where):
+                    self.client.list_objects_v2(Bucket=self.bucket, MaxKeys=1)
+                raise StorageError(f"access denied to {where}: check the credentials and "
+                                   "the bucket policy") from cause
             raise
 
 
@@ -362,8 +365,8 @@ def fetch(uri: str, cache_dir: Path, threads: int = 16, *, single: bool = False)
         base = key.rstrip("/") + "/" if key else ""
         objects = store.list(base)
         if not objects:
-            raise StorageError(f"{uri} holds no objects: check the prefix "
-                               "(it should hold class folders or an archive)")
+            raise DataError(f"{uri} holds no objects: check the prefix "
+                            "(it should hold class folders or an archive)")
     local_root = cache_dir / "s3" / bucket / base
     result = _sync_down(store, objects, base, local_root, cache_dir, threads)
     result.path = local_root / key[len(base):] if is_archive else local_root

@@ -1,0 +1,109 @@
+"""A fault-injecting HTTP proxy for S3 tests: a small threaded server in front of the real one.
+
+It forwards requests unchanged (the Host header too, so SigV4 signatures still match), and
+for a seeded random share of them answers 503 SlowDown, or cuts the connection halfway
+through a body: the request's for uploads, the response's for downloads.
+"""
+
+from __future__ import annotations
+
+import http.client
+import random
+import threading
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+
+SLOWDOWN = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
+            b"<Message>Please reduce your request rate.</Message></Error>")
+HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
+              "proxy-authorization", "proxy-authenticate"}
+
+
+class FaultProxy:
+    def __init__(self, upstream: str, *, slowdown: float, drop: float, seed: int = 0) -> None:
+        self.upstream = urlsplit(upstream)
+        self.slowdown, self.drop = slowdown, drop
+        self.rng = random.Random(seed)
+        self.lock = threading.Lock()
+        self.injected: Counter[str] = Counter()
+        self.dead = False
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:  # quiet
+                pass
+
+            def _handle(self) -> None:
+                proxy.serve(self)
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _handle
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> FaultProxy:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def fail_everything(self) -> None:
+        """From now on every request gets 503: an endpoint that stays down."""
+        self.dead = True
+
+    def _roll(self) -> str:
+        with self.lock:
+            r = self.rng.random()
+        if self.dead or r < self.slowdown:
+            return "slowdown"
+        if r < self.slowdown + self.drop:
+            return "drop"
+        return "pass"
+
+    def serve(self, h: BaseHTTPRequestHandler) -> None:
+        length = int(h.headers.get("Content-Length") or 0)
+        fate = self._roll()
+        with self.lock:
+            self.injected[fate] += 1
+        if fate == "drop" and length > 1:
+            h.rfile.read(length // 2)  # the upload dies halfway
+            h.close_connection = True
+            h.connection.shutdown(2)
+            return
+        body = h.rfile.read(length) if length else b""
+        if fate == "slowdown":
+            h.send_response(503)
+            h.send_header("Content-Type", "application/xml")
+            h.send_header("Content-Length", str(len(SLOWDOWN)))
+            h.end_headers()
+            h.wfile.write(SLOWDOWN)
+            return
+        conn = http.client.HTTPConnection(self.upstream.hostname, self.upstream.port, timeout=120)
+        headers = {k: v for k, v in h.headers.items() if k.lower() not in HOP_BY_HOP}
+        conn.request(h.command, h.path, body=body, headers=headers)
+        resp = conn.getresponse()
+        data = resp.read()
+        conn.close()
+        h.send_response(resp.status)
+        for k, v in resp.getheaders():
+            if k.lower() not in HOP_BY_HOP and k.lower() != "content-length":
+                h.send_header(k, v)
+        h.send_header("Content-Length", str(len(data) if h.command != "HEAD" else
+                                            resp.getheader("Content-Length", "0")))
+        h.end_headers()
+        if h.command == "HEAD":
+            return
+        if fate == "drop":  # the download dies halfway (or at once, for empty bodies)
+            h.wfile.write(data[: len(data) // 2])
+            h.wfile.flush()
+            h.close_connection = True
+            h.connection.shutdown(2)
+            return
+        h.wfile.write(data)

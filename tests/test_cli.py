@@ -1,0 +1,337 @@
+"""trainjob.cli through click's CliRunner: option groups, TRAINJOB_* twins, exit codes.
+
+``trainjob.job.run`` is replaced by a recorder so that the tests see the Config the CLI
+builds without training; nothing else is stubbed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from trainjob import __version__
+from trainjob.cli import cli, main, train
+from trainjob.config import Config, option_fields
+from trainjob.errors import ConfigError
+
+GROUP_TITLES = ["Data", "Split", "Model", "Optimization", "Callbacks", "Output", "Runtime"]
+REQUIRED = ["--data", "s3://datasets/caltech-101.zip", "--output", "s3://runs/exp1"]
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    """No TRAINJOB_* from the outer environment; logging restored after the CLI set it up."""
+    for name in list(os.environ):
+        if name.startswith("TRAINJOB_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    logging.captureWarnings(False)
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """Replace the training (job.run) with a recorder of the Config it is given."""
+    calls: list[Config] = []
+    monkeypatch.setattr("trainjob.job.run", calls.append)
+    return calls
+
+
+def invoke(args, env=None):
+    return CliRunner().invoke(cli, args, env=env, catch_exceptions=False)
+
+
+def find(cfg: Config, name: str):
+    for group in dataclasses.fields(cfg):
+        sub = getattr(cfg, group.name)
+        if name in {f.name for f in dataclasses.fields(sub)}:
+            return getattr(sub, name)
+    raise KeyError(name)
+
+
+# --- help, version ----------------------------------------------------------------------
+
+def help_sections(text: str) -> dict[str, str]:
+    """'<Title> options:' heading -> the text of its section."""
+    parts = re.split(r"^(\w+) options:\s*$", text, flags=re.M)
+    return {parts[i]: parts[i + 1] for i in range(1, len(parts) - 1, 2)}
+
+
+def test_help_shows_every_option_in_its_group():
+    result = invoke(["train", "--help"])
+    assert result.exit_code == 0
+    sections = help_sections(result.output)
+    for title in GROUP_TITLES:
+        assert title in sections, f"no '{title} options:' section in --help"
+    for title, f in option_fields():
+        flag = "--" + f.name.replace("_", "-")
+        assert re.search(rf"(^|\s){re.escape(flag)}(\s|/|$)", sections[title], re.M), \
+            f"{flag} is not listed under '{title} options'"
+
+
+def test_help_shows_each_env_twin():
+    text = " ".join(invoke(["train", "--help"]).output.split())
+    for _, f in option_fields():
+        assert f"TRAINJOB_{f.name.upper()}" in text
+
+
+def test_top_level_help_lists_global_options():
+    text = invoke(["--help"]).output
+    for flag in ("--version", "--debug", "--verbose", "--quiet", "train"):
+        assert flag in text
+
+
+def test_version():
+    result = invoke(["--version"])
+    assert result.exit_code == 0
+    assert __version__ in result.output
+    assert "trainjob" in result.output
+
+
+def test_main_version_returns_zero(capsys):
+    assert main(["--version"]) == 0
+    assert __version__ in capsys.readouterr().out
+
+
+# --- building the config ------------------------------------------------------------------
+
+def test_cli_defaults_equal_config_defaults(recorded):
+    result = invoke(["train", *REQUIRED])
+    assert result.exit_code == 0, result.output
+    [cfg] = recorded
+    expected = Config.from_options(data=REQUIRED[1], output=REQUIRED[3])
+    for _, f in option_fields():
+        if f.name in ("cache_dir", "work_dir"):  # depend on TRAINJOB_HOME at import time
+            continue
+        assert find(cfg, f.name) == find(expected, f.name), f.name
+
+
+def test_options_reach_the_config(recorded):
+    result = invoke(["train", *REQUIRED, "--epochs", "3", "--image-size", "64",
+                     "--optimizer", "sgd", "--no-augment", "--train-per-class", "30",
+                     "--include-background", "--lock-timeout", "2.5"])
+    assert result.exit_code == 0, result.output
+    [cfg] = recorded
+    assert cfg.optim.epochs == 3 and cfg.model.image_size == 64
+    assert cfg.optim.optimizer == "sgd" and cfg.optim.augment is False
+    assert cfg.split.train_per_class == 30 and cfg.data.include_background is True
+    assert cfg.output.lock_timeout == 2.5
+
+
+STR_VALUES = {
+    "data": "s3://env-bucket/other.tar.gz",
+    "output": "s3://env-bucket/runs/env",
+    "weights": "imagenet",
+    "cache_dir": "/tmp/trainjob-env/cache",
+    "work_dir": "/tmp/trainjob-env/work",
+}
+
+
+def env_value(f: dataclasses.Field):
+    """A valid value different from the default, for each option."""
+    default = f.default_factory() if callable(f.default_factory) else f.default
+    meta = f.metadata
+    if isinstance(default, bool):
+        return not default
+    if meta["choices"]:
+        return next(c for c in meta["choices"] if c != default)
+    kind = meta["type"] or type(default)
+    if kind is int:
+        return 7 if default is None else default + 1
+    if kind is float:
+        if default is None:
+            return 7.5
+        if default == 0:
+            return 0.01
+        return default / 2 if default < 1 else default + 1.5
+    if f.name in STR_VALUES:
+        return STR_VALUES[f.name]
+    if f.name.endswith("_monitor"):
+        return "loss"
+    pytest.fail(f"add a test value for the new string option {f.name!r} to STR_VALUES")
+
+
+@pytest.mark.parametrize("name", [f.name for _, f in option_fields()])
+def test_every_option_has_a_working_env_twin(name, recorded):
+    f = dict((f.name, f) for _, f in option_fields())[name]
+    value = env_value(f)
+    env = {f"TRAINJOB_{name.upper()}": str(value).lower() if isinstance(value, bool) else str(value)}
+    args = ["train"]
+    if name != "data":
+        args += REQUIRED[:2]
+    if name != "output":
+        args += REQUIRED[2:]
+    result = invoke(args, env=env)
+    assert result.exit_code == 0, result.output
+    [cfg] = recorded
+    assert find(cfg, name) == value, f"TRAINJOB_{name.upper()}={env} did not set {name}"
+
+
+def test_env_twins_alone_can_configure_a_run(recorded):
+    """A Kubernetes ConfigMap sets everything through the environment."""
+    env = {"TRAINJOB_DATA": "s3://datasets/caltech-101.zip", "TRAINJOB_OUTPUT": "/runs/x",
+           "TRAINJOB_EPOCHS": "5", "TRAINJOB_SYNC": "false", "TRAINJOB_LR_SCHEDULE": "exp-decay"}
+    result = invoke(["train"], env=env)
+    assert result.exit_code == 0, result.output
+    [cfg] = recorded
+    assert (cfg.data.data, cfg.output.output, cfg.optim.epochs, cfg.output.sync,
+            cfg.optim.lr_schedule) == ("s3://datasets/caltech-101.zip", "/runs/x", 5, False,
+                                       "exp-decay")
+
+
+def test_command_line_beats_env(recorded):
+    result = invoke(["train", *REQUIRED, "--epochs", "4"], env={"TRAINJOB_EPOCHS": "9"})
+    assert result.exit_code == 0
+    assert recorded[0].optim.epochs == 4
+
+
+def test_train_command_is_exported():
+    assert train.name == "train" and "train" in cli.commands
+
+
+# --- errors and exit codes ----------------------------------------------------------------
+
+def error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.strip()]
+
+
+def test_unknown_option_exits_2_with_one_line(capsys, recorded):
+    assert main(["train", *REQUIRED, "--no-such-option", "1"]) == 2
+    err = error_lines(capsys.readouterr().err)
+    assert len(err) == 1, err
+    assert err[0].startswith("trainjob: error:") and "--no-such-option" in err[0]
+    assert not recorded
+
+
+def test_val_fraction_out_of_range_exits_2_with_one_line(capsys, recorded):
+    assert main(["train", *REQUIRED, "--val-fraction", "1.5"]) == 2
+    err = error_lines(capsys.readouterr().err)
+    assert len(err) == 1, err
+    assert "--val-fraction" in err[0] and "1.5" in err[0]
+    assert "Traceback" not in err[0]
+    assert not recorded
+
+
+def test_missing_required_option_exits_2(capsys, recorded):
+    assert main(["train", "--data", "s3://datasets/x.zip"]) == 2
+    err = error_lines(capsys.readouterr().err)
+    assert len(err) == 1 and "--output" in err[0]
+
+
+def test_bad_choice_and_bad_number_exit_2(capsys, recorded):
+    assert main(["train", *REQUIRED, "--optimizer", "rmsprop"]) == 2
+    assert main(["train", *REQUIRED, "--epochs", "many"]) == 2
+    err = error_lines(capsys.readouterr().err)
+    assert len(err) == 2 and "rmsprop" in err[0] and "many" in err[1]
+
+
+def test_unknown_uri_scheme_exits_2(capsys, recorded):
+    assert main(["train", "--data", "gs://bucket/data.zip", "--output", "/tmp/x"]) == 2
+    err = error_lines(capsys.readouterr().err)
+    assert len(err) == 1 and "gs://" in err[0]
+    assert not recorded
+
+
+def test_job_errors_map_to_their_exit_codes(capsys, monkeypatch):
+    from trainjob.errors import DataError, StorageError
+
+    for exc, code in ((DataError("no images\nat all"), 3), (StorageError("no bucket"), 4)):
+        def boom(cfg, exc=exc):
+            raise exc
+        monkeypatch.setattr("trainjob.job.run", boom)
+        assert main(["train", *REQUIRED]) == code
+        err = error_lines(capsys.readouterr().err)
+        assert len(err) == 1 and str(exc).split()[0] in err[0]
+
+
+def test_unexpected_exception_is_one_line_without_debug(capsys, monkeypatch):
+    def boom(cfg):
+        raise RuntimeError("kaboom")
+    monkeypatch.setattr("trainjob.job.run", boom)
+    assert main(["train", *REQUIRED]) == 1
+    err = capsys.readouterr().err
+    assert len(error_lines(err)) == 1 and "kaboom" in err and "Traceback" not in err
+    assert main(["--debug", "train", *REQUIRED]) == 1
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_console_entry_in_a_subprocess_prints_one_line(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINJOB_")}
+    proc = subprocess.run([sys.executable, "-m", "trainjob.cli", "train", *REQUIRED,
+                           "--val-fraction", "1.5"], capture_output=True, text=True, env=env,
+                          timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()
+             and not line.startswith(("WARNING: All log messages before absl", "I0000",
+                                      "E0000", "W0000"))]
+    assert len(lines) == 1 and "--val-fraction" in lines[0], proc.stderr
+
+
+def test_config_error_type_is_exit_2():
+    assert ConfigError.exit_code == 2
+
+
+# --- --lr-schedule exp-decay ---------------------------------------------------------------
+
+def reference_schedule(epoch: int, base: float) -> float:
+    return base if epoch < 10 else base * math.exp(0.1 * (10 - epoch))
+
+
+def built_callbacks(cfg: Config, tmp_path: Path) -> list:
+    from trainjob import callbacks as callbacks_lib
+    from trainjob.artifacts import RunFolder
+    from trainjob.resume import StopSignal
+    from trainjob.storage import LocalStore
+
+    run = RunFolder(tmp_path / "run", LocalStore(tmp_path / "run"))
+    try:
+        keeper = callbacks_lib.RunKeeper(run, history=[], fingerprint={}, restore=None,
+                                         stop=StopSignal())
+        return callbacks_lib.make_callbacks(cfg, run, keeper)
+    finally:
+        run.uploader.close()
+
+
+def test_exp_decay_maps_to_the_reference_scheduler(recorded, tmp_path):
+    keras = pytest.importorskip("keras")
+    result = invoke(["train", *REQUIRED, "--lr-schedule", "exp-decay", "--learning-rate", "0.01"])
+    assert result.exit_code == 0, result.output
+    [cfg] = recorded
+    assert cfg.optim.lr_schedule == "exp-decay"
+    callbacks = built_callbacks(cfg, tmp_path)
+    schedulers = [c for c in callbacks if isinstance(c, keras.callbacks.LearningRateScheduler)]
+    assert len(schedulers) == 1
+    assert not any(isinstance(c, keras.callbacks.ReduceLROnPlateau) for c in callbacks)
+    schedule = schedulers[0].schedule
+    lr = 0.01
+    for epoch in range(40):
+        expected = reference_schedule(epoch, 0.01)
+        lr = schedule(epoch, lr)
+        assert lr == pytest.approx(expected, rel=1e-9), f"epoch {epoch}"
+    assert schedule(10, 0.01) == pytest.approx(0.01)
+    assert schedule(11, 0.01) == pytest.approx(0.01 * math.exp(-0.1))
+    assert schedule(20, 0.01) == pytest.approx(0.01 * math.exp(-1.0))
+
+
+def test_default_schedule_is_reduce_lr_on_plateau_with_keras_defaults(recorded, tmp_path):
+    keras = pytest.importorskip("keras")
+    assert invoke(["train", *REQUIRED]).exit_code == 0
+    callbacks = built_callbacks(recorded[0], tmp_path)
+    assert not any(isinstance(c, keras.callbacks.LearningRateScheduler) for c in callbacks)
+    [plateau] = [c for c in callbacks if isinstance(c, keras.callbacks.ReduceLROnPlateau)]
+    reference = keras.callbacks.ReduceLROnPlateau()
+    for attr in ("monitor", "factor", "patience", "min_delta", "cooldown", "min_lr", "mode"):
+        assert getattr(plateau, attr) == getattr(reference, attr), attr

@@ -1,0 +1,315 @@
+"""The Kubernetes manifests under k8s/: schema-valid for Kubernetes 1.29-1.37 (strict), and
+consistent with the code: exit codes, option names, image tag, image layout.
+
+Manifests are rendered through kustomize when a `kubectl` or `kustomize` binary is present
+(the base and each component in k8s/components/); without one, the base's files are
+validated as written and the component renders are skipped.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+
+yaml = pytest.importorskip("yaml")
+kubernetes_validate = pytest.importorskip("kubernetes_validate")
+
+from trainjob.cli import train  # noqa: E402
+from trainjob.config import Config  # noqa: E402
+from trainjob.errors import NON_RETRIABLE  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+K8S = ROOT / "k8s"
+COMPONENTS = sorted(p.name for p in (K8S / "components").iterdir()
+                    if (p / "kustomization.yaml").is_file())
+KUBERNETES_VERSIONS = [f"1.{minor}" for minor in range(29, 38)]  # 1.29 ... 1.37
+# Variables the manifests may set besides TRAINJOB_*: boto3's own settings.
+AWS_KEYS = {"AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
+            "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_RETRY_MODE", "AWS_MAX_ATTEMPTS",
+            "AWS_CA_BUNDLE"}
+
+
+def load_all(path: Path) -> list[dict]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def pyproject_version() -> str:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+
+
+def kustomize_cmd() -> list[str] | None:
+    if shutil.which("kustomize"):
+        return ["kustomize", "build"]
+    if shutil.which("kubectl"):
+        return ["kubectl", "kustomize"]
+    return None
+
+
+def render(path: Path) -> list[dict]:
+    cmd = kustomize_cmd()
+    assert cmd is not None
+    proc = subprocess.run([*cmd, str(path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"{' '.join(cmd)} {path} failed:\n{proc.stderr}"
+    return [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
+
+
+def kustomization() -> dict:
+    return yaml.safe_load((K8S / "kustomization.yaml").read_text())
+
+
+def base_raw() -> list[dict]:
+    """The base as written: the files kustomization.yaml lists, without kustomize."""
+    return [doc for name in kustomization()["resources"] for doc in load_all(K8S / name)]
+
+
+@pytest.fixture(scope="module")
+def base() -> list[dict]:
+    return render(K8S) if kustomize_cmd() else base_raw()
+
+
+@pytest.fixture(scope="module")
+def variants(tmp_path_factory, base) -> dict[str, list[dict]]:
+    """Rendered manifests: the base, and the base with each component enabled."""
+    out = {"base": base}
+    if not kustomize_cmd():
+        return out
+    tmp = tmp_path_factory.mktemp("kustomize")
+    shutil.copytree(K8S, tmp / "k8s")
+    for name in COMPONENTS:
+        overlay = tmp / f"with-{name}"
+        overlay.mkdir()
+        (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
+            "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+            "resources": ["../k8s"], "components": [f"../k8s/components/{name}"]}))
+        out[name] = render(overlay)
+    return out
+
+
+def find(docs: list[dict], kind: str) -> dict:
+    found = [d for d in docs if d["kind"] == kind]
+    assert len(found) == 1, f"expected one {kind}, found {len(found)}"
+    return found[0]
+
+
+def container(docs: list[dict]) -> dict:
+    containers = find(docs, "Job")["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1
+    return containers[0]
+
+
+def dockerfile_env() -> dict[str, str]:
+    """ENV settings of the Dockerfile's last stage (`ENV A=1 \\ B=2` form)."""
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    env: dict[str, str] = {}
+    for line in text.splitlines():
+        if line.startswith("ENV "):
+            env.update(re.findall(r"(\w+)=(\S+)", line[4:]))
+    return env
+
+
+# --- schema ------------------------------------------------------------------------------
+
+def test_kubernetes_validate_ships_every_version():
+    shipped = {kubernetes_validate.utils.major_minor(v)
+               for v in kubernetes_validate.utils.all_versions()}
+    missing = [v for v in KUBERNETES_VERSIONS if v not in shipped]
+    assert not missing, (
+        f"kubernetes-validate {kubernetes_validate.__version__} has no schemas for Kubernetes "
+        f"{', '.join(missing)} (it ships {min(shipped)}..{max(shipped)}): "
+        "install kubernetes-validate>=1.37")
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_manifests_pass_strict_validation(variants, version):
+    if version not in {kubernetes_validate.utils.major_minor(v)
+                       for v in kubernetes_validate.utils.all_versions()}:
+        pytest.fail(f"kubernetes-validate {kubernetes_validate.__version__} has no schema for "
+                    f"Kubernetes {version}: install kubernetes-validate>=1.37")
+    docs = [(name, doc) for name, rendered in variants.items() for doc in rendered]
+    docs += [("secret.example.yaml", doc) for doc in load_all(K8S / "secret.example.yaml")]
+    errors = []
+    for name, doc in docs:
+        where = f"{name}: {doc['kind']}/{doc['metadata']['name']}"
+        try:
+            used = kubernetes_validate.validate(copy.deepcopy(doc), version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            path = ".".join(str(p) for p in exc.path)
+            errors.append(f"{where}: {path}: {exc.message}")
+            continue
+        except kubernetes_validate.SchemaNotFoundError as exc:
+            errors.append(f"{where}: {exc.message}")
+            continue
+        # validate() silently falls back to an older schema when one is missing.
+        assert used == version, f"{where}: validated against {used}, not {version}"
+    assert not errors, "\n".join(errors)
+
+
+def test_every_variant_renders(variants):
+    if not kustomize_cmd():
+        pytest.skip("no kustomize or kubectl binary: components not rendered "
+                    f"({', '.join(COMPONENTS)}); the base was validated as written")
+    assert set(variants) == {"base", *COMPONENTS}
+    for name, docs in variants.items():
+        assert sorted(d["kind"] for d in docs) == ["ConfigMap", "Job", "ServiceAccount"], name
+
+
+# --- consistency with the code --------------------------------------------------------------
+
+def test_pod_failure_policy_is_errors_non_retriable(variants):
+    for name, docs in variants.items():
+        job = find(docs, "Job")["spec"]
+        rules = job["podFailurePolicy"]["rules"]
+        fail = [r for r in rules if r["action"] == "FailJob"]
+        assert len(fail) == 1, name
+        codes = fail[0]["onExitCodes"]
+        assert codes["operator"] == "In"
+        assert codes["containerName"] == container(docs)["name"]
+        assert sorted(codes["values"]) == sorted(NON_RETRIABLE), (
+            f"{name}: podFailurePolicy FailJob codes {codes['values']} != "
+            f"errors.NON_RETRIABLE {NON_RETRIABLE}")
+        ignore = [r for r in rules if r["action"] == "Ignore"]
+        assert ignore == [{"action": "Ignore", "onPodConditions": [
+            {"type": "DisruptionTarget", "status": "True"}]}], name
+        # Everything else (exit 1, 4, 5, 143 without a disruption, OOM kills) counts.
+        assert {r["action"] for r in rules} == {"FailJob", "Ignore"}, name
+        assert job["backoffLimit"] >= 1
+        assert job["template"]["spec"]["restartPolicy"] == "Never"
+
+
+def configmaps() -> dict[str, dict]:
+    """Every ConfigMap data block in k8s/: the base and each component's patch."""
+    out = {"configmap.yaml": find(load_all(K8S / "configmap.yaml"), "ConfigMap")["data"]}
+    for path in sorted((K8S / "components").glob("*/*.yaml")):
+        for doc in load_all(path):
+            if doc.get("kind") == "ConfigMap":
+                out[str(path.relative_to(K8S))] = doc["data"]
+    return out
+
+
+def test_configmap_keys_are_real_options():
+    envvars = {p.envvar for p in train.params if getattr(p, "envvar", None)}
+    assert envvars, "trainjob train has no env twins?"
+    for name, data in configmaps().items():
+        for key in data:
+            if key.startswith("TRAINJOB_"):
+                assert key in envvars, f"{name}: {key} is not an option of `trainjob train`"
+            else:
+                assert key in AWS_KEYS, f"{name}: unexpected key {key}"
+
+
+def test_rendered_configmaps_parse_as_valid_settings(variants, monkeypatch):
+    """The settings each variant gives the job are accepted by click and by Config."""
+    for name, docs in variants.items():
+        data = find(docs, "ConfigMap")["data"]
+        for key in [k for k in os.environ if k.startswith("TRAINJOB_")]:
+            monkeypatch.delenv(key)
+        for key, value in data.items():
+            monkeypatch.setenv(key, str(value))
+        ctx = train.make_context("train", [])
+        cfg = Config.from_options(**ctx.params)
+        assert cfg.output.output == data["TRAINJOB_OUTPUT"], name
+        grace = find(docs, "Job")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        assert 0 < cfg.runtime.grace_seconds < grace, (
+            f"{name}: TRAINJOB_GRACE_SECONDS must leave time before the pod is killed")
+
+
+def test_image_tag_is_pyproject_version(variants):
+    version = pyproject_version()
+    raw_image = container(load_all(K8S / "job.yaml"))["image"]
+    assert raw_image == f"trainjob:{version}"
+    images = kustomization()["images"]
+    assert [i["name"] for i in images] == ["trainjob"]
+    assert str(images[0]["newTag"]) == version
+    assert re.search(rf"^ARG VERSION={re.escape(version)}$",
+                     (ROOT / "Dockerfile").read_text(), re.M), "Dockerfile ARG VERSION"
+    if kustomize_cmd():
+        for name, docs in variants.items():
+            assert container(docs)["image"] == f"{images[0]['newName']}:{version}", name
+    for name, docs in variants.items():
+        assert not container(docs)["image"].endswith(":latest")
+
+
+# --- the Job's shape ------------------------------------------------------------------------
+
+def test_job_resources_and_placement(variants):
+    for name, docs in variants.items():
+        spec = find(docs, "Job")["spec"]["template"]["spec"]
+        res = container(docs)["resources"]
+        for part in ("requests", "limits"):
+            assert {"cpu", "memory", "nvidia.com/gpu"} <= set(res[part]), (name, part)
+        assert res["requests"]["nvidia.com/gpu"] == res["limits"]["nvidia.com/gpu"]
+        gpus = res["limits"]["nvidia.com/gpu"]
+        assert gpus == (4 if name == "multi-gpu" else 1), name
+        assert any(t["key"] == "nvidia.com/gpu" for t in spec["tolerations"])
+        assert spec["nodeSelector"]
+
+
+def test_job_security_and_volumes(variants):
+    env = dockerfile_env()
+    home = env["TRAINJOB_HOME"]
+    for name, docs in variants.items():
+        job = find(docs, "Job")["spec"]
+        spec = job["template"]["spec"]
+        c = container(docs)
+        pod_sc, sc = spec["securityContext"], c["securityContext"]
+        assert pod_sc["runAsNonRoot"] is True
+        assert pod_sc["runAsUser"] == 1000
+        assert pod_sc["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert sc["readOnlyRootFilesystem"] is True
+        assert sc["allowPrivilegeEscalation"] is False
+        assert sc["capabilities"]["drop"] == ["ALL"]
+
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+        cache = volumes[mounts[home]]["emptyDir"]
+        assert cache.get("sizeLimit") and "medium" not in cache, name
+        shm = volumes[mounts["/dev/shm"]]["emptyDir"]
+        assert shm["medium"] == "Memory" and shm.get("sizeLimit"), name
+        # Everything the image writes (HOME, MPLCONFIGDIR, KERAS_HOME, tempfiles) is under /tmp.
+        assert "/tmp" in mounts
+        for key in ("HOME", "MPLCONFIGDIR", "KERAS_HOME", "TRAINJOB_HOME"):
+            assert env[key].startswith("/tmp/"), key
+
+        assert job["activeDeadlineSeconds"] > 0
+        assert job["ttlSecondsAfterFinished"] > 0
+        assert spec["terminationGracePeriodSeconds"] >= 120
+
+
+def test_job_env_credentials_and_owner(variants):
+    secret = find(load_all(K8S / "secret.example.yaml"), "Secret")
+    sa = find(variants["base"], "ServiceAccount")
+    for name, docs in variants.items():
+        c = container(docs)
+        spec = find(docs, "Job")["spec"]["template"]["spec"]
+        assert spec["serviceAccountName"] == sa["metadata"]["name"]
+        assert c["envFrom"] == [{"configMapRef": {"name": find(docs, "ConfigMap")["metadata"]
+                                                  ["name"]}}]
+        env = {e["name"]: e for e in c.get("env", [])}
+        assert env["TRAINJOB_OWNER_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == \
+            "metadata.labels['batch.kubernetes.io/controller-uid']"
+        keys = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+        if name == "irsa":
+            assert not keys & set(env), "the irsa component must drop the static keys"
+            role = find(docs, "ServiceAccount")["metadata"]["annotations"]
+            assert role["eks.amazonaws.com/role-arn"].startswith("arn:aws:iam::")
+            continue
+        for key in keys:
+            ref = env[key]["valueFrom"]["secretKeyRef"]
+            assert ref["name"] == secret["metadata"]["name"]
+            assert ref["key"] in secret["stringData"]
+        if name == "minio":
+            assert find(docs, "ConfigMap")["data"]["AWS_ENDPOINT_URL"].startswith("http")
+
+
+def test_secret_example_is_not_applied(base):
+    assert "secret.example.yaml" not in kustomization()["resources"]
+    assert not [d for d in base if d["kind"] == "Secret"]
+    values = find(load_all(K8S / "secret.example.yaml"), "Secret")["stringData"].values()
+    assert all(v.startswith("REPLACE_") for v in values), "placeholders only"

@@ -1,0 +1,218 @@
+"""Resumable runs: SIGKILL, SIGTERM, callback state, S3 faults, locks, finished runs.
+
+Real processes against a real S3 server over HTTP; faults come from a real proxy.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import SMALL, run_trainjob, start_trainjob
+from faultproxy import FaultProxy
+from test_e2e import assert_complete_run
+
+pytestmark = pytest.mark.e2e
+
+STEPS = 6  # batches per epoch: long enough to kill inside an epoch, short enough for CI
+
+
+@pytest.fixture
+def dataset(s3, bucket, official_zip) -> str:
+    s3.client().upload_file(str(official_zip), bucket, "datasets/caltech-101.zip")
+    return f"s3://{bucket}/datasets/caltech-101.zip"
+
+
+def _status(s3, bucket: str, prefix: str) -> dict:
+    try:
+        return s3.read_json(bucket, f"{prefix}/status.json")
+    except Exception:  # noqa: BLE001 - not there yet
+        return {}
+
+
+def _wait_for(predicate, proc: subprocess.Popen, log: Path, timeout: float = 400) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"job exited {proc.returncode} early:\n{log.read_text()[-4000:]}")
+        time.sleep(0.3)
+    proc.kill()
+    pytest.fail(f"timed out waiting; log:\n{log.read_text()[-4000:]}")
+
+
+def _csv_epochs(s3, bucket: str, prefix: str) -> list[int]:
+    rows = csv.DictReader(io.StringIO(s3.read(bucket, f"{prefix}/training_log.csv").decode()))
+    return [int(r["epoch"]) for r in rows]
+
+
+def _hooks(tmp_path: Path, **hooks) -> str:
+    path = tmp_path / "hooks.json"
+    path.write_text(json.dumps(hooks))
+    return str(path)
+
+
+def test_sigkill_then_rerun_resumes(s3, bucket, dataset, tmp_path):
+    out = f"s3://{bucket}/runs/kill"
+    args = ["train", "--data", dataset, "--output", out, "--epochs", "4",
+            "--steps-per-epoch", str(STEPS), "--no-restore-best", *SMALL]
+    log = tmp_path / "first.log"
+    # Pause after epoch index 1 so the kill lands at a known point, after status shows it.
+    env = s3.env(TRAINJOB_TEST_HOOKS=_hooks(tmp_path, sleep_after_epoch={"1": 120}))
+    proc = start_trainjob(args, env, tmp_path / "home", log)
+    _wait_for(lambda: _status(s3, bucket, "runs/kill").get("epochs_done", 0) >= 2, proc, log)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not any(k.endswith("manifest.json") for k in s3.keys(bucket, "runs/kill/"))
+    state = s3.read_json(bucket, "runs/kill/backup/state.json")
+    assert state["epoch"] == 2
+
+    result = run_trainjob(args, s3.env(), tmp_path / "home2")  # a new pod: empty local disk
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
+    assert "resuming at epoch 2" in result.stdout
+    assert_complete_run(s3, bucket, "runs/kill", epochs=4)
+    assert s3.read_json(bucket, "runs/kill/config.json")["resumed_from_epoch"] == 2
+
+    # The optimizer step count carried on: 4 epochs' worth, not the 2 of a fresh start.
+    import keras
+
+    import trainjob.model  # noqa: F401 - registers the preprocessing layer
+
+    path = tmp_path / "model.keras"
+    s3.client().download_file(bucket, "runs/kill/model/model.keras", str(path))
+    model = keras.saving.load_model(path)
+    assert int(model.optimizer.iterations.numpy()) == 4 * STEPS
+
+    # Finished: the same command again is a no-op...
+    manifest = s3.read(bucket, "runs/kill/manifest.json")
+    again = run_trainjob(args, s3.env(), tmp_path / "home2", timeout=120)
+    assert again.returncode == 0
+    assert "already holds a finished run" in again.stdout
+    assert s3.read(bucket, "runs/kill/manifest.json") == manifest
+    # ...and --overwrite trains afresh.
+    fresh = run_trainjob([*args, "--overwrite", "--epochs", "1"], s3.env(), tmp_path / "home2")
+    assert fresh.returncode == 0, fresh.stdout[-3000:] + fresh.stderr[-3000:]
+    assert _csv_epochs(s3, bucket, "runs/kill") == [0]
+    assert s3.read(bucket, "runs/kill/manifest.json") != manifest
+
+
+def test_early_stopping_wait_survives_a_kill(s3, bucket, dataset, tmp_path):
+    """patience 2 on a scripted metric: best at epoch 1, worse after. With the wait count
+    restored the run stops after epoch 3; had it been lost it would run on to epoch 5."""
+    out = f"s3://{bucket}/runs/es"
+    args = ["train", "--data", dataset, "--output", out, "--epochs", "8",
+            "--steps-per-epoch", "2", "--early-stopping-monitor", "scripted",
+            "--early-stopping-mode", "min", "--early-stopping-patience", "2", *SMALL]
+    values = [1.0, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99]
+    log = tmp_path / "first.log"
+    env = s3.env(TRAINJOB_TEST_HOOKS=_hooks(tmp_path, metrics={"scripted": values},
+                                            sleep_after_epoch={"2": 120}))
+    proc = start_trainjob(args, env, tmp_path / "home", log)
+    _wait_for(lambda: _status(s3, bucket, "runs/es").get("epochs_done", 0) >= 3, proc, log)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    saved = s3.read_json(bucket, "runs/es/backup/state.json")["callbacks"]
+    assert saved["EarlyStopping:"]["wait"] == 1
+
+    env2 = s3.env(TRAINJOB_TEST_HOOKS=_hooks(tmp_path, metrics={"scripted": values}))
+    result = run_trainjob(args, env2, tmp_path / "home")
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
+    assert _csv_epochs(s3, bucket, "runs/es") == [0, 1, 2, 3]
+
+
+def test_sigterm_saves_state_and_exits_143_then_resumes(s3, bucket, dataset, tmp_path):
+    out = f"s3://{bucket}/runs/term"
+    args = ["train", "--data", dataset, "--output", out, "--epochs", "3",
+            "--steps-per-epoch", str(STEPS), *SMALL]
+    log = tmp_path / "first.log"
+    proc = start_trainjob(args, s3.env(), tmp_path / "home", log)
+    _wait_for(lambda: _status(s3, bucket, "runs/term").get("epochs_done", 0) >= 1, proc, log)
+
+    # While it runs, a second job on the same output waits for the lock, then gives up.
+    other = run_trainjob([*args, "--lock-timeout", "3"], s3.env(), tmp_path / "other", timeout=120)
+    assert other.returncode == 2, other.stderr
+    assert len(other.error_lines()) == 1 and "run.lock.json" in other.error_lines()[0]
+
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    rc = proc.wait(timeout=60)
+    elapsed = time.monotonic() - started
+    assert rc == 143, log.read_text()[-3000:]
+    assert elapsed < 25, f"took {elapsed:.1f}s, over the default --grace-seconds"
+    status = s3.read_json(bucket, "runs/term/status.json")
+    assert status["state"] == "preempted"
+    assert s3.read_json(bucket, "runs/term/backup/state.json")["epoch"] >= 1
+    assert not any(k.endswith("run.lock.json") for k in s3.keys(bucket, "runs/term/"))
+
+    result = run_trainjob(args, s3.env(), tmp_path / "home")
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
+    assert_complete_run(s3, bucket, "runs/term", epochs=3)
+
+
+def test_second_sigterm_exits_at_once(s3, bucket, dataset, tmp_path):
+    args = ["train", "--data", dataset, "--output", f"s3://{bucket}/runs/term2",
+            "--epochs", "3", "--steps-per-epoch", "50", *SMALL]
+    log = tmp_path / "job.log"
+    proc = start_trainjob(args, s3.env(), tmp_path / "home", log)
+    _wait_for(lambda: "Epoch 1/3" in log.read_text(), proc, log)
+    time.sleep(2)  # inside the first epoch's batches
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 143
+    assert time.monotonic() - started < 5
+
+
+def test_completes_through_faulty_s3(s3, bucket, dataset, tmp_path):
+    """20% of requests get 503 SlowDown, 5% lose the connection mid-body."""
+    # A stale lock from a pod that vanished an hour ago is taken over.
+    s3.client().put_object(Bucket=bucket, Key="runs/faulty/run.lock.json", Body=json.dumps({
+        "host": "gone-pod", "pid": 1, "token": "x", "started": time.time() - 7200,
+        "heartbeat": time.time() - 3600}).encode())
+    with FaultProxy(s3.endpoint, slowdown=0.20, drop=0.05, seed=1) as proxy:
+        result = run_trainjob(
+            ["train", "--data", dataset, "--output", f"s3://{bucket}/runs/faulty",
+             "--epochs", "2", "--steps-per-epoch", "2", *SMALL],
+            s3.env(AWS_ENDPOINT_URL=proxy.endpoint, AWS_MAX_ATTEMPTS="10"),
+            tmp_path / "home")
+        injected = proxy.injected
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
+    assert injected["slowdown"] > 5 and injected["drop"] > 0, injected
+    assert "taking over the run lock" in result.stdout
+    assert_complete_run(s3, bucket, "runs/faulty", epochs=2)  # checks every sha256
+
+
+def test_uploads_failing_after_retries_exit_4_and_keep_local_files(s3, bucket, dataset, tmp_path):
+    """The endpoint dies mid-run: status failed, exit 4, the local run folder keeps it all."""
+    with FaultProxy(s3.endpoint, slowdown=0.0, drop=0.0, seed=2) as proxy:
+        args = ["train", "--data", dataset, "--output", f"s3://{bucket}/runs/dead",
+                "--epochs", "3", "--steps-per-epoch", "2", *SMALL]
+        log = tmp_path / "job.log"
+        env = s3.env(AWS_ENDPOINT_URL=proxy.endpoint, AWS_MAX_ATTEMPTS="2",
+                     TRAINJOB_TEST_HOOKS=_hooks(tmp_path, sleep_after_epoch={"0": 3}))
+        proc = start_trainjob(args, env, tmp_path / "home", log)
+        _wait_for(lambda: "Epoch 1/3" in log.read_text(), proc, log)
+        proxy.fail_everything()
+        rc = proc.wait(timeout=600)
+    text = log.read_text()
+    assert rc == 4, text[-3000:]
+    assert "trainjob: error:" in text
+    runs = list((tmp_path / "home" / "work" / "runs").iterdir())
+    assert len(runs) == 1
+    local = runs[0]
+    assert json.loads((local / "status.json").read_text())["state"] == "failed"
+    assert (local / "backup" / "state.json").exists()
+    assert (local / "training_log.csv").exists()
+    assert not any(k.endswith("manifest.json") for k in s3.keys(bucket, "runs/dead/"))

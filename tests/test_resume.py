@@ -80,7 +80,7 @@ def test_sigkill_then_rerun_resumes(s3, bucket, dataset, tmp_path):
 
     result = run_trainjob(args, s3.env(), tmp_path / "home2")  # a new pod: empty local disk
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
-    assert "resuming at epoch 2" in result.stdout
+    assert "resuming at epoch 2, batch 0" in result.stdout
     assert_complete_run(s3, bucket, "runs/kill", epochs=4)
     assert s3.read_json(bucket, "runs/kill/config.json")["resumed_from_epoch"] == 2
 
@@ -131,10 +131,11 @@ def test_early_stopping_wait_survives_a_kill(s3, bucket, dataset, tmp_path):
     assert _csv_epochs(s3, bucket, "runs/es") == [0, 1, 2, 3]
 
 
-def test_sigterm_saves_state_and_exits_143_then_resumes(s3, bucket, dataset, tmp_path):
+def test_sigterm_saves_mid_epoch_state_exits_143_then_resumes(s3, bucket, dataset, tmp_path):
     out = f"s3://{bucket}/runs/term"
     args = ["train", "--data", dataset, "--output", out, "--epochs", "3",
-            "--steps-per-epoch", str(STEPS), *SMALL]
+            "--steps-per-epoch", str(STEPS), "--backup-every-steps", "2", "--no-restore-best",
+            *SMALL]
     log = tmp_path / "first.log"
     proc = start_trainjob(args, s3.env(), tmp_path / "home", log)
     _wait_for(lambda: _status(s3, bucket, "runs/term").get("epochs_done", 0) >= 1, proc, log)
@@ -152,12 +153,22 @@ def test_sigterm_saves_state_and_exits_143_then_resumes(s3, bucket, dataset, tmp
     assert elapsed < 25, f"took {elapsed:.1f}s, over the default --grace-seconds"
     status = s3.read_json(bucket, "runs/term/status.json")
     assert status["state"] == "preempted"
-    assert s3.read_json(bucket, "runs/term/backup/state.json")["epoch"] >= 1
+    state = s3.read_json(bucket, "runs/term/backup/state.json")
+    assert state["epoch"] >= 1
     assert not any(k.endswith("run.lock.json") for k in s3.keys(bucket, "runs/term/"))
 
     result = run_trainjob(args, s3.env(), tmp_path / "home")
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
+    assert f"resuming at epoch {state['epoch']}, batch {state['step']}" in result.stdout
     assert_complete_run(s3, bucket, "runs/term", epochs=3)
+    # Mid-epoch or not, the optimizer saw each of the 3 x STEPS batches exactly once.
+    import keras
+
+    import trainjob.model  # noqa: F401 - registers the preprocessing layer
+
+    path = tmp_path / "model.keras"
+    s3.client().download_file(bucket, "runs/term/model/model.keras", str(path))
+    assert int(keras.saving.load_model(path).optimizer.iterations.numpy()) == 3 * STEPS
 
 
 def test_second_sigterm_exits_at_once(s3, bucket, dataset, tmp_path):

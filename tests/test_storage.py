@@ -394,3 +394,18 @@ def test_open_store_picks_the_backend(s3env, tmp_path):
     s3store = storage.open_store("s3://some-bucket/runs/x", threads=3)
     assert isinstance(s3store, S3Store)
     assert (s3store.bucket, s3store.prefix) == ("some-bucket", "runs/x")
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: S3Store.put lets boto3's S3UploadFailedError "
+                   "escape instead of a one-line StorageError (exit 4)")
+def test_put_failures_are_storage_errors(s3env, bucket, tmp_path, monkeypatch):
+    src = tmp_path / "f.bin"
+    src.write_bytes(b"x" * 10)
+    with pytest.raises(StorageError) as err:
+        S3Store("no-such-bucket-for-put", "runs").put(src, "f.bin")
+    assert_one_line(err.value, "no-such-bucket-for-put", "does not exist")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "definitely-not-the-secret")
+    storage._clients.clear()
+    with pytest.raises(StorageError) as err:
+        S3Store(bucket, "runs").put(src, "f.bin")
+    assert_one_line(err.value, bucket, "AWS_SECRET_ACCESS_KEY")

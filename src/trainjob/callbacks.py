@@ -71,8 +71,8 @@ class RunKeeper(keras.callbacks.Callback):
     and fails fast on a NaN loss, without recording a partial epoch."""
 
     def __init__(self, run: RunFolder, *, history: list[dict], fingerprint: dict,
-                 restore: dict | None, stop: StopSignal, backup_every_steps: int = 0,
-                 on_epoch: Any = None) -> None:
+                 restore: dict | None, stop: StopSignal, steps_per_epoch: int,
+                 backup_every_steps: int = 0, on_epoch: Any = None) -> None:
         super().__init__()
         self.run = run
         self.history = history
@@ -80,8 +80,10 @@ class RunKeeper(keras.callbacks.Callback):
         self.restore = restore
         self.stop = stop
         self.backup_every_steps = backup_every_steps
+        self.steps_per_epoch = steps_per_epoch
         self.on_epoch = on_epoch  # e.g. the lock heartbeat
         self.epoch = 0
+        self.step_offset = 0  # batches skipped at the start of a mid-epoch resume
         self._epoch_started = time.monotonic()
         self._tracked: dict[str, keras.callbacks.Callback] = {}
 
@@ -112,10 +114,19 @@ class RunKeeper(keras.callbacks.Callback):
         if loss is not None and not math.isfinite(float(loss)):
             raise TrainingError(f"loss became {float(loss)} at epoch {self.epoch} batch {batch}: "
                                 "lower --learning-rate or check the data")
-        if self.stop.requested:
-            raise Preempted(f"stopped by signal in epoch {self.epoch}")
+        step = self.step_offset + batch + 1  # batches of this epoch done, across a restart
+        every = self.backup_every_steps
+        if self.stop.requested or (every and step % every == 0):
+            # A mid-epoch resume point: weights, optimizer, and where we are. Not after the
+            # last batch: the epoch-end state follows, with validation and the CSV row.
+            if every and step < self.steps_per_epoch:
+                self.save_state(self.epoch, step)
+                self.run.uploader.submit(WEIGHTS, STATE)
+            if self.stop.requested:
+                raise Preempted(f"stopped by signal in epoch {self.epoch} after batch {step}")
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self.step_offset = 0
         logs = dict(logs or {})
         opt = self.model.optimizer
         row = {"epoch": epoch, **{k: float(v) for k, v in logs.items()},
@@ -123,7 +134,7 @@ class RunKeeper(keras.callbacks.Callback):
                "seconds": round(time.monotonic() - self._epoch_started, 3)}
         self.history.append(row)
         self.run.write(HISTORY, self.history, upload=False)
-        self.save_state(next_epoch=epoch + 1)
+        self.save_state(epoch + 1)
         self.run.set_status("running", epoch=epoch, epochs_done=epoch + 1, metrics=row)
         if self.on_epoch:
             self.on_epoch()
@@ -133,20 +144,14 @@ class RunKeeper(keras.callbacks.Callback):
         if delay := test_hooks().get("sleep_after_epoch", {}).get(str(epoch)):
             time.sleep(float(delay))
 
-    def on_train_end(self, logs: dict | None = None) -> None:
-        # Reached only when fit ends normally (all epochs, or EarlyStopping): a restart
-        # before publishing must not train further.
-        state = read_json(self.run.path(STATE))
-        if state:
-            state["finished_training"] = True
-            self.run.write(STATE, state)
-
-    def save_state(self, next_epoch: int) -> None:
+    def save_state(self, epoch: int, step: int = 0) -> None:
+        """Resume point: start epoch ``epoch`` after its first ``step`` batches."""
         weights = self.run.path(WEIGHTS)
         weights.parent.mkdir(parents=True, exist_ok=True)
         self.model.save_weights(weights)  # includes the optimizer: iterations, moments, lr
         state = {
-            "epoch": next_epoch,
+            "epoch": epoch,
+            "step": step,
             "weights_sha256": sha256(weights),
             "iterations": int(keras.ops.convert_to_numpy(self.model.optimizer.iterations)),
             "callbacks": {key: {a: plain(getattr(cb, a, None)) for a in
@@ -156,6 +161,16 @@ class RunKeeper(keras.callbacks.Callback):
             "saved": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         self.run.write(STATE, state, upload=False)
+        # A second fit() in the same process (after a mid-epoch resume) restores from here.
+        self.restore = state
+
+    def finish_training(self) -> None:
+        """Training is over (all epochs, or EarlyStopping): a restart before publishing must
+        go straight to evaluation, not train on."""
+        state = read_json(self.run.path(STATE))
+        if state:
+            state["finished_training"] = True
+            self.run.write(STATE, state)
 
 
 def test_hooks() -> dict:

@@ -53,8 +53,10 @@ def steps_for(n: int, batch_size: int, steps_per_epoch: int | None) -> int:
 
 def training_stream(base: tf.data.Dataset, n: int, num_classes: int, *, image_size: int,
                     batch_size: int, steps: int, repeat: bool, shuffle: bool, augment: bool,
-                    seed: int, first_epoch: int, epochs: int) -> tf.data.Dataset:
-    """Batches for epochs [first_epoch, epochs): exactly ``steps`` batches per epoch."""
+                    seed: int, first_epoch: int, epochs: int,
+                    skip_batches: int = 0) -> tf.data.Dataset:
+    """Batches for epochs [first_epoch, epochs): exactly ``steps`` batches per epoch, less
+    ``skip_batches`` already trained in ``first_epoch`` (a mid-epoch resume)."""
 
     def one_epoch(epoch: tf.Tensor) -> tf.data.Dataset:
         ds = base.repeat() if repeat else base
@@ -68,7 +70,8 @@ def training_stream(base: tf.data.Dataset, n: int, num_classes: int, *, image_si
                         num_parallel_calls=AUTOTUNE, deterministic=True)
         else:
             ds = ds.map(lambda i, xy: xy)
-        return ds.batch(batch_size).take(steps)
+        ds = ds.batch(batch_size).take(steps)
+        return ds.skip(tf.where(epoch == first_epoch, tf.constant(skip_batches, tf.int64), 0))
 
     stream = tf.data.Dataset.range(first_epoch, epochs).flat_map(one_epoch)
     return _finish(stream, num_classes)

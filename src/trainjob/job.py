@@ -5,6 +5,7 @@ Read top to bottom; each step is one call into the module that owns it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -113,15 +114,17 @@ def _train(cfg: Config, run_dir: RunFolder, state: dict | None, lock: RunLock,
         num_classes = len(catalog.classes)
         work = Path(cfg.runtime.work_dir) / "tfcache"
         steps = inputs.steps_for(len(splits.train), cfg.optim.batch_size, cfg.optim.steps_per_epoch)
-        first_epoch = state["epoch"] if state else 0
         train_base = inputs.decoded(splits.train, cfg.model.image_size, cfg.data.pipeline_cache,
                                     work, "train")
-        train_ds = inputs.training_stream(
-            train_base, len(splits.train), num_classes, image_size=cfg.model.image_size,
-            batch_size=cfg.optim.batch_size, steps=steps,
-            repeat=cfg.optim.steps_per_epoch is not None, shuffle=cfg.optim.shuffle,
-            augment=cfg.optim.augment, seed=cfg.split.seed, first_epoch=first_epoch,
-            epochs=cfg.optim.epochs)
+
+        def train_stream(first: int, last: int, skip: int = 0):
+            return inputs.training_stream(
+                train_base, len(splits.train), num_classes, image_size=cfg.model.image_size,
+                batch_size=cfg.optim.batch_size, steps=steps,
+                repeat=cfg.optim.steps_per_epoch is not None, shuffle=cfg.optim.shuffle,
+                augment=cfg.optim.augment, seed=cfg.split.seed, first_epoch=first, epochs=last,
+                skip_batches=skip)
+
         val_ds = inputs.evaluation_stream(
             inputs.decoded(splits.val, cfg.model.image_size, cfg.data.pipeline_cache, work, "val"),
             num_classes, cfg.optim.batch_size) if splits.val else None
@@ -132,24 +135,37 @@ def _train(cfg: Config, run_dir: RunFolder, state: dict | None, lock: RunLock,
         with training.strategy_scope():
             model = models.build_model(cfg.model, num_classes, weights_file)
             training.compile_model(model, cfg, num_classes)
+        first_epoch = state["epoch"] if state else 0
         history = resume.trim_logs(run_dir, first_epoch) if state else []
         if state:
             iterations = resume.restore_weights(model, run_dir)
-            log.info("resuming at epoch %d (optimizer iterations %d)", first_epoch, iterations)
-        keeper = callbacks_lib.RunKeeper(run_dir, history=history, fingerprint=fingerprint,
-                                  restore=state, stop=stop, on_epoch=lock.heartbeat)
+            log.info("resuming at epoch %d, batch %d (optimizer iterations %d)", first_epoch,
+                     state.get("step", 0), iterations)
+        keeper = callbacks_lib.RunKeeper(
+            run_dir, history=history, fingerprint=fingerprint, restore=state, stop=stop,
+            steps_per_epoch=steps, backup_every_steps=cfg.output.backup_every_steps,
+            on_epoch=lock.heartbeat)
         callbacks = callbacks_lib.make_callbacks(cfg, run_dir, keeper)
 
     with _timed(timings, "train"):
-        if first_epoch < cfg.optim.epochs and not _stopped_early(state):
+        if not (state and state.get("finished_training")):
+            fit = functools.partial(
+                training.fit, model, val_ds=val_ds, cfg=cfg, callbacks=callbacks,
+                weights=training.class_weights(splits.train, num_classes, cfg.optim.class_weight))
             stop.in_training = True
             try:
-                training.fit(model, train_ds, val_ds, cfg=cfg, steps=steps,
-                             initial_epoch=first_epoch, callbacks=callbacks,
-                             weights=training.class_weights(splits.train, num_classes,
-                                                            cfg.optim.class_weight))
+                epoch, done = first_epoch, state.get("step", 0) if state else 0
+                if done:  # killed mid-epoch: finish that epoch's remaining batches first
+                    keeper.step_offset = done
+                    fit(train_stream(epoch, epoch + 1, done), steps=steps - done,
+                        initial_epoch=epoch, epochs=epoch + 1)
+                    epoch += 1
+                if epoch < cfg.optim.epochs and not model.stop_training:
+                    fit(train_stream(epoch, cfg.optim.epochs), steps=steps,
+                        initial_epoch=epoch, epochs=cfg.optim.epochs)
             finally:
                 stop.in_training = False
+            keeper.finish_training()
         run_dir.uploader.flush()  # surface upload failures before spending time on the rest
 
     with _timed(timings, "evaluate"):
@@ -176,11 +192,6 @@ def _train(cfg: Config, run_dir: RunFolder, state: dict | None, lock: RunLock,
         _write_config(cfg, run_dir, dataset_summary, timings, state)
         run_dir.publish()
     log.info("run finished: %s", run_dir.store.uri)
-
-
-def _stopped_early(state: dict | None) -> bool:
-    """A run killed after EarlyStopping fired but before publishing must not train on."""
-    return bool(state and state.get("finished_training"))
 
 
 def _prepare(cfg: Config, run_dir: RunFolder) -> dict | None:

@@ -56,13 +56,13 @@ def fit_verbosity(mode: str) -> int:
     return 1 if mode == "bar" else 2
 
 
-def fit(model: keras.Model, train_ds: tf.data.Dataset, val_ds: tf.data.Dataset | None, *,
-        cfg: Config, steps: int, initial_epoch: int, callbacks: list,
+def fit(model: keras.Model, train_ds: tf.data.Dataset, *, val_ds: tf.data.Dataset | None,
+        cfg: Config, steps: int, initial_epoch: int, epochs: int, callbacks: list,
         weights: dict[int, float] | None) -> None:
     model._initial_epoch = None  # left set by restores; it would override initial_epoch
     model.fit(
         train_ds,
-        epochs=cfg.optim.epochs,
+        epochs=epochs,
         initial_epoch=initial_epoch,
         steps_per_epoch=steps,
         validation_data=val_ds,

@@ -198,8 +198,6 @@ def test_retries_exhausted_raise_storage_error_from_flush(tmp_path, uploaders):
         up.flush(timeout=1)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: S3Store.put lets boto3's S3UploadFailedError "
-                   "escape untranslated; the uploader thread dies and flush() reports success")
 def test_upload_to_a_missing_bucket_fails_flush(s3store, tmp_path, uploaders):
     broken = S3Store("no-such-bucket-for-uploads", "runs/x", threads=2)
     up = uploaders(broken, tmp_path / "run", retries=1, backoff=0.01)

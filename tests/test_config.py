@@ -140,8 +140,6 @@ def test_valid_edge_values_are_accepted():
     assert cfg.split.val_fraction == 0.0 and cfg.callbacks.early_stopping_patience == 0
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: --momentum is not validated; Keras' SGD rejects "
-                   "values outside [0, 1] only after the data is downloaded, with exit 1")
 def test_momentum_out_of_range_is_a_config_error():
     with pytest.raises(ConfigError):
         make(optimizer="sgd", momentum=1.5)

@@ -563,8 +563,6 @@ def mean_colour(path: str) -> tuple[int, ...]:
         return tuple(round(float(v) / 40) for v in np.asarray(img.convert("RGB")).mean(axis=(0, 1)))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a converted image is cached under a hash of its "
-                   "source path only, so a changed file at the same path is served stale")
 def test_changed_source_image_is_converted_again(tmp_path):
     root = make_classes(tmp_path / "d", {"a": 3, "b": 3})
     cmyk(root, "a/odd.jpg", (220, 20, 20))
@@ -582,9 +580,6 @@ def mean_colour_of(rgb: tuple[int, int, int]) -> tuple[int, ...]:
     return tuple(round(float(v) / 40) for v in np.asarray(img).mean(axis=(0, 1)))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: converted images are named by a hash of their "
-                   "absolute path, so the split of a class with several of them changes when "
-                   "the data is extracted elsewhere (a new pod resuming the run)")
 def test_split_is_the_same_wherever_the_data_was_extracted(tmp_path):
     colours = [(230, 20, 20), (20, 230, 20), (20, 20, 230), (230, 230, 20), (20, 230, 230),
                (230, 20, 230), (128, 128, 128), (240, 240, 240)]

@@ -243,9 +243,6 @@ class SlowBeatStore(LocalStore):
         super().write_bytes(key, data)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: release() does not wait for the heartbeat thread, "
-                   "so a beat in flight re-creates the lock after release deleted it; the next "
-                   "pod then waits until it is stale")
 def test_release_waits_for_a_heartbeat_in_flight(tmp_path, locks, monkeypatch):
     monkeypatch.setattr("trainjob.lock.HEARTBEAT_SECONDS", 0.01)
     store = SlowBeatStore(tmp_path / "run")

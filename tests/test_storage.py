@@ -70,8 +70,6 @@ def test_redact_drops_user_and_password():
     assert storage.redact("http://minio:9000") == "http://minio:9000"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: redact() drops the port, so error lines name "
-                   "the wrong endpoint when AWS_ENDPOINT_URL carries user:password")
 def test_redact_keeps_host_and_port():
     assert storage.redact("http://user:secret@minio:9000/") == "http://minio:9000/"
 
@@ -243,8 +241,6 @@ def test_fetch_prefix_in_parallel_then_cached(s3env, bucket, tmp_path, class_fol
     assert (third.path / one).read_bytes() == b"new content"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: fetch of a prefix keeps cached files of objects "
-                   "deleted from the bucket, so training sees stale data")
 def test_fetch_prefix_drops_objects_deleted_from_the_bucket(s3env, bucket, tmp_path):
     client = s3env.client()
     for name in ("a/1.jpg", "a/2.jpg", "b/1.jpg"):
@@ -396,8 +392,6 @@ def test_open_store_picks_the_backend(s3env, tmp_path):
     assert (s3store.bucket, s3store.prefix) == ("some-bucket", "runs/x")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: S3Store.put lets boto3's S3UploadFailedError "
-                   "escape instead of a one-line StorageError (exit 4)")
 def test_put_failures_are_storage_errors(s3env, bucket, tmp_path, monkeypatch):
     src = tmp_path / "f.bin"
     src.write_bytes(b"x" * 10)

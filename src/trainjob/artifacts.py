@@ -150,7 +150,9 @@ class Uploader:
                 self._busy = True
             try:
                 self._upload(snap, rel)
-            except StorageError as exc:
+            except Exception as exc:  # noqa: BLE001 - a dead thread would make flush() hang
+                if not isinstance(exc, StorageError):
+                    exc = StorageError(f"upload of {rel} to {self.store.uri} failed: {exc}")
                 log.error("upload of %s failed after retries: %s", rel, exc)
                 self.error = exc
             finally:

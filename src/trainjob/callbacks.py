@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import keras
+from keras.src.saving import saving_lib  # weights without optimizer state
 
 from trainjob.artifacts import BEST, HISTORY, LAST, LOG_CSV, RunFolder, read_json, sha256
 from trainjob.config import Config
@@ -35,14 +36,34 @@ def exp_decay(base_lr: float):
     return schedule
 
 
+class WeightsCheckpoint(keras.callbacks.ModelCheckpoint):
+    """ModelCheckpoint of the model's weights without the optimizer state: a third of the
+    size (~94 MB instead of ~283 MB for ResNet50 with Adam), so each epoch uploads less.
+    The resume state under backup/ is what carries the optimizer."""
+
+    def __init__(self, filepath: str, **kwargs: Any) -> None:
+        super().__init__(filepath, save_weights_only=True, **kwargs)
+
+    def _save_model(self, epoch: int, batch: int | None, logs: dict) -> None:
+        filepath = self._get_file_path(epoch, batch, logs)
+        if self._should_save_model(epoch, batch, logs, filepath):
+            Path(filepath).parent.mkdir(parents=True, exist_ok=True)
+            saving_lib.save_weights_only(self.model, filepath,
+                                         objects_to_skip=[self.model.optimizer])
+
+
+def load_model_weights(model: keras.Model, path: Path) -> None:
+    """Load a WeightsCheckpoint file into a compiled model, leaving its optimizer alone."""
+    saving_lib.load_weights_only(model, str(path), objects_to_skip=[model.optimizer])
+
+
 def make_callbacks(cfg: Config, run: RunFolder, keeper: RunKeeper) -> list[keras.callbacks.Callback]:
     c = cfg.callbacks
     callbacks: list[keras.callbacks.Callback] = [
         *([ScriptedMetrics(hooks["metrics"])] if "metrics" in (hooks := test_hooks()) else []),
-        keras.callbacks.ModelCheckpoint(str(run.path(BEST)), monitor=c.checkpoint_monitor,
-                                        mode=c.checkpoint_mode, save_best_only=True,
-                                        save_weights_only=True),
-        keras.callbacks.ModelCheckpoint(str(run.path(LAST)), save_weights_only=True),
+        WeightsCheckpoint(str(run.path(BEST)), monitor=c.checkpoint_monitor,
+                          mode=c.checkpoint_mode, save_best_only=True),
+        WeightsCheckpoint(str(run.path(LAST))),
         keras.callbacks.CSVLogger(str(run.path(LOG_CSV)), append=True),
     ]
     if c.early_stopping_patience > 0:
@@ -131,7 +152,8 @@ class RunKeeper(keras.callbacks.Callback):
         opt = self.model.optimizer
         row = {"epoch": epoch, **{k: float(v) for k, v in logs.items()},
                "learning_rate": float(keras.ops.convert_to_numpy(opt.learning_rate)),
-               "seconds": round(time.monotonic() - self._epoch_started, 3)}
+               "seconds": round(time.monotonic() - self._epoch_started, 3),
+               "finished_at": round(time.time(), 3)}
         self.history.append(row)
         self.run.write(HISTORY, self.history, upload=False)
         self.save_state(epoch + 1)

@@ -123,6 +123,8 @@ class OptimConfig:
         if self.learning_rate <= 0:
             raise ConfigError("--learning-rate must be positive")
         _check_range("--label-smoothing", self.label_smoothing, 0.0, 1.0)
+        if not 0.0 <= self.momentum <= 1.0:
+            raise ConfigError(f"--momentum {self.momentum:g} is out of range: use [0, 1]")
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
             raise ConfigError("--steps-per-epoch must be at least 1")
 

@@ -286,7 +286,8 @@ def _check_image(path: Path, converted_dir: Path) -> tuple[Path | None, str]:
             if mode in TF_NATIVE.get(fmt, ()):
                 return path, ""
             # CMYK JPEGs, TIFF, WebP...: convert once to an RGB PNG TensorFlow reads.
-            digest = hashlib.sha1(str(path).encode()).hexdigest()[:20]
+            # Named by content: the same wherever the data was extracted, new when it changes.
+            digest = hashlib.sha1(path.read_bytes()).hexdigest()[:20]
             out = converted_dir / f"{digest}.png"
             if not out.exists():
                 img.convert("RGB").save(out.with_suffix(".tmp.png"))
@@ -344,7 +345,7 @@ def _split_sizes(n: int, val_fraction: float, test_fraction: float,
         # Exactly N where the class has more; tiny classes keep one image each for val/test.
         n_train = train_per_class if n > train_per_class else max(1, n - 2)
         rest = n - n_train
-        return n_train, (rest + 1) // 2
+        return n_train, rest // 2  # an odd image goes to test: every class gets scored
     n_val = round(n * val_fraction)
     n_test = round(n * test_fraction)
     if n >= 3:  # small classes still get one of each where asked for

@@ -171,7 +171,7 @@ def _train(cfg: Config, run_dir: RunFolder, state: dict | None, lock: RunLock,
     with _timed(timings, "evaluate"):
         best = run_dir.path("checkpoints/best.weights.h5")
         if cfg.callbacks.restore_best and best.exists():
-            model.load_weights(best)
+            callbacks_lib.load_model_weights(model, best)
             log.info("restored the best weights (%s) for the final model",
                      cfg.callbacks.checkpoint_monitor)
         test_ds = inputs.evaluation_stream(

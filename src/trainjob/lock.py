@@ -102,6 +102,8 @@ class RunLock:
 
     def release(self) -> None:
         self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)  # a beat in flight lands before the delete, not after
         try:
             held = self.store.read_json(LOCK)
             if held and held.get("token") == self.token:

@@ -22,6 +22,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import boto3
+import boto3.exceptions
 import botocore.config
 import botocore.exceptions
 from boto3.s3.transfer import TransferConfig
@@ -66,7 +67,7 @@ def redact(uri: str) -> str:
     """Drop any user:password from a URL so it can be logged."""
     parts = urlsplit(uri)
     if parts.password or parts.username:
-        return parts._replace(netloc=parts.hostname or "").geturl()
+        return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
     return uri
 
 
@@ -142,6 +143,12 @@ def translated(where: str) -> Iterator[None]:
         yield
     except StorageError:
         raise
+    except boto3.exceptions.Boto3Error as exc:
+        # upload_file wraps a ClientError in S3UploadFailedError, download_file wraps retry
+        # exhaustion in RetriesExceededError: describe what lies underneath.
+        inner = getattr(exc, "last_exception", None) or exc.__cause__ or exc.__context__
+        raise StorageError(describe_error(inner if isinstance(inner, Exception) else exc,
+                                          where)) from exc
     except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError,
             ConnectionError, TimeoutError) as exc:
         raise StorageError(describe_error(exc, where)) from exc
@@ -369,6 +376,8 @@ def fetch(uri: str, cache_dir: Path, threads: int = 16, *, single: bool = False)
                             "(it should hold class folders or an archive)")
     local_root = cache_dir / "s3" / bucket / base
     result = _sync_down(store, objects, base, local_root, cache_dir, threads)
+    if not is_archive:
+        _prune(local_root, {o.key[len(base):] for o in objects})
     result.path = local_root / key[len(base):] if is_archive else local_root
     return result
 
@@ -413,6 +422,16 @@ def _sync_down(store: S3Store, objects: list[ObjectInfo], base: str, local_root:
     log.info("data: %d objects downloaded, %d from cache", result.downloaded_objects,
              result.cached_objects)
     return result
+
+
+def _prune(local_root: Path, keep: set[str]) -> None:
+    """Drop cached copies of objects no longer under the prefix: the mirror is never stale."""
+    for path in sorted(local_root.rglob("*"), reverse=True):
+        rel = path.relative_to(local_root).as_posix()
+        if path.is_file() and rel not in keep:
+            path.unlink()
+        elif path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
 
 
 def _check_inside(root: Path, path: Path, what: str) -> None:

@@ -80,32 +80,14 @@ def _run_locked(cfg: Config, run_dir: RunFolder, lock: RunLock, stop: resume.Sto
 
 def _train(cfg: Config, run_dir: RunFolder, state: dict | None, lock: RunLock,
            stop: resume.StopSignal, timings: dict[str, float]) -> None:
-    cache = Path(cfg.data.cache_dir)
-    with _timed(timings, "download"):
-        fetched = storage.fetch(cfg.data.data, cache / "downloads", cfg.runtime.threads)
-    with _timed(timings, "extract"):
-        roots = datasets.unpack(fetched.path, cache / "extracted", cfg.data.max_extract_bytes)
-        class_root = datasets.locate(roots)
-    with _timed(timings, "scan"):
-        catalog = datasets.scan(class_root, cache / "converted",
-                                include_background=cfg.data.include_background,
-                                max_bad_fraction=cfg.data.max_bad_fraction,
-                                threads=min(8, os.cpu_count() or 2))
-    splits = datasets.split(catalog, val_fraction=cfg.split.val_fraction,
-                            test_fraction=cfg.split.test_fraction,
-                            train_per_class=cfg.split.train_per_class, seed=cfg.split.seed)
-    log.info("%d classes, %d images: %s", len(catalog.classes), len(catalog.samples),
-             splits.sizes())
+    catalog, splits, dataset_summary = _load_data(cfg, timings)
     fingerprint = {"classes": hashlib.sha1("\n".join(catalog.classes).encode()).hexdigest(),
                    "image_size": cfg.model.image_size, "optimizer": cfg.optim.optimizer}
     if state:
         resume.check_compatible(state, fingerprint)
     run_dir.write(CLASSES, {str(i): name for i, name in enumerate(catalog.classes)})
-    dataset_summary = {**catalog.summary(), "splits": splits.sizes(),
-                       "download": {"objects_downloaded": fetched.downloaded_objects,
-                                    "bytes_downloaded": fetched.downloaded_bytes,
-                                    "objects_cached": fetched.cached_objects}}
     _write_config(cfg, run_dir, dataset_summary, timings, state)
+    cache = Path(cfg.data.cache_dir)
 
     # TensorFlow is imported only now: bad input fails above in a second, with no TF noise.
     from trainjob import callbacks as callbacks_lib, inputs, model as models, training
@@ -192,6 +174,32 @@ def _train(cfg: Config, run_dir: RunFolder, state: dict | None, lock: RunLock,
         _write_config(cfg, run_dir, dataset_summary, timings, state)
         run_dir.publish()
     log.info("run finished: %s", run_dir.store.uri)
+
+
+def _load_data(cfg: Config, timings: dict[str, float]
+               ) -> tuple[datasets.Catalog, datasets.Splits, dict]:
+    """Download (cached), unpack, find the classes, check every image, split."""
+    cache = Path(cfg.data.cache_dir)
+    with _timed(timings, "download"):
+        fetched = storage.fetch(cfg.data.data, cache / "downloads", cfg.runtime.threads)
+    with _timed(timings, "extract"):
+        roots = datasets.unpack(fetched.path, cache / "extracted", cfg.data.max_extract_bytes)
+        class_root = datasets.locate(roots)
+    with _timed(timings, "scan"):
+        catalog = datasets.scan(class_root, cache / "converted",
+                                include_background=cfg.data.include_background,
+                                max_bad_fraction=cfg.data.max_bad_fraction,
+                                threads=min(8, os.cpu_count() or 2))
+    splits = datasets.split(catalog, val_fraction=cfg.split.val_fraction,
+                            test_fraction=cfg.split.test_fraction,
+                            train_per_class=cfg.split.train_per_class, seed=cfg.split.seed)
+    log.info("%d classes, %d images: %s", len(catalog.classes), len(catalog.samples),
+             splits.sizes())
+    summary = {**catalog.summary(), "splits": splits.sizes(),
+               "download": {"objects_downloaded": fetched.downloaded_objects,
+                            "bytes_downloaded": fetched.downloaded_bytes,
+                            "objects_cached": fetched.cached_objects}}
+    return catalog, splits, summary
 
 
 def _prepare(cfg: Config, run_dir: RunFolder) -> dict | None:

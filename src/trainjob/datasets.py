@@ -33,6 +33,10 @@ BACKGROUND = "BACKGROUND_Google"
 TF_NATIVE = {"JPEG": {"RGB", "L"}, "PNG": {"RGB", "RGBA", "L", "LA", "P", "I;16", "I"},
              "GIF": {"P", "L", "RGB"}, "BMP": {"RGB", "L", "P"}}
 MAX_NESTING = 3
+# tarfile's extraction filters (PEP 706) exist from Python 3.11.4 on; older 3.11 patch
+# releases (Debian bookworm's 3.11.2) rely on the member checks below alone.
+_TAR_FILTER = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+_TAR_FILTER_ERROR = getattr(tarfile, "FilterError", ())
 
 
 @dataclass(frozen=True)
@@ -132,8 +136,8 @@ def _extract_tar(archive: Path, dest: Path, budget: _Budget) -> None:
                 if not _is_junk(m.name):
                     members.append(m)
             # The 'data' filter re-checks all of the above inside tarfile itself.
-            tar.extractall(dest, members=members, filter="data")
-    except tarfile.FilterError as exc:
+            tar.extractall(dest, members=members, **_TAR_FILTER)
+    except _TAR_FILTER_ERROR as exc:
         raise DataError(f"unsafe archive {archive.name}: {exc}; refusing to extract it") from exc
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise DataError(f"cannot read archive {archive.name}: {exc}; re-upload it") from exc

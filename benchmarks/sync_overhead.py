@@ -34,8 +34,8 @@ def main() -> dict:
     work = Path(tempfile.mkdtemp(prefix="bench-sync-"))
     server = start_moto(work)
     try:
-        names = sampledata.make_class_folders(work / "101_ObjectCategories", classes=10,
-                                              per_class=30, size=(96, 128))
+        sampledata.make_class_folders(work / "101_ObjectCategories", classes=10,
+                                      per_class=30, size=(96, 128))
         archive = sampledata.make_official_zip(work / "caltech-101.zip",
                                                work / "101_ObjectCategories")
         client = server.client()

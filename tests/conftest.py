@@ -6,7 +6,6 @@ process, exactly as it talks to MinIO or AWS.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -20,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import sampledata  # noqa: E402
+from trainjob import storage  # noqa: E402
 from s3server import S3Server, start_moto, stop_moto  # noqa: E402
 
 SMALL = ["--image-size", "32", "--batch-size", "8", "--max-bad-fraction", "0.25",
@@ -31,6 +31,22 @@ def s3(tmp_path_factory) -> S3Server:
     server = start_moto(tmp_path_factory.mktemp("moto"))
     yield server
     stop_moto(server)
+
+
+@pytest.fixture
+def s3env(s3, monkeypatch, tmp_path):
+    """Point boto3's standard chain at the test server; fresh clients before and after."""
+    for name in list(os.environ):
+        if name.startswith("AWS_"):
+            monkeypatch.delenv(name)
+    for name, value in s3.env(AWS_MAX_ATTEMPTS="2").items():
+        if name.startswith("AWS_"):
+            monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    storage._clients.clear()
+    yield s3
+    storage._clients.clear()
 
 
 @pytest.fixture

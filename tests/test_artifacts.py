@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from trainjob import storage
 from trainjob.artifacts import (
     BACKUP,
     LOCK,
@@ -77,16 +76,8 @@ def uploaders():
 
 
 @pytest.fixture
-def s3store(s3, bucket, monkeypatch):
-    for name in list(os.environ):
-        if name.startswith("AWS_"):
-            monkeypatch.delenv(name)
-    for name, value in s3.env(AWS_MAX_ATTEMPTS="2").items():
-        if name.startswith("AWS_"):
-            monkeypatch.setenv(name, value)
-    storage._clients.clear()
-    yield S3Store(bucket, "runs/exp1", threads=4)
-    storage._clients.clear()
+def s3store(s3env, bucket):
+    return S3Store(bucket, "runs/exp1", threads=4)
 
 
 def write(path: Path, data: bytes | str) -> Path:

@@ -8,14 +8,11 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from conftest import SMALL, run_trainjob, start_trainjob

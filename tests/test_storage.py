@@ -15,22 +15,6 @@ from trainjob.errors import ConfigError, DataError, StorageError
 from trainjob.storage import FetchResult, LocalStore, ObjectInfo, S3Store, fetch, parse_uri
 
 
-@pytest.fixture
-def s3env(s3, monkeypatch, tmp_path):
-    """Point boto3's standard chain at the test server; fresh clients before and after."""
-    for name in list(os.environ):
-        if name.startswith("AWS_"):
-            monkeypatch.delenv(name)
-    for name, value in s3.env(AWS_MAX_ATTEMPTS="2").items():
-        if name.startswith("AWS_"):
-            monkeypatch.setenv(name, value)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
-    storage._clients.clear()
-    yield s3
-    storage._clients.clear()
-
-
 def assert_one_line(err: StorageError | DataError | ConfigError, *needles: str) -> str:
     message = str(err)
     assert "\n" not in message and message.strip() == message

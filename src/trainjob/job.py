@@ -19,7 +19,7 @@ from typing import Iterator
 
 from trainjob import __version__, datasets, resume, storage
 from trainjob.artifacts import (BACKUP, CLASSES, CONFIG, LOCK, MANIFEST, METRICS, MODEL, PLOT,
-                                RunFolder, write_json)
+                                RunFolder)
 from trainjob.config import Config
 from trainjob.errors import Preempted, StorageError, TrainingError, TrainJobError
 from trainjob.lock import RunLock

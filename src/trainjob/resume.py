@@ -8,10 +8,13 @@ import logging
 import os
 import signal
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from trainjob.artifacts import BACKUP, HISTORY, LOG_CSV, RunFolder, read_json, sha256
 from trainjob.errors import ConfigError, Preempted
+
+if TYPE_CHECKING:  # TensorFlow stays unimported until training starts
+    import keras
 
 log = logging.getLogger(__name__)
 

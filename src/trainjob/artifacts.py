@@ -201,11 +201,11 @@ class RunFolder:
         if upload:
             self.uploader.submit(rel)
 
-    def set_status(self, state: str, **fields: Any) -> None:
+    def set_status(self, state: str, *, upload: bool = True, **fields: Any) -> None:
         status = read_json(self.path(STATUS), {}) or {}
         status.update(fields, state=state, updated=time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                  time.gmtime()))
-        self.write(STATUS, status)
+        self.write(STATUS, status, upload=upload)
 
     def sync_epoch(self, *extra: str) -> None:
         """Queue what changed this epoch, status.json last; sent in the background."""

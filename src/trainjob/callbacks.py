@@ -157,7 +157,8 @@ class RunKeeper(keras.callbacks.Callback):
         self.history.append(row)
         self.run.write(HISTORY, self.history, upload=False)
         self.save_state(epoch + 1)
-        self.run.set_status("running", epoch=epoch, epochs_done=epoch + 1, metrics=row)
+        self.run.set_status("running", epoch=epoch, epochs_done=epoch + 1, metrics=row,
+                            upload=False)  # queued last, below
         if self.on_epoch:
             self.on_epoch()
         # Upload order matters: weights before the state.json that names them, and status

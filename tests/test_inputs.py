@@ -1,0 +1,101 @@
+"""inputs.py: decode, resize, cache, deterministic per-epoch order and augmentation."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from trainjob import inputs
+from trainjob.datasets import Sample
+
+N, CLASSES, SIZE = 20, 4, 16
+
+
+@pytest.fixture
+def samples(tmp_path) -> list[Sample]:
+    out = []
+    for i in range(N):
+        # Each image is a flat grey whose level encodes its index: easy to identify later.
+        path = tmp_path / f"{i}.png"
+        Image.fromarray(np.full((20, 30, 3), i * 10, np.uint8)).save(path)
+        out.append(Sample(str(path), i % CLASSES))
+    gray = tmp_path / "gray.jpg"
+    Image.fromarray(np.full((10, 10), 250, np.uint8)).save(gray)
+    out.append(Sample(str(gray), 0))
+    return out
+
+
+def _stream(samples, first, last, *, skip=0, augment=False, seed=3, cache="memory", tmp=None):
+    base = inputs.decoded(samples, SIZE, cache, tmp, "train")
+    steps = inputs.steps_for(len(samples), 4, None)
+    return inputs.training_stream(base, len(samples), CLASSES, image_size=SIZE, batch_size=4,
+                                  steps=steps, repeat=False, shuffle=True, augment=augment,
+                                  seed=seed, first_epoch=first, epochs=last, skip_batches=skip)
+
+
+def _order(ds) -> list[int]:
+    return [int(round(v / 10)) for x, _ in ds for v in x.numpy()[:, 0, 0, 0]]
+
+
+def test_decoded_images_are_resized_rgb_uint8(samples):
+    ds = inputs.decoded(samples, SIZE, "none", None, "x")
+    images = [x.numpy() for x, _ in ds]
+    assert all(img.shape == (SIZE, SIZE, 3) and img.dtype == np.uint8 for img in images)
+    assert images[-1].min() == images[-1].max() == 250  # grayscale became 3 equal channels
+
+
+def test_each_epoch_is_a_full_pass_in_its_own_seeded_order(samples):
+    per_epoch = len(samples) // 4 + 1
+    batches = list(_stream(samples, 0, 3))
+    assert len(batches) == 3 * per_epoch
+    x, y = batches[0]
+    assert x.dtype.name == "float32" and y.shape == (4, CLASSES)
+    orders = [_order(batches[e * per_epoch:(e + 1) * per_epoch]) for e in range(3)]
+    for order in orders:
+        assert sorted(o for o in order if o < N) == list(range(N))
+    assert orders[0] != orders[1] != orders[2]
+
+
+def test_resumed_stream_repeats_the_uninterrupted_one(samples):
+    """A run resumed at epoch 2 (or mid-epoch 2) sees the batches it would have seen."""
+    per_epoch = len(samples) // 4 + 1
+    full = list(_stream(samples, 0, 4, augment=True))
+    resumed = list(_stream(samples, 2, 4, augment=True))
+    for (a, la), (b, lb) in zip(full[2 * per_epoch:], resumed):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+        np.testing.assert_array_equal(la.numpy(), lb.numpy())
+    mid = list(_stream(samples, 2, 4, skip=2, augment=True))
+    assert len(mid) == len(resumed) - 2
+    np.testing.assert_array_equal(mid[0][0].numpy(), resumed[2][0].numpy())
+
+
+def test_another_seed_gives_another_order(samples):
+    assert _order(_stream(samples, 0, 1, seed=1)) != _order(_stream(samples, 0, 1, seed=2))
+
+
+def test_augmentation_changes_images_but_not_their_range(samples):
+    plain = np.concatenate([x.numpy() for x, _ in _stream(samples, 0, 1)])
+    augmented = np.concatenate([x.numpy() for x, _ in _stream(samples, 0, 1, augment=True)])
+    assert augmented.shape == plain.shape
+    assert augmented.min() >= 0 and augmented.max() <= 255
+
+
+def test_file_cache_survives_a_killed_writer(samples, tmp_path):
+    """A run killed while writing the file cache leaves a lockfile; the next run must not
+    refuse the cache because of it."""
+    cache_dir = tmp_path / "tfcache"
+    cache_dir.mkdir()
+    key = hashlib.sha1(f"{SIZE}:{[s.path for s in samples]}".encode()).hexdigest()[:16]
+    (cache_dir / f"train-{key}_0.lockfile").write_text("")
+    assert len(list(_stream(samples, 0, 1, cache="file", tmp=cache_dir))) == len(samples) // 4 + 1
+    assert any(p.name.endswith(".index") for p in cache_dir.iterdir())
+    assert len(list(_stream(samples, 0, 1, cache="file", tmp=cache_dir))) == len(samples) // 4 + 1
+
+
+def test_steps_per_epoch():
+    assert inputs.steps_for(100, 32, None) == 4
+    assert inputs.steps_for(5, 32, None) == 1
+    assert inputs.steps_for(100, 32, 7) == 7

@@ -1,0 +1,65 @@
+"""model.py: ResNet50 with preprocessing inside, precision and XLA choices."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+from trainjob import model as models
+from trainjob.config import ModelConfig
+
+
+@pytest.fixture(autouse=True)
+def _float32_after():
+    yield
+    keras.mixed_precision.set_global_policy("float32")
+
+
+def test_preprocessing_matches_keras_resnet50_preprocess_input():
+    images = np.random.default_rng(0).uniform(0, 255, (2, 8, 8, 3)).astype("float32")
+    ours = np.asarray(models.ResNetPreprocess()(images))
+    reference = keras.applications.resnet50.preprocess_input(images.copy())
+    np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-4)
+
+
+def test_model_takes_raw_images_and_round_trips_through_keras_file(tmp_path):
+    model = models.build_model(ModelConfig(image_size=32), num_classes=3)
+    assert model.input_shape == (None, 32, 32, 3)
+    assert model.output_shape == (None, 3)
+    assert any(isinstance(layer, models.ResNetPreprocess) for layer in model.layers)
+    images = np.random.default_rng(1).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    before = model.predict(images, verbose=0)
+    path = tmp_path / "model.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    np.testing.assert_allclose(loaded.predict(images, verbose=0), before, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(before.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_mixed_precision_keeps_a_float32_output():
+    model = models.build_model(ModelConfig(image_size=32, precision="mixed_float16"), 4)
+    assert keras.mixed_precision.global_policy().name == "mixed_float16"
+    assert model.get_layer("predictions").dtype_policy.compute_dtype == "float32"
+    assert model.output.dtype == "float32"
+
+
+def test_auto_choices_on_a_cpu_machine():
+    assert models.gpus() == []  # the test machines have no GPU
+    assert models.resolve_precision("auto") == "float32"
+    assert models.resolve_precision("mixed_bfloat16") == "mixed_bfloat16"
+    assert models.resolve_jit("auto") is False
+    assert models.resolve_jit("on") is True
+
+
+def test_weights_file_is_loaded_and_a_mismatch_is_a_config_error(tmp_path):
+    from trainjob.errors import ConfigError
+
+    donor = models.build_model(ModelConfig(image_size=32), num_classes=3)
+    path = tmp_path / "donor.weights.h5"
+    donor.save_weights(path)
+    model = models.build_model(ModelConfig(image_size=32, weights=str(path)), 3, path)
+    for a, b in zip(model.get_weights(), donor.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ConfigError, match="cannot load"):
+        models.build_model(ModelConfig(image_size=32, weights=str(path)), 5, path)

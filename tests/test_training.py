@@ -1,0 +1,169 @@
+"""training.py and callbacks.py with a tiny model: metrics, schedules, the callback list,
+and RunKeeper's resume state (callback state, optimizer, NaN, signals)."""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+import pytest
+
+from trainjob import callbacks as cb
+from trainjob import resume, training
+from trainjob.artifacts import LocalStore, RunFolder
+from trainjob.config import Config
+from trainjob.datasets import Sample
+from trainjob.errors import Preempted, TrainingError
+
+
+def _cfg(**overrides) -> Config:
+    return Config.from_options(data="/data", output="/out", **overrides)
+
+
+def _tiny(classes: int = 3) -> keras.Model:
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(classes, activation="softmax")])
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="categorical_crossentropy",
+                  metrics=["accuracy"])
+    return model
+
+
+def _data(n: int = 32, classes: int = 3):
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, classes, n)
+    x = np.eye(4)[y] + rng.normal(0, 0.1, (n, 4))
+    return x.astype("float32"), keras.utils.to_categorical(y, classes)
+
+
+@pytest.fixture
+def run(tmp_path):
+    folder = RunFolder(tmp_path / "run", LocalStore(tmp_path / "run"))
+    yield folder
+    folder.uploader.close()
+
+
+def _keeper(run, stop=None, restore=None, steps=4, every=0):
+    return cb.RunKeeper(run, history=[], fingerprint={"k": 1}, restore=restore,
+                        stop=stop or resume.StopSignal(), steps_per_epoch=steps,
+                        backup_every_steps=every)
+
+
+def test_evaluate_reports_mean_per_class_accuracy():
+    class Fixed(keras.Model):
+        def call(self, x):
+            return x
+
+    probs = np.array([[0.9, 0.1, 0.0], [0.2, 0.7, 0.1], [0.6, 0.3, 0.1], [0.1, 0.1, 0.8]])
+    model = Fixed()
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensor_slices(probs.astype("float32")).batch(2)
+    test = [Sample("a", 0), Sample("b", 1), Sample("c", 1), Sample("d", 2)]
+    m = training.evaluate(model, ds, test, ["x", "y", "z"])
+    assert m["accuracy"] == pytest.approx(0.75)
+    assert m["per_class_accuracy"] == {"x": 1.0, "y": 0.5, "z": 1.0}
+    assert m["mean_per_class_accuracy"] == pytest.approx(2.5 / 3)
+    assert m["top5_accuracy"] == 1.0
+    expected = -np.mean(np.log([0.9, 0.7, 0.3, 0.8]))
+    assert m["loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_exp_decay_is_the_reference_scheduler():
+    schedule = cb.exp_decay(1e-3)
+    assert schedule(0, 5.0) == 1e-3 and schedule(9, 5.0) == 1e-3
+    for epoch in (10, 11, 25):
+        assert schedule(epoch, 5.0) == pytest.approx(1e-3 * math.exp(0.1 * (10 - epoch)))
+
+
+def test_balanced_class_weights():
+    train = [Sample("a", 0)] * 6 + [Sample("b", 1)] * 2
+    weights = training.class_weights(train, 3, "balanced")
+    assert weights[0] == pytest.approx(8 / (3 * 6)) and weights[1] == pytest.approx(8 / (3 * 2))
+    assert weights[2] == 0.0
+    assert training.class_weights(train, 3, "none") is None
+
+
+def test_callback_list_follows_the_options(run):
+    keeper = _keeper(run)
+    names = [type(c).__name__ for c in cb.make_callbacks(_cfg(), run, keeper)]
+    assert names[-1] == "RunKeeper"
+    assert names.count("WeightsCheckpoint") == 2
+    assert {"CSVLogger", "EarlyStopping", "ReduceLROnPlateau"} <= set(names)
+    names = [type(c).__name__ for c in cb.make_callbacks(
+        _cfg(early_stopping_patience=0, lr_schedule="exp-decay"), run, _keeper(run))]
+    assert "EarlyStopping" not in names and "ReduceLROnPlateau" not in names
+    assert "LearningRateScheduler" in names
+
+
+def test_resume_state_restores_callbacks_and_optimizer(run):
+    """What Keras' BackupAndRestore forgets: EarlyStopping/ReduceLROnPlateau/checkpoint state."""
+    x, y = _data()
+    cfg = _cfg(early_stopping_patience=5, early_stopping_monitor="loss", reduce_lr_monitor="loss",
+               checkpoint_monitor="loss")
+    model = _tiny()
+    keeper = _keeper(run, steps=4)
+    callbacks = cb.make_callbacks(cfg, run, keeper)
+    model.fit(x, y, batch_size=8, epochs=3, callbacks=callbacks, verbose=0)
+    es = next(c for c in callbacks if isinstance(c, keras.callbacks.EarlyStopping))
+    state = resume.load_state(run)
+    assert state["epoch"] == 3 and state["step"] == 0
+    assert state["iterations"] == 12
+    assert state["callbacks"]["EarlyStopping:"]["best"] == pytest.approx(es.best)
+
+    # A new process: fresh model and callbacks, state put back.
+    model2 = _tiny()
+    assert resume.restore_weights(model2, run) == 12
+    for a, b in zip(model.get_weights(), model2.get_weights()):
+        np.testing.assert_allclose(a, b)
+    keeper2 = _keeper(run, restore=state)
+    callbacks2 = cb.make_callbacks(cfg, run, keeper2)
+    for c in callbacks2:
+        c.set_model(model2)
+        c.on_train_begin()
+    es2 = next(c for c in callbacks2 if isinstance(c, keras.callbacks.EarlyStopping))
+    rl2 = next(c for c in callbacks2 if isinstance(c, keras.callbacks.ReduceLROnPlateau))
+    assert es2.best == pytest.approx(es.best) and es2.wait == es.wait
+    assert rl2.best == pytest.approx(state["callbacks"]["ReduceLROnPlateau:"]["best"])
+    best = next(c for c in callbacks2 if isinstance(c, cb.WeightsCheckpoint) and c.save_best_only)
+    assert best.best == pytest.approx(state["callbacks"][f"ModelCheckpoint:{best.filepath}"]["best"])
+
+
+def test_checkpoints_hold_weights_without_optimizer_state(run):
+    import h5py
+
+    x, y = _data()
+    model = _tiny()
+    model.fit(x, y, epochs=1, callbacks=cb.make_callbacks(_cfg(checkpoint_monitor="loss"), run,
+                                                          _keeper(run)), verbose=0)
+    with h5py.File(run.path("checkpoints/last.weights.h5")) as f:
+        assert "optimizer" not in f
+    with h5py.File(run.path(resume.WEIGHTS)) as f:
+        assert "optimizer" in f  # the resume state carries it
+    fresh = _tiny()
+    cb.load_model_weights(fresh, run.path("checkpoints/last.weights.h5"))
+    np.testing.assert_allclose(fresh.get_weights()[0], model.get_weights()[0])
+
+
+def test_nan_loss_is_a_training_error_without_a_partial_epoch(run):
+    x, y = _data()
+    x[5] = np.nan
+    with pytest.raises(TrainingError, match="loss became nan"):
+        _tiny().fit(x, y, batch_size=8, epochs=2, callbacks=[_keeper(run)], verbose=0)
+    assert resume.load_state(run) is None  # nothing recorded for the broken epoch
+
+
+def test_stop_signal_raises_preempted_and_saves_a_mid_epoch_point(run):
+    x, y = _data(64)
+    stop = resume.StopSignal()
+
+    class Trip(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == 2:
+                stop.requested_at = 0.0  # as the SIGTERM handler does
+
+    model = _tiny()
+    with pytest.raises(Preempted):
+        model.fit(x, y, batch_size=8, epochs=2,
+                  callbacks=[Trip(), _keeper(run, stop=stop, steps=8, every=100)], verbose=0)
+    state = resume.load_state(run)
+    assert state["epoch"] == 0 and state["step"] == 3 and state["iterations"] == 3

@@ -89,13 +89,17 @@ def test_official_zip_end_to_end_then_cached_rerun(s3, bucket, official_zip, tmp
     assert probs.shape == (2, len(dataset["class_counts"]))
     assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-4)
 
-    # Same cache, new output: nothing is downloaded again.
+    # Same cache, new output: nothing is downloaded again. It starts from the first run's
+    # best checkpoint, fetched through storage (--weights URI).
     args2 = [a if a != f"s3://{bucket}/runs/exp1" else f"s3://{bucket}/runs/exp2" for a in args]
     args2[args2.index("--epochs") + 1] = "1"
+    args2 += ["--weights", f"s3://{bucket}/runs/exp1/checkpoints/best.weights.h5"]
     again = run_trainjob(args2, s3.env(), tmp_path / "home")
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     dl = s3.read_json(bucket, "runs/exp2/config.json")["dataset"]["download"]
     assert dl["objects_downloaded"] == 0 and dl["objects_cached"] == 1
+    assert s3.read_json(bucket, "runs/exp2/config.json")["settings"]["model"]["weights"].endswith(
+        "best.weights.h5")
 
 
 def test_prefix_of_class_folders_end_to_end(s3, bucket, class_folders, tmp_path):

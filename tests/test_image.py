@@ -344,10 +344,6 @@ def test_train_one_epoch_read_only_non_root(image, s3, bucket, official_zip):
 @pytest.mark.docker
 @pytest.mark.timeout(1500)
 def test_docker_stop_saves_resume_state_and_exits_143(image, s3, bucket, official_zip):
-    from trainjob import errors
-
-    if not hasattr(errors, "Preempted"):
-        pytest.skip("resumable runs (SIGTERM -> exit 143) have not landed yet")
     s3.client().upload_file(str(official_zip), bucket, "caltech-101.zip")
     flags, env = docker_env(s3)
     name = f"trainjob-stop-{uuid.uuid4().hex[:8]}"

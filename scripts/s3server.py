@@ -61,13 +61,14 @@ class S3Server:
         return json.loads(self.read(bucket, key))
 
 
-def start_moto(tmp: Path) -> S3Server:
+def start_moto(tmp: Path, nice: int = 0) -> S3Server:
     """moto_server in its own process, with IAM auth on so that bad keys are rejected."""
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     log = open(tmp / f"moto-{port}.log", "wb")
     env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3"}
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H",
+    prefix = ["nice", "-n", str(nice)] if nice else []
+    proc = subprocess.Popen([*prefix, str(Path(sys.executable).parent / "moto_server"), "-H",
                              "127.0.0.1", "-p", str(port)], stdout=log, stderr=log, env=env)
     deadline = time.time() + 30
     while time.time() < deadline:

@@ -167,3 +167,46 @@ def test_stop_signal_raises_preempted_and_saves_a_mid_epoch_point(run):
                   callbacks=[Trip(), _keeper(run, stop=stop, steps=8, every=100)], verbose=0)
     state = resume.load_state(run)
     assert state["epoch"] == 0 and state["step"] == 3 and state["iterations"] == 3
+
+
+MIRRORED = """
+import numpy as np, tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras
+from trainjob import training
+from trainjob.config import Config
+strategy = training.make_strategy(["/cpu:0", "/cpu:1"])
+assert isinstance(strategy, tf.distribute.MirroredStrategy), strategy
+assert strategy.num_replicas_in_sync == 2
+cfg = Config.from_options(data="/d", output="/o", epochs=2)
+with strategy.scope():
+    model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Flatten(),
+                              keras.layers.Dense(3, activation="softmax")])
+    training.compile_model(model, cfg, 3)
+x = np.random.default_rng(0).uniform(0, 255, (16, 8, 8, 3)).astype("float32")
+y = keras.utils.to_categorical(np.arange(16) % 3, 3)
+ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(8).repeat()
+training.fit(model, ds, val_ds=None, cfg=cfg, steps=2, initial_epoch=0, epochs=2,
+             callbacks=[], weights=None)
+assert int(model.optimizer.iterations.numpy()) == 4
+print("MIRRORED-OK")
+"""
+
+
+def test_mirrored_strategy_over_two_devices_trains():
+    """More than one device: MirroredStrategy, with our compile and fit (on 2 logical CPUs,
+    as the test machines have no GPUs)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", MIRRORED], capture_output=True, text=True,
+                          timeout=300)
+    assert "MIRRORED-OK" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_one_device_uses_the_default_strategy():
+    import tensorflow as tf
+
+    assert training.make_strategy(["/cpu:0"]) is tf.distribute.get_strategy()
+    assert not isinstance(training.make_strategy(), tf.distribute.MirroredStrategy)

@@ -7,6 +7,7 @@ the output store through ``Uploader``: continuously during training, all at once
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -37,6 +38,22 @@ LAST = "checkpoints/last.weights.h5"
 MODEL = "model/model.keras"
 BACKUP = "backup"
 NOT_PUBLISHED = (BACKUP + "/", LOCK, MANIFEST, ".")  # never listed in the manifest
+
+
+# Files trainjob itself only ever replaces whole (write, then rename): the uploader may
+# snapshot them with a hard link instead of a copy. Keras rewrites its files in place.
+ATOMIC_PREFIXES = (BACKUP + "/",)
+UPLOAD_NICE = 10
+
+
+def _snapshot(path: Path, snap: Path, replaced_whole: bool) -> None:
+    if replaced_whole:
+        try:
+            os.link(path, snap)  # free: the writer's next version is a new inode
+            return
+        except OSError:
+            pass
+    shutil.copyfile(path, snap)
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -103,7 +120,7 @@ class Uploader:
                                     or self._closed)
                 self._seq += 1
                 snap = self.staging / f"{self._seq}-{path.name}"
-                shutil.copyfile(path, snap)
+                _snapshot(path, snap, rel.startswith(ATOMIC_PREFIXES) or rel.endswith(".json"))
                 old = self._pending.pop(rel, None)
                 if old:
                     old[0].unlink(missing_ok=True)
@@ -140,6 +157,12 @@ class Uploader:
         return sum(size for _, size in self._pending.values())
 
     def _run(self) -> None:
+        # Below the trainer's threads: uploads fill idle CPU time instead of taking it from
+        # training. Linux applies nice per thread, and the transfer threads boto3 starts
+        # from this one inherit it.
+        with contextlib.suppress(OSError, AttributeError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(),
+                           max(os.getpriority(os.PRIO_PROCESS, 0), UPLOAD_NICE))
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: self._pending or self._closed)

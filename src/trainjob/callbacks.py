@@ -171,7 +171,9 @@ class RunKeeper(keras.callbacks.Callback):
         """Resume point: start epoch ``epoch`` after its first ``step`` batches."""
         weights = self.run.path(WEIGHTS)
         weights.parent.mkdir(parents=True, exist_ok=True)
-        self.model.save_weights(weights)  # includes the optimizer: iterations, moments, lr
+        partial = weights.with_name("partial." + weights.name)
+        self.model.save_weights(partial)  # includes the optimizer: iterations, moments, lr
+        os.replace(partial, weights)  # whole or not at all; lets the uploader hard-link it
         state = {
             "epoch": epoch,
             "step": step,

@@ -114,7 +114,7 @@ def _train(cfg: Config, run_dir: RunFolder, state: dict | None, lock: RunLock,
         if cfg.model.weights not in ("none", "imagenet"):
             weights_file = storage.fetch(cfg.model.weights, cache / "downloads",
                                          cfg.runtime.threads, single=True).path
-        with training.strategy_scope():
+        with training.make_strategy().scope():
             model = models.build_model(cfg.model, num_classes, weights_file)
             training.compile_model(model, cfg, num_classes)
         first_epoch = state["epoch"] if state else 0

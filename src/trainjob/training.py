@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import sys
 from collections import Counter
@@ -18,13 +17,18 @@ from trainjob.model import gpus, resolve_jit
 log = logging.getLogger(__name__)
 
 
-def strategy_scope():
-    """MirroredStrategy over all GPUs when there is more than one; else the default."""
-    if len(gpus()) > 1:
-        strategy = tf.distribute.MirroredStrategy()
-        log.info("MirroredStrategy over %d GPUs", strategy.num_replicas_in_sync)
-        return strategy.scope()
-    return contextlib.nullcontext()
+def make_strategy(devices: list[str] | None = None) -> tf.distribute.Strategy:
+    """MirroredStrategy over the GPUs when there is more than one; else the default.
+
+    ``devices`` defaults to every visible GPU. (MultiWorkerMirroredStrategy is not offered:
+    Keras 3's fit fails under it, keras-team/keras#20585.)"""
+    if devices is None:
+        devices = [f"/gpu:{i}" for i in range(len(gpus()))]
+    if len(devices) > 1:
+        strategy = tf.distribute.MirroredStrategy(devices)
+        log.info("MirroredStrategy over %d devices", strategy.num_replicas_in_sync)
+        return strategy
+    return tf.distribute.get_strategy()
 
 
 def compile_model(model: keras.Model, cfg: Config, num_classes: int) -> None:

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import sampledata  # noqa: E402
-from trainjob import storage  # noqa: E402
+from trainjob import s3client  # noqa: E402
 from s3server import S3Server, start_moto, stop_moto  # noqa: E402
 
 SMALL = ["--image-size", "32", "--batch-size", "8", "--max-bad-fraction", "0.25",
@@ -44,9 +44,9 @@ def s3env(s3, monkeypatch, tmp_path):
             monkeypatch.setenv(name, value)
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
-    storage._clients.clear()
+    s3client._clients.clear()
     yield s3
-    storage._clients.clear()
+    s3client._clients.clear()
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from trainjob import storage
+from trainjob import s3client
 from trainjob.artifacts import LOCK
 from trainjob.errors import ConfigError
 from trainjob.lock import RunLock
@@ -32,9 +32,9 @@ def store(request, tmp_path, monkeypatch):
     for name, value in s3.env().items():
         if name.startswith("AWS_"):
             monkeypatch.setenv(name, value)
-    storage._clients.clear()
+    s3client._clients.clear()
     yield S3Store(bucket, "runs/exp1", threads=2)
-    storage._clients.clear()
+    s3client._clients.clear()
 
 
 @pytest.fixture

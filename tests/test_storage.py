@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from trainjob import storage
+from trainjob import s3client, storage
 from trainjob.errors import ConfigError, DataError, StorageError
 from trainjob.storage import FetchResult, LocalStore, ObjectInfo, S3Store, fetch, parse_uri
 
@@ -49,19 +49,19 @@ def test_parse_uri_rejects_unknown_schemes(uri):
 
 
 def test_redact_drops_user_and_password():
-    assert "secret" not in storage.redact("http://user:secret@minio:9000")
-    assert "user" not in storage.redact("http://user:secret@minio:9000")
-    assert storage.redact("http://minio:9000") == "http://minio:9000"
+    assert "secret" not in s3client.redact("http://user:secret@minio:9000")
+    assert "user" not in s3client.redact("http://user:secret@minio:9000")
+    assert s3client.redact("http://minio:9000") == "http://minio:9000"
 
 
 def test_redact_keeps_host_and_port():
-    assert storage.redact("http://user:secret@minio:9000/") == "http://minio:9000/"
+    assert s3client.redact("http://user:secret@minio:9000/") == "http://minio:9000/"
 
 
 # --- the client ----------------------------------------------------------------------------
 
 def test_client_settings_for_s3_compatible_servers(s3env):
-    client = storage.s3_client(threads=24)
+    client = s3client.s3_client(threads=24)
     cfg = client.meta.config
     assert client.meta.endpoint_url == s3env.endpoint
     assert cfg.s3["addressing_style"] == "path"
@@ -69,14 +69,14 @@ def test_client_settings_for_s3_compatible_servers(s3env):
     assert cfg.max_pool_connections >= 24
     assert cfg.request_checksum_calculation == "when_required"
     assert cfg.response_checksum_validation == "when_required"
-    assert storage.s3_client(threads=24) is client  # one client per pool size
+    assert s3client.s3_client(threads=24) is client  # one client per pool size
 
 
 def test_endpoint_url_s3_takes_precedence(s3env, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3env.endpoint)
-    storage._clients.clear()
-    assert storage.s3_client(4).meta.endpoint_url == s3env.endpoint
+    s3client._clients.clear()
+    assert s3client.s3_client(4).meta.endpoint_url == s3env.endpoint
 
 
 # --- S3Store ---------------------------------------------------------------------------------
@@ -266,7 +266,7 @@ def test_missing_archive_key(s3env, bucket, tmp_path):
 def test_wrong_secret_key(s3env, bucket, tmp_path, monkeypatch):
     s3env.client().put_object(Bucket=bucket, Key="d/x.zip", Body=b"PK")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "definitely-not-the-secret")
-    storage._clients.clear()
+    s3client._clients.clear()
     for action in (lambda: fetch(f"s3://{bucket}/d/x.zip", tmp_path / "c", 2),
                    lambda: S3Store(bucket, "d").list(),
                    lambda: S3Store(bucket, "d").write_bytes("k", b"x")):
@@ -284,7 +284,7 @@ def test_unreachable_endpoint(s3env, tmp_path, monkeypatch):
     endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
-    storage._clients.clear()
+    s3client._clients.clear()
     started = time.monotonic()
     with pytest.raises(StorageError) as err:
         fetch("s3://datasets/caltech-101.zip", tmp_path / "c", 2)
@@ -383,7 +383,7 @@ def test_put_failures_are_storage_errors(s3env, bucket, tmp_path, monkeypatch):
         S3Store("no-such-bucket-for-put", "runs").put(src, "f.bin")
     assert_one_line(err.value, "no-such-bucket-for-put", "does not exist")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "definitely-not-the-secret")
-    storage._clients.clear()
+    s3client._clients.clear()
     with pytest.raises(StorageError) as err:
         S3Store(bucket, "runs").put(src, "f.bin")
     assert_one_line(err.value, bucket, "AWS_SECRET_ACCESS_KEY")

@@ -1,0 +1,108 @@
+"""The boto3 S3 client, and what its failures mean: one line naming the bucket/key and the
+likely fix. Everything that talks to S3 goes through ``s3_client`` and ``translated``."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Iterator
+from urllib.parse import urlsplit
+
+import boto3
+import boto3.exceptions
+import botocore.config
+import botocore.exceptions
+
+from trainjob.errors import StorageError
+
+
+def redact(uri: str) -> str:
+    """Drop any user:password from a URL so it can be logged."""
+    parts = urlsplit(uri)
+    if parts.password or parts.username:
+        return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+    return uri
+
+
+_client_lock = threading.Lock()
+_clients: dict[int, object] = {}
+
+
+def s3_client(threads: int = 16):  # -> botocore S3 client
+    """One client per pool size, from boto3's standard chain, tuned for S3-compatible stores."""
+    with _client_lock:
+        if threads in _clients:
+            return _clients[threads]
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        config = botocore.config.Config(
+            retries={"mode": os.environ.get("AWS_RETRY_MODE", "standard"),
+                     "max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", "8"))},
+            max_pool_connections=max(10, threads + 4),
+            connect_timeout=10,
+            read_timeout=60,
+            # MinIO, Ceph and friends reject or mangle the newer default checksums.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+            s3={"addressing_style": "path" if endpoint else "auto"},
+        )
+        session = boto3.session.Session()
+        region = session.region_name or ("us-east-1" if endpoint else None)
+        client = session.client("s3", endpoint_url=endpoint, region_name=region, config=config)
+        _clients[threads] = client
+        return client
+
+
+def describe_error(exc: Exception, where: str) -> str:
+    """Turn a botocore failure into one line: what happened, where, what to do."""
+    endpoint = endpoint_name()
+    if isinstance(exc, botocore.exceptions.NoCredentialsError):
+        return (f"no S3 credentials found for {where}: set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY, a profile, or a pod identity (IRSA)")
+    if isinstance(exc, (botocore.exceptions.EndpointConnectionError,
+                        botocore.exceptions.ConnectTimeoutError,
+                        botocore.exceptions.ConnectionClosedError,
+                        botocore.exceptions.ReadTimeoutError)):
+        return (f"cannot reach the S3 endpoint {endpoint} for {where}: check AWS_ENDPOINT_URL "
+                "and that the server is up")
+    if isinstance(exc, botocore.exceptions.ClientError):
+        err = exc.response.get("Error", {})
+        code = str(err.get("Code", ""))
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code in ("NoSuchBucket",):
+            return f"bucket for {where} does not exist: create it or fix the URI"
+        if code in ("NoSuchKey", "404", "NotFound"):
+            return f"{where} does not exist: check the key"
+        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken",
+                    "ExpiredToken", "AuthorizationHeaderMalformed"):
+            return (f"invalid S3 credentials for {where} ({code}): check AWS_ACCESS_KEY_ID "
+                    "and AWS_SECRET_ACCESS_KEY")
+        if code in ("AccessDenied", "403", "Forbidden", "AllAccessDisabled"):
+            return f"access denied to {where}: grant the job's identity s3 access to it"
+        return f"S3 error {code or status} on {where}: {err.get('Message') or exc}"
+    if isinstance(exc, botocore.exceptions.BotoCoreError):
+        return f"S3 failure on {where}: {exc}"
+    return f"storage failure on {where}: {exc}"
+
+
+def endpoint_name() -> str:
+    return redact(os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+                  or "AWS S3")
+
+
+@contextlib.contextmanager
+def translated(where: str) -> Iterator[None]:
+    """Re-raise botocore and OS failures as StorageError naming ``where``."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except boto3.exceptions.Boto3Error as exc:
+        # upload_file wraps a ClientError in S3UploadFailedError, download_file wraps retry
+        # exhaustion in RetriesExceededError: describe what lies underneath.
+        inner = getattr(exc, "last_exception", None) or exc.__cause__ or exc.__context__
+        raise StorageError(describe_error(inner if isinstance(inner, Exception) else exc,
+                                          where)) from exc
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError,
+            ConnectionError, TimeoutError) as exc:
+        raise StorageError(describe_error(exc, where)) from exc

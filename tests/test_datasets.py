@@ -596,3 +596,16 @@ def test_split_is_the_same_wherever_the_data_was_extracted(tmp_path):
     results = [split_colours(tmp_path / f"pod{i}" / "extract" / "root") for i in range(3)]
     assert len(set(results[0][0] + results[0][1] + results[0][2])) == 8  # all told apart
     assert results[1] == results[0] and results[2] == results[0]
+
+
+def test_identical_cmyk_files_convert_in_parallel_without_losses(tmp_path):
+    """Duplicates across classes (Caltech101 has some) convert concurrently to one file."""
+    root = tmp_path / "classes"
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+        for i in range(20):
+            Image.new("RGB", (64, 64), (90, 160, 30)).convert("CMYK").save(root / cls / f"{i}.jpg")
+    catalog = scan(root, tmp_path / "converted", threads=8)
+    assert catalog.skipped == []
+    assert catalog.converted == 40
+    assert len(list((tmp_path / "converted").iterdir())) == 1

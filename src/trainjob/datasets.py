@@ -13,6 +13,7 @@ import os
 import random
 import stat
 import tarfile
+import threading
 import zipfile
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -294,8 +295,11 @@ def _check_image(path: Path, converted_dir: Path) -> tuple[Path | None, str]:
             digest = hashlib.sha1(path.read_bytes()).hexdigest()[:20]
             out = converted_dir / f"{digest}.png"
             if not out.exists():
-                img.convert("RGB").save(out.with_suffix(".tmp.png"))
-                os.replace(out.with_suffix(".tmp.png"), out)
+                # Identical files (duplicates across classes) convert in parallel: each
+                # writer has its own temporary name, and the atomic rename lets both win.
+                tmp = out.with_name(f".{out.stem}-{threading.get_ident()}.png")
+                img.convert("RGB").save(tmp)
+                os.replace(tmp, out)
             return out, ""
     except UnidentifiedImageError:
         return None, "not an image"

@@ -38,6 +38,9 @@ LAST = "checkpoints/last.weights.h5"
 MODEL = "model/model.keras"
 BACKUP = "backup"
 NOT_PUBLISHED = (BACKUP + "/", LOCK, MANIFEST, ".")  # never listed in the manifest
+# Everything a run writes at the top of its folder; --overwrite removes only these.
+RUN_ENTRIES = (CONFIG, CLASSES, STATUS, LOG_CSV, HISTORY, PLOT, METRICS, MANIFEST,
+               BEST.split("/")[0], MODEL.split("/")[0], BACKUP)
 
 
 # Files trainjob itself only ever replaces whole (write, then rename): the uploader may

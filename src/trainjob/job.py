@@ -19,16 +19,13 @@ from typing import Iterator
 
 from trainjob import __version__, datasets, resume, storage
 from trainjob.artifacts import (BACKUP, CLASSES, CONFIG, LOCK, MANIFEST, METRICS, MODEL, PLOT,
-                                RunFolder)
+                                RUN_ENTRIES, RunFolder, plot_history)
 from trainjob.config import Config
 from trainjob.errors import Preempted, StorageError, TrainingError, TrainJobError
 from trainjob.lock import RunLock
 
 log = logging.getLogger(__name__)
 
-# Everything a run writes at the top of its folder; --overwrite removes only these.
-RUN_ENTRIES = ("config.json", "classes.json", "status.json", "training_log.csv", "history.json",
-               "history.png", "metrics.json", "manifest.json", "checkpoints", "model", "backup")
 FAILURE_FLUSH_SECONDS = 60.0
 
 
@@ -166,8 +163,6 @@ def _train(cfg: Config, run_dir: RunFolder, state: dict | None, lock: RunLock,
     with _timed(timings, "publish"):
         run_dir.path(MODEL).parent.mkdir(parents=True, exist_ok=True)
         model.save(run_dir.path(MODEL))
-        from trainjob.artifacts import plot_history
-
         plot_history(keeper.history, run_dir.path(PLOT))
         run_dir.set_status("succeeded", error=None, finished=time.time(),
                            epochs_done=len(keeper.history))

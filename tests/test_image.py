@@ -31,6 +31,8 @@ from pathlib import Path
 import pytest
 from conftest import SMALL
 
+from trainjob.lock import pid_alive
+
 ROOT = Path(__file__).resolve().parents[1]
 STANDIN_TAG = "trainjob-base-standin:tf2.21.0-py3.11-bookworm"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -118,14 +120,6 @@ def apt_install(*packages: str) -> None:
             raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr[-2000:]}")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @dataclass
@@ -149,7 +143,7 @@ def start_dockerd(log_dir: Path) -> Engine:
     pidfile = Path("/var/run/docker.pid")
     if pidfile.exists():
         try:
-            stale = not _pid_alive(int(pidfile.read_text().strip() or 0))
+            stale = not pid_alive(int(pidfile.read_text().strip() or 0))
         except ValueError:
             stale = True
         if stale:

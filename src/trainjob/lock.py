@@ -75,7 +75,7 @@ class RunLock:
         age = _now() - float(held.get("heartbeat", 0))
         if age > self.stale_after:
             return f"no heartbeat for {age:.0f}s"
-        if held.get("host") == socket.gethostname() and not _pid_alive(int(held.get("pid", 0))):
+        if held.get("host") == socket.gethostname() and not pid_alive(int(held.get("pid", 0))):
             return "its process is gone"
         owner = os.environ.get("TRAINJOB_OWNER_ID")
         if owner and held.get("owner") == owner:
@@ -112,7 +112,7 @@ class RunLock:
             log.warning("could not release the run lock: %s", exc)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     if pid <= 0:
         return False
     try:

@@ -146,7 +146,6 @@ def test_unchanged_files_are_not_uploaded_again(tmp_path, uploaders):
     up.submit("status.json")
     up.flush(timeout=10)
     up.submit("status.json")
-    up.submit_all()
     up.flush(timeout=10)
     assert len(store.puts) == 1 and up.uploads == 1
     st = f.stat()
@@ -267,11 +266,8 @@ def populate(local: Path) -> dict[str, bytes]:
 def test_manifest_lists_every_published_file_with_size_and_sha256(tmp_path):
     local = tmp_path / "run"
     published = populate(local)
-    run = RunFolder(local, LocalStore(local))
-    try:
+    with RunFolder(local, LocalStore(local)) as run:
         manifest = run.manifest()
-    finally:
-        run.uploader.close()
     assert set(manifest["files"]) == set(published)
     for rel, data in published.items():
         entry = manifest["files"][rel]
@@ -295,11 +291,8 @@ def test_publish_to_s3_uploads_manifest_last_and_drops_backup(s3store, s3, bucke
     store.write_bytes("backup/weights.weights.h5", b"old")
     local = tmp_path / "run"
     published = populate(local)
-    run = RunFolder(local, store)
-    try:
+    with RunFolder(local, store) as run:
         manifest = run.publish()
-    finally:
-        run.uploader.close()
     assert order[-1] == MANIFEST
     assert order.count(MANIFEST) == 1
     assert set(order[:-1]) == set(published)
@@ -319,11 +312,8 @@ def test_publish_to_another_local_folder(tmp_path):
     local, out = tmp_path / "run", tmp_path / "out"
     published = populate(local)
     write(out / "backup" / "state.json", b"{}")
-    run = RunFolder(local, LocalStore(out))
-    try:
+    with RunFolder(local, LocalStore(out)) as run:
         run.publish()
-    finally:
-        run.uploader.close()
     files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
     assert files == set(published) | {MANIFEST}
     manifest = read_json(out / MANIFEST)
@@ -334,11 +324,8 @@ def test_publish_to_another_local_folder(tmp_path):
 def test_publish_in_place_for_a_local_output(tmp_path):
     local = tmp_path / "run"
     published = populate(local)
-    run = RunFolder(local, LocalStore(local))
-    try:
+    with RunFolder(local, LocalStore(local)) as run:
         manifest = run.publish()
-    finally:
-        run.uploader.close()
     assert not run.uploader.enabled
     assert set(manifest["files"]) == set(published)
     assert read_json(local / MANIFEST)["files"] == manifest["files"]
@@ -347,13 +334,10 @@ def test_publish_in_place_for_a_local_output(tmp_path):
 
 def test_status_and_json_writes(tmp_path):
     local = tmp_path / "run"
-    run = RunFolder(local, LocalStore(tmp_path / "out"))
-    try:
+    with RunFolder(local, LocalStore(tmp_path / "out")) as run:
         run.set_status("running", epoch=0)
         run.set_status("failed", error="boom")
         run.uploader.flush(timeout=10)
-    finally:
-        run.uploader.close()
     status = read_json(local / "status.json")
     assert status["state"] == "failed" and status["error"] == "boom" and status["epoch"] == 0
     assert read_json(tmp_path / "out" / "status.json") == status

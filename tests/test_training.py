@@ -37,9 +37,8 @@ def _data(n: int = 32, classes: int = 3):
 
 @pytest.fixture
 def run(tmp_path):
-    folder = RunFolder(tmp_path / "run", LocalStore(tmp_path / "run"))
-    yield folder
-    folder.uploader.close()
+    with RunFolder(tmp_path / "run", LocalStore(tmp_path / "run")) as folder:
+        yield folder
 
 
 def _keeper(run, stop=None, restore=None, steps=4, every=0):

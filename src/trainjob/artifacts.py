@@ -132,12 +132,6 @@ class Uploader:
                 self._queued[rel] = (st.st_size, st.st_mtime_ns)
                 self._cond.notify_all()
 
-    def submit_all(self, exclude: tuple[str, ...] = ()) -> None:
-        for path in sorted(self.root.rglob("*")):
-            rel = path.relative_to(self.root).as_posix()
-            if path.is_file() and not rel.startswith((".",) + exclude) and "/." not in rel:
-                self.submit(rel)
-
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything queued is uploaded. Raises the upload error, if any."""
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -219,6 +213,12 @@ class RunFolder:
         self.uploader = Uploader(store, local, enabled=not same)
         self.sync = sync
 
+    def __enter__(self) -> RunFolder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.uploader.close()
+
     def path(self, rel: str) -> Path:
         return self.local / rel
 
@@ -238,17 +238,23 @@ class RunFolder:
         if self.sync:
             self.uploader.submit(LOG_CSV, HISTORY, BEST, LAST, *extra, STATUS)
 
-    def manifest(self) -> dict[str, Any]:
-        files = {}
+    def published_files(self) -> list[str]:
+        """The files a finished run publishes: all but resume state, lock, manifest, temps."""
+        out = []
         for path in sorted(self.local.rglob("*")):
             rel = path.relative_to(self.local).as_posix()
             if path.is_file() and not rel.startswith(NOT_PUBLISHED) and "/." not in rel:
-                files[rel] = {"size": path.stat().st_size, "sha256": sha256(path)}
+                out.append(rel)
+        return out
+
+    def manifest(self) -> dict[str, Any]:
+        files = {rel: {"size": self.path(rel).stat().st_size, "sha256": sha256(self.path(rel))}
+                 for rel in self.published_files()}
         return {"files": files, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
     def publish(self) -> dict[str, Any]:
         """Upload every file, then manifest.json last; then drop the resume state."""
-        self.uploader.submit_all(exclude=(BACKUP + "/", LOCK, MANIFEST))
+        self.uploader.submit(*self.published_files())
         self.uploader.flush()
         manifest = self.manifest()
         write_json(self.path(MANIFEST), manifest)

@@ -41,11 +41,10 @@ def run(cfg: Config) -> None:
         return
     lock = RunLock(store)
     lock.acquire(force=cfg.output.force, timeout=cfg.output.lock_timeout)
-    run_dir = RunFolder(_local_run_dir(cfg), store, sync=cfg.output.sync)
     try:
-        _run_locked(cfg, run_dir, lock, stop)
+        with RunFolder(_local_run_dir(cfg), store, sync=cfg.output.sync) as run_dir:
+            _run_locked(cfg, run_dir, lock, stop)
     finally:
-        run_dir.uploader.close()
         lock.release()
 
 

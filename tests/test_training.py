@@ -15,6 +15,7 @@ from trainjob.artifacts import LocalStore, RunFolder
 from trainjob.config import Config
 from trainjob.datasets import Sample
 from trainjob.errors import Preempted, TrainingError
+from trainjob.runstate import RunState
 
 
 def _cfg(**overrides) -> Config:
@@ -42,9 +43,9 @@ def run(tmp_path):
 
 
 def _keeper(run, stop=None, restore=None, steps=4, every=0):
-    return cb.RunKeeper(run, history=[], fingerprint={"k": 1}, restore=restore,
-                        stop=stop or resume.StopSignal(), steps_per_epoch=steps,
-                        backup_every_steps=every)
+    state = RunState(run, history=[], fingerprint={"k": 1}, restore=restore,
+                     stop=stop or resume.StopSignal())
+    return cb.RunKeeper(state, steps_per_epoch=steps, backup_every_steps=every)
 
 
 def test_evaluate_reports_mean_per_class_accuracy():
@@ -111,7 +112,7 @@ def test_resume_state_restores_callbacks_and_optimizer(run):
 
     # A new process: fresh model and callbacks, state put back.
     model2 = _tiny()
-    assert resume.restore_weights(model2, run) == 12
+    assert resume.restore_weights(model2, run, state) == 12
     for a, b in zip(model.get_weights(), model2.get_weights()):
         np.testing.assert_allclose(a, b)
     keeper2 = _keeper(run, restore=state)
@@ -136,7 +137,7 @@ def test_checkpoints_hold_weights_without_optimizer_state(run):
                                                           _keeper(run)), verbose=0)
     with h5py.File(run.path("checkpoints/last.weights.h5")) as f:
         assert "optimizer" not in f
-    with h5py.File(run.path(resume.WEIGHTS)) as f:
+    with h5py.File(run.path(resume.weights_of(resume.load_state(run)))) as f:
         assert "optimizer" in f  # the resume state carries it
     fresh = _tiny()
     cb.load_model_weights(fresh, run.path("checkpoints/last.weights.h5"))

@@ -342,10 +342,15 @@ def _prune(local_root: Path, keep: set[str]) -> None:
             path.rmdir()
 
 
-def _check_inside(root: Path, path: Path, what: str) -> None:
-    root_r = root.resolve()
-    if not path.resolve().is_relative_to(root_r):
-        raise StorageError(f"{what}: object key escapes the cache folder; refusing it")
+def check_inside(root: Path, path: Path, what: str) -> Path:
+    """``path``, if it stays inside ``root``; an object key such as ``a//etc/x`` or
+    ``a/../../x`` would otherwise write anywhere on the disk."""
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise StorageError(f"{what}: object key escapes the local folder {root}; refusing it")
+    return path
+
+
+_check_inside = check_inside
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.client
 import random
 import threading
+import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
@@ -21,9 +22,13 @@ HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", 
 
 
 class FaultProxy:
-    def __init__(self, upstream: str, *, slowdown: float, drop: float, seed: int = 0) -> None:
+    def __init__(self, upstream: str, *, slowdown: float, drop: float, seed: int = 0,
+                 bytes_per_second: float | None = None) -> None:
         self.upstream = urlsplit(upstream)
         self.slowdown, self.drop = slowdown, drop
+        self.bytes_per_second = bytes_per_second  # one shared link for all uploads
+        self._link_free_at = 0.0
+        self.stalled = threading.Event()  # set: requests hang unanswered (a black hole)
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
         self.injected: Counter[str] = Counter()
@@ -58,6 +63,20 @@ class FaultProxy:
         """From now on every request gets 503: an endpoint that stays down."""
         self.dead = True
 
+    def recover(self) -> None:
+        """The endpoint is back: requests pass again."""
+        self.dead = False
+
+    def _throttle(self, size: int) -> None:
+        """Hold the request until a link of ``bytes_per_second`` would have carried it."""
+        if not self.bytes_per_second or not size:
+            return
+        with self.lock:
+            start = max(time.monotonic(), self._link_free_at)
+            self._link_free_at = start + size / self.bytes_per_second
+            done = self._link_free_at
+        time.sleep(max(0.0, done - time.monotonic()))
+
     def _roll(self) -> str:
         with self.lock:
             r = self.rng.random()
@@ -78,6 +97,10 @@ class FaultProxy:
             h.connection.shutdown(2)
             return
         body = h.rfile.read(length) if length else b""
+        if self.stalled.is_set():
+            time.sleep(600)  # never answers; the client's own time-outs must cope
+            return
+        self._throttle(len(body))
         if fate == "slowdown":
             h.send_response(503)
             h.send_header("Content-Type", "application/xml")

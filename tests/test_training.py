@@ -210,3 +210,67 @@ def test_one_device_uses_the_default_strategy():
 
     assert training.make_strategy(["/cpu:0"]) is tf.distribute.get_strategy()
     assert not isinstance(training.make_strategy(), tf.distribute.MirroredStrategy)
+
+
+MIRRORED_RESUME = """
+import sys
+from pathlib import Path
+import numpy as np, tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras
+from trainjob import callbacks as cb, resume, training
+from trainjob.artifacts import RunFolder
+from trainjob.config import Config
+from trainjob.runstate import RunState
+from trainjob.storage import LocalStore
+
+cfg = Config.from_options(data="/d", output="/o", epochs=2)
+x = np.random.default_rng(0).uniform(0, 255, (16, 8, 8, 3)).astype("float32")
+y = keras.utils.to_categorical(np.arange(16) % 3, 3)
+ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(8).repeat()
+
+def build(strategy):
+    # As job.py does: build, compile and restore inside the strategy's scope.
+    with strategy.scope():
+        model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Flatten(),
+                                  keras.layers.Dense(3, activation="softmax")])
+        training.compile_model(model, cfg, 3)
+    return model
+
+def fit(model, run, restore, first, last):
+    state = RunState(run, fingerprint={}, history=[], stop=resume.StopSignal(), restore=restore)
+    training.fit(model, ds, val_ds=None, cfg=cfg, steps=2, initial_epoch=first, epochs=last,
+                 callbacks=[cb.RunKeeper(state, steps_per_epoch=2)], weights=None)
+
+root = Path(sys.argv[1])
+with RunFolder(root, LocalStore(root)) as run:
+    strategy = training.make_strategy(["/cpu:0", "/cpu:1"])
+    first = build(strategy)
+    fit(first, run, None, 0, 1)
+    record = resume.load_state(run)
+    # A new process would make a new strategy and model; restore inside its scope.
+    strategy2 = training.make_strategy(["/cpu:0", "/cpu:1"])
+    second = build(strategy2)
+    with strategy2.scope():
+        assert resume.restore_weights(second, run, record) == 2
+    for a, b in zip(first.get_weights(), second.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(first.optimizer.variables, second.optimizer.variables):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    fit(second, run, record, 1, 2)
+    assert int(second.optimizer.iterations.numpy()) == 4
+    assert resume.load_state(run)["epoch"] == 2
+print("MIRRORED-RESUME-OK")
+"""
+
+
+def test_resume_under_mirrored_strategy(tmp_path):
+    """Resume state saved under MirroredStrategy restores into a new strategy's model (the
+    optimizer's slots built inside its scope), and training continues from there."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", MIRRORED_RESUME, str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=300)
+    assert "MIRRORED-RESUME-OK" in proc.stdout, proc.stderr[-3000:]

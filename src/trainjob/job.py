@@ -12,6 +12,7 @@ import os
 import platform
 import shutil
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -47,7 +48,20 @@ def run(cfg: Config) -> None:
         with RunFolder(_local_run_dir(cfg), store, sync=cfg.output.sync) as run_dir:
             _run_locked(cfg, run_dir, lock, stop)
     finally:
+        _release(lock, stop, cfg.runtime.grace_seconds)
+
+
+def _release(lock: RunLock, stop: resume.StopSignal, grace: float) -> None:
+    """Release the lock; after a signal, only within what is left of the grace period (a
+    lock left behind goes stale, and the Job's next pod takes it over by owner id)."""
+    if not stop.requested:
         lock.release()
+        return
+    worker = threading.Thread(target=lock.release, name="trainjob-unlock", daemon=True)
+    worker.start()
+    worker.join(max(0.0, stop.remaining(grace) - 0.5))
+    if worker.is_alive():
+        log.warning("grace period over: the run lock is left to go stale")
 
 
 def _finished(store: storage.Store, cfg: Config) -> bool:

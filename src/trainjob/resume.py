@@ -71,7 +71,7 @@ class StopSignal:
         log.warning("%s received: stopping after the current batch",
                     signal.Signals(signum).name)
         if not self.in_training:
-            raise Preempted(f"stopped by {signal.Signals(signum).name} before training")
+            raise Preempted(f"stopped by {signal.Signals(signum).name} outside training")
 
     @property
     def requested(self) -> bool:

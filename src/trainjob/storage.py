@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 MiB = 1024**2
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
+# DeleteObjects errors meaning "this server takes no batch deletes like that": one key a time.
+BATCH_DELETE_REFUSED = {"MissingContentMD5", "InvalidRequest", "InvalidDigest", "NotImplemented"}
 
 
 @dataclass(frozen=True)
@@ -157,6 +159,8 @@ class S3Store(Store):
         self.prefix = prefix.strip("/")
         self.uri = f"s3://{bucket}/{self.prefix}".rstrip("/")
         self.client = s3_client(threads)
+        self.threads = threads
+        self.batch_deletes = True  # until the server refuses DeleteObjects
         self.transfer = TransferConfig(multipart_threshold=64 * MiB, multipart_chunksize=64 * MiB,
                                        max_concurrency=max(1, min(threads, 10)))
 
@@ -219,10 +223,43 @@ class S3Store(Store):
             self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
 
     def delete(self, keys: list[str]) -> None:
+        """Delete in batches of 1000; where the server refuses batches, one request a key."""
         for start in range(0, len(keys), 1000):
-            batch = [{"Key": self._key(k)} for k in keys[start:start + 1000]]
-            with translated(self.uri):
-                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch})
+            batch = [self._key(k) for k in keys[start:start + 1000]]
+            if self.batch_deletes:
+                try:
+                    with translated(self.uri):
+                        answer = self.client.delete_objects(
+                            Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in batch],
+                                                        "Quiet": True})
+                except StorageError as exc:
+                    if _error_code(exc) not in BATCH_DELETE_REFUSED:
+                        raise
+                    # Older MinIO and Ceph want Content-MD5, which boto3 >= 1.36 no longer
+                    # sends (it sends a CRC32); some servers have no DeleteObjects at all.
+                    log.info("%s refuses batch deletes (%s); deleting one key at a time",
+                             endpoint_name(), _error_code(exc))
+                    self.batch_deletes = False
+                else:
+                    self._check_deleted(answer.get("Errors", []), len(batch))
+                    continue
+            with ThreadPoolExecutor(max_workers=self.threads) as pool:
+                list(pool.map(self._delete_one, batch))
+
+    def _delete_one(self, key: str) -> None:
+        with translated(f"s3://{self.bucket}/{key}"):
+            self.client.delete_object(Bucket=self.bucket, Key=key)
+
+    def _check_deleted(self, errors: list[dict], asked: int) -> None:
+        """A 200 answer can still list keys the server did not delete: never call that done."""
+        errors = [e for e in errors if e.get("Code") != "NoSuchKey"]  # already gone is fine
+        if errors:
+            first = errors[0]
+            raise StorageError(
+                f"could not delete {len(errors)} of {asked} objects under {self.uri} (first: "
+                f"s3://{self.bucket}/{first.get('Key')}: {first.get('Code')} "
+                f"{first.get('Message', '')}".rstrip() + "): check that the job's identity "
+                "may delete there (s3:DeleteObject) and that no object lock holds them")
 
     def check_bucket(self) -> None:
         """Fail fast, with a clear line, when the bucket is missing or unreadable."""
@@ -346,6 +383,13 @@ def _check_inside(root: Path, path: Path, what: str) -> None:
     root_r = root.resolve()
     if not path.resolve().is_relative_to(root_r):
         raise StorageError(f"{what}: object key escapes the cache folder; refusing it")
+
+
+def _error_code(exc: StorageError) -> str:
+    cause = exc.__cause__
+    if isinstance(cause, botocore.exceptions.ClientError):
+        return str(cause.response.get("Error", {}).get("Code", ""))
+    return ""
 
 
 @contextlib.contextmanager

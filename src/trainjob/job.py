@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from trainjob import __version__, datasets, resume, storage
+from trainjob import __version__, cache, datasets, resume, storage
 from trainjob.artifacts import (BACKUP, CLASSES, CONFIG, LAST, MANIFEST, METRICS, MODEL, PLOT,
                                 RUN_ENTRIES, RunFolder, plot_history)
 from trainjob.config import Config
@@ -45,7 +45,10 @@ def run(cfg: Config) -> None:
     try:
         if _finished(store, cfg):  # it finished while we waited for the lock
             return
-        with RunFolder(_local_run_dir(cfg), store, sync=cfg.output.sync) as run_dir:
+        # The cache folders this run reads stay locked (shared) until it ends: no other job
+        # on this host prunes or rewrites them meanwhile.
+        with (cache.session(),
+              RunFolder(_local_run_dir(cfg), store, sync=cfg.output.sync) as run_dir):
             _run_locked(cfg, run_dir, lock, stop)
     finally:
         _release(lock, stop, cfg.runtime.grace_seconds)

@@ -1,5 +1,5 @@
 """``s3://`` and local URIs behind one small interface: list, get, put, delete, with retries;
-and ``fetch``, the cached, parallel download of a dataset.
+and ``fetch``, the cached, parallel download of a dataset (the cache itself: ``download``).
 
 All S3 traffic goes through ``s3client``: one boto3 client built from boto3's own credential
 chain (env keys, profiles, IRSA, instance roles), pointed at MinIO, Ceph or any
@@ -10,12 +10,10 @@ one-line ``StorageError``.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
 import shutil
-import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,6 +23,8 @@ from urllib.parse import urlsplit
 import botocore.exceptions
 from boto3.s3.transfer import TransferConfig
 
+from trainjob import download
+from trainjob.download import FetchResult, check_inside  # noqa: F401 - re-exported
 from trainjob.errors import ConfigError, DataError, StorageError
 from trainjob.s3client import endpoint_name, s3_client, translated
 
@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 MiB = 1024**2
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
+# DeleteObjects errors meaning "this server takes no batch deletes like that": one key a time.
+BATCH_DELETE_REFUSED = {"MissingContentMD5", "InvalidRequest", "InvalidDigest", "NotImplemented"}
 
 
 @dataclass(frozen=True)
@@ -39,14 +41,6 @@ class ObjectInfo:
     key: str  # relative to the store's root
     size: int
     etag: str
-
-
-@dataclass
-class FetchResult:
-    path: Path
-    downloaded_objects: int = 0
-    downloaded_bytes: int = 0
-    cached_objects: int = 0
 
 
 def parse_uri(uri: str) -> tuple[str, str, str]:
@@ -157,6 +151,8 @@ class S3Store(Store):
         self.prefix = prefix.strip("/")
         self.uri = f"s3://{bucket}/{self.prefix}".rstrip("/")
         self.client = s3_client(threads)
+        self.threads = threads
+        self.batch_deletes = True  # until the server refuses DeleteObjects
         self.transfer = TransferConfig(multipart_threshold=64 * MiB, multipart_chunksize=64 * MiB,
                                        max_concurrency=max(1, min(threads, 10)))
 
@@ -219,10 +215,41 @@ class S3Store(Store):
             self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
 
     def delete(self, keys: list[str]) -> None:
+        """Delete in batches of 1000, or one key a request where the server refuses batches."""
         for start in range(0, len(keys), 1000):
-            batch = [{"Key": self._key(k)} for k in keys[start:start + 1000]]
+            batch = [self._key(k) for k in keys[start:start + 1000]]
+            if self.batch_deletes and self._delete_batch(batch):
+                continue
+            with ThreadPoolExecutor(max_workers=self.threads) as pool:
+                list(pool.map(self._delete_one, batch))
+
+    def _delete_batch(self, batch: list[str]) -> bool:
+        """DeleteObjects; False where the server refuses it: older MinIO and Ceph want a
+        Content-MD5, which boto3 >= 1.36 no longer sends (a CRC32 instead)."""
+        try:
             with translated(self.uri):
-                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch})
+                answer = self.client.delete_objects(Bucket=self.bucket, Delete={
+                    "Objects": [{"Key": k} for k in batch], "Quiet": True})
+        except StorageError as exc:
+            if _error_code(exc) not in BATCH_DELETE_REFUSED:
+                raise
+            log.info("%s refuses batch deletes (%s); deleting one key a request",
+                     endpoint_name(), _error_code(exc))
+            self.batch_deletes = False
+            return False
+        # A 200 answer still lists the keys it kept (denied, object lock); gone already is fine.
+        errors = [e for e in answer.get("Errors", []) if e.get("Code") != "NoSuchKey"]
+        if errors:
+            raise StorageError(
+                f"could not delete {len(errors)} of {len(batch)} objects under {self.uri} "
+                f"(first: s3://{self.bucket}/{errors[0].get('Key')}: {errors[0].get('Code')}): "
+                "check that the job's identity may delete there (s3:DeleteObject) and that no "
+                "object lock holds them")
+        return True
+
+    def _delete_one(self, key: str) -> None:
+        with translated(f"s3://{self.bucket}/{key}"):
+            self.client.delete_object(Bucket=self.bucket, Key=key)
 
     def check_bucket(self) -> None:
         """Fail fast, with a clear line, when the bucket is missing or unreadable."""
@@ -259,8 +286,8 @@ def fetch(uri: str, cache_dir: Path, threads: int = 16, *, single: bool = False)
 
     ``uri`` names one object when it is an archive or ``single`` is set, else a prefix.
 
-    The cache is keyed by bucket/key plus ETag and size, so an unchanged dataset is never
-    downloaded twice and a changed object is never served stale.
+    The cache (``download``) is keyed by bucket/key plus ETag and size, so an unchanged
+    dataset is never downloaded twice and a changed object is never served stale.
     """
     scheme, bucket, key = parse_uri(uri)
     if scheme == "file":
@@ -282,75 +309,17 @@ def fetch(uri: str, cache_dir: Path, threads: int = 16, *, single: bool = False)
         if not objects:
             raise DataError(f"{uri} holds no objects: check the prefix "
                             "(it should hold class folders or an archive)")
-    local_root = cache_dir / "s3" / bucket / base
-    result = _sync_down(store, objects, base, local_root, cache_dir, threads)
-    if not is_archive:
-        _prune(local_root, {o.key[len(base):] for o in objects})
-    result.path = local_root / key[len(base):] if is_archive else local_root
+    result = download.mirror(store, objects, base, cache_dir, threads, prefix=not is_archive)
+    if is_archive:
+        result.path = result.path / key[len(base):]
     return result
 
 
-def _sync_down(store: S3Store, objects: list[ObjectInfo], base: str, local_root: Path,
-               cache_dir: Path, threads: int) -> FetchResult:
-    index_path = cache_dir / "index" / (hashlib.sha1(
-        f"{store.bucket}/{base}".encode()).hexdigest() + ".json")
-    index = {}
-    if index_path.exists():
-        with contextlib.suppress(ValueError):
-            index = json.loads(index_path.read_text())
-    todo, result = [], FetchResult(local_root)
-    for obj in objects:
-        rel = obj.key[len(base):]
-        local = local_root / rel
-        if index.get(rel) == [obj.etag, obj.size] and local.is_file() \
-                and local.stat().st_size == obj.size:
-            result.cached_objects += 1
-        else:
-            todo.append((obj, rel, local))
-    lock = threading.Lock()
-
-    def download(item: tuple[ObjectInfo, str, Path]) -> None:
-        obj, rel, local = item
-        _check_inside(local_root, local, store.child(obj.key))
-        store.get(obj.key, local)
-        with lock:
-            index[rel] = [obj.etag, obj.size]
-            result.downloaded_objects += 1
-            result.downloaded_bytes += obj.size
-
-    if todo:
-        log.info("downloading %d objects (%.1f MiB) from s3://%s/%s", len(todo),
-                 sum(o.size for o, _, _ in todo) / MiB, store.bucket, base)
-        try:
-            with ThreadPoolExecutor(max_workers=threads) as pool:
-                list(pool.map(download, todo))
-        finally:
-            index_path.parent.mkdir(parents=True, exist_ok=True)
-            index_path.write_text(json.dumps(index))
-    log.info("data: %d objects downloaded, %d from cache", result.downloaded_objects,
-             result.cached_objects)
-    return result
-
-
-def _prune(local_root: Path, keep: set[str]) -> None:
-    """Drop cached copies of objects no longer under the prefix: the mirror is never stale."""
-    for path in sorted(local_root.rglob("*"), reverse=True):
-        rel = path.relative_to(local_root).as_posix()
-        if path.is_file() and rel not in keep:
-            path.unlink()
-        elif path.is_dir() and not any(path.iterdir()):
-            path.rmdir()
-
-
-def check_inside(root: Path, path: Path, what: str) -> Path:
-    """``path``, if it stays inside ``root``; an object key such as ``a//etc/x`` or
-    ``a/../../x`` would otherwise write anywhere on the disk."""
-    if not path.resolve().is_relative_to(root.resolve()):
-        raise StorageError(f"{what}: object key escapes the local folder {root}; refusing it")
-    return path
-
-
-_check_inside = check_inside
+def _error_code(exc: StorageError) -> str:
+    cause = exc.__cause__
+    if isinstance(cause, botocore.exceptions.ClientError):
+        return str(cause.response.get("Error", {}).get("Code", ""))
+    return ""
 
 
 @contextlib.contextmanager

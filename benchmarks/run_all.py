@@ -10,20 +10,65 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+DOC = HERE.parent / "docs" / "benchmarks.md"
 sys.path.insert(0, str(HERE))
 
 import input_pipeline  # noqa: E402
+import sync_lag  # noqa: E402
 import sync_overhead  # noqa: E402
 
 
-def main() -> None:
-    pipe = input_pipeline.main()
-    sync = sync_overhead.main()
+def lag_section(lag: dict) -> str:
+    gen, old = lag["generations"], lag["per-file queue"]
+    rows = [f"| generations (trainjob) | {gen['max_lag_generations']} | "
+            f"{gen['median_lag_generations']} | {gen['max_blocked_seconds']} | "
+            f"{gen['skipped_generations']} |"]
+    if old:
+        rows.append(f"| per-file queue (0.1.0) | {old['max_lag_generations']} | "
+                    f"{old['median_lag_generations']} | {old['max_blocked_seconds']} | - |")
+    ratio = (f"The per-file queue's bucket fell {old['max_lag_generations'] / max(gen['max_lag_generations'], 1e-9):.1f}x "
+             "further behind." if old else "The 0.1.0 baseline needs git history; it was skipped.")
+    return f"""## Sync lag when epochs are faster than uploads
+
+A synthetic training loop drives the run-state layer (`benchmarks/sync_lag.py`): a
+{lag['pair_mb']} MB resume pair per epoch through a {lag['link_mb_per_s']} MB/s link to the local S3
+server, so one generation takes {lag['generation_upload_seconds']} s to upload while an epoch takes
+{lag['epoch_seconds']} s ({lag['epochs']} epochs). Lag is the age of the epoch the bucket's status.json
+shows, in units of one generation's upload time, sampled every 0.25 s while training runs.
+Target: at most 2, and training never blocked.
+
+| uploader | max lag (generations) | median lag | longest block of the loop (s) | generations skipped |
+| --- | --- | --- | --- | --- |
+{chr(10).join(rows)}
+
+{ratio} Lag over time (seconds since start, lag), generations:
+`{gen['lag_over_time']}`
+"""
+
+
+def previous_results() -> dict:
+    """The raw results embedded in docs/benchmarks.md by the last run."""
+    text = DOC.read_text() if DOC.exists() else ""
+    block = text.split("```json", 1)[1].split("```", 1)[0] if "```json" in text else "{}"
+    return json.loads(block)
+
+
+def main(only: list[str]) -> None:
+    """Run the benchmarks named in ``only`` (all when empty); the others keep the figures of
+    their last run, so one benchmark can be refreshed without the rest."""
+    runners = {"input_pipeline": input_pipeline.main, "sync_overhead": sync_overhead.main,
+               "sync_lag": sync_lag.main}
+    results = previous_results()
+    for name, runner in runners.items():
+        if not only or name in only:
+            results[name] = runner()
+    pipe, sync, lag = (results[name] for name in runners)
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.python_version()}"
     text = f"""# Benchmarks
 
-Measured {time.strftime('%Y-%m-%d')} on {machine}, CPU only, by `make bench`
-(`benchmarks/run_all.py`). Each compares two variants side by side in one run.
+Written {time.strftime('%Y-%m-%d')} on {machine}, CPU only, by `make bench`
+(`benchmarks/run_all.py [NAME...]`; a name reruns one benchmark and keeps the others'
+figures). Each compares its contenders side by side in one run.
 
 ## Input pipeline: tf.data against ImageDataGenerator
 
@@ -49,15 +94,17 @@ both checkpoints and the resume state (ResNet50 weights with Adam state: ~283 MB
 
 Overhead of sync: **{sync['overhead_percent']}%** (target: at most 5%).
 
+{lag_section(lag)}
+
 Raw results:
 
 ```json
-{json.dumps({'input_pipeline': pipe, 'sync_overhead': sync}, indent=2)}
+{json.dumps(results, indent=2)}
 ```
 """
-    (HERE.parent / "docs" / "benchmarks.md").write_text(text)
+    DOC.write_text(text)
     print("wrote docs/benchmarks.md")
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

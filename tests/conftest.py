@@ -22,6 +22,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import sampledata  # noqa: E402
 from trainjob import s3client  # noqa: E402
+from trainjob.storage import LocalStore, S3Store  # noqa: E402
 from s3server import S3Server, start_moto, start_seaweed, stop_server  # noqa: E402
 
 SMALL = ["--image-size", "32", "--batch-size", "8", "--max-bad-fraction", "0.25",
@@ -56,19 +57,38 @@ def server_of(request: pytest.FixtureRequest) -> S3Server:
     return request.getfixturevalue("server" if "server" in request.fixturenames else "s3")
 
 
-@pytest.fixture
-def s3env(s3, monkeypatch, tmp_path):
-    """Point boto3's standard chain at the test server; fresh clients before and after."""
+def point_boto3_at(server: S3Server, monkeypatch, tmp_path: Path, **env: str) -> None:
+    """boto3's standard chain in this process talks to ``server``, with fresh clients."""
     for name in list(os.environ):
         if name.startswith("AWS_"):
             monkeypatch.delenv(name)
-    for name, value in s3.env(AWS_MAX_ATTEMPTS="2").items():
+    for name, value in server.env(**env).items():
         if name.startswith("AWS_"):
             monkeypatch.setenv(name, value)
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
     s3client._clients.clear()
+
+
+@pytest.fixture
+def s3env(s3, monkeypatch, tmp_path):
+    """Point boto3's standard chain at the test server; fresh clients before and after."""
+    point_boto3_at(s3, monkeypatch, tmp_path, AWS_MAX_ATTEMPTS="2")
     yield s3
+    s3client._clients.clear()
+
+
+@pytest.fixture(params=["local", "moto", "seaweedfs"])
+def store(request, tmp_path, monkeypatch):
+    """A run folder on each backend: a local folder, a prefix on moto, one on SeaweedFS."""
+    monkeypatch.delenv("TRAINJOB_OWNER_ID", raising=False)
+    monkeypatch.delenv("TRAINJOB_TEST_HOOKS", raising=False)
+    if request.param == "local":
+        yield LocalStore(tmp_path / "run")
+        return
+    server = request.getfixturevalue(SERVERS[request.param])
+    point_boto3_at(server, monkeypatch, tmp_path)
+    yield S3Store(make_bucket(server), "runs/exp1", threads=2)
     s3client._clients.clear()
 
 

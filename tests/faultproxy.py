@@ -4,6 +4,9 @@ It forwards requests unchanged (the Host header too, so SigV4 signatures still m
 for a seeded random share of them answers 503 SlowDown, or cuts the connection halfway
 through a body: the request's for uploads, the response's for downloads.
 
+``lost_reply`` forwards a share of requests whole, so the server acts on them, then cuts
+the connection before the reply: the client retries a request that already happened.
+
 Two more uses: ``seen`` logs every request (time, method, path, headers, status), so a test
 can count what a client sends; and ``strip_conditional`` plays a server that ignores
 conditional writes: it drops If-Match/If-None-Match and signs the request again (they are
@@ -43,9 +46,10 @@ class Seen:
 
 class FaultProxy:
     def __init__(self, upstream: str, *, slowdown: float = 0.0, drop: float = 0.0, seed: int = 0,
+                 lost_reply: float = 0.0,
                  strip_conditional: tuple[str, str] | None = None) -> None:
         self.upstream = urlsplit(upstream)
-        self.slowdown, self.drop = slowdown, drop
+        self.slowdown, self.drop, self.lost_reply = slowdown, drop, lost_reply
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
         self.injected: Counter[str] = Counter()
@@ -89,6 +93,8 @@ class FaultProxy:
             return "slowdown"
         if r < self.slowdown + self.drop:
             return "drop"
+        if r < self.slowdown + self.drop + self.lost_reply:
+            return "lost_reply"
         return "pass"
 
     def _log(self, h: BaseHTTPRequestHandler, at: float, status: int) -> None:
@@ -135,7 +141,11 @@ class FaultProxy:
         resp = conn.getresponse()
         data = resp.read()
         conn.close()
-        self._log(h, at, 0 if fate == "drop" else resp.status)
+        self._log(h, at, 0 if fate in ("drop", "lost_reply") else resp.status)
+        if fate == "lost_reply":  # done upstream, but the client never hears so
+            h.close_connection = True
+            h.connection.shutdown(2)
+            return
         h.send_response(resp.status)
         for k, v in resp.getheaders():
             if k.lower() not in HOP_BY_HOP and k.lower() != "content-length":

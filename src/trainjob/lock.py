@@ -248,7 +248,10 @@ def supports_conditional_writes(store: Store, key: str) -> bool:
     them; the scratch object is removed either way."""
     try:
         if store.put_if_absent(key, b"probe") is None:
-            return False  # our own fresh key cannot exist yet: the answer is not to be trusted
+            # Only a retry of our own create can meet the key (a lost reply, then 412).
+            current = store.read_versioned(key)
+            if current is None or current[0] != b"probe":
+                return False
         return (store.put_if_absent(key, b"probe again") is None
                 and store.put_if_match(key, b"probe over", NO_SUCH_ETAG) is None
                 and not store.delete_if_match(key, NO_SUCH_ETAG))

@@ -172,7 +172,8 @@ def test_lost_replies_do_not_cost_the_lock(seaweed, tmp_path, monkeypatch):
     then meets 412 (its own first try changed the ETag). The lock must see its own token and
     carry on: no false 'lost', no advisory fallback, nothing left behind."""
     bucket = make_bucket(seaweed)
-    with FaultProxy(seaweed.endpoint, lost_reply=0.3, seed=4) as proxy:
+    # 15%: more would drain botocore's retry quota (10 tokens a connection error, of 500).
+    with FaultProxy(seaweed.endpoint, lost_reply=0.15, seed=4) as proxy:
         point_boto3_at(seaweed, monkeypatch, tmp_path, AWS_ENDPOINT_URL=proxy.endpoint,
                        AWS_MAX_ATTEMPTS="10")
         store = S3Store(bucket, "run", threads=2)
@@ -188,7 +189,7 @@ def test_lost_replies_do_not_cost_the_lock(seaweed, tmp_path, monkeypatch):
                 assert store.read_json(LOCK) is None
         finally:
             s3client._clients.clear()
-    assert proxy.injected["lost_reply"] >= 8, proxy.injected
+    assert proxy.injected["lost_reply"] >= 5, proxy.injected
     lost_puts = [s for s in proxy.seen if s.method == "PUT" and s.status == 0]
     assert len(lost_puts) >= 3, "no conditional write lost its reply: the test proved nothing"
     assert seaweed.keys(bucket) == {}

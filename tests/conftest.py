@@ -1,7 +1,9 @@
-"""Shared fixtures: a real S3 server (moto_server) over HTTP, generated datasets, a CLI runner.
+"""Shared fixtures: real S3 servers over HTTP, generated datasets, a CLI runner.
 
 No S3 call in these tests is mocked in-process: the job talks HTTP to a separate server
-process, exactly as it talks to MinIO or AWS.
+process, exactly as it talks to MinIO or AWS. ``s3`` is moto_server (quick, used by the
+unit-level storage tests and the fault proxy); ``seaweed`` is SeaweedFS, a real object
+store; ``server`` is each of the two in turn, for the end-to-end core.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import sampledata  # noqa: E402
 from trainjob import s3client  # noqa: E402
-from s3server import S3Server, start_moto, stop_moto  # noqa: E402
+from trainjob.storage import LocalStore, S3Store  # noqa: E402
+from s3server import S3Server, start_moto, start_seaweed, stop_server  # noqa: E402
 
 SMALL = ["--image-size", "32", "--batch-size", "8", "--max-bad-fraction", "0.25",
          "--threads", "4"]
@@ -30,30 +33,75 @@ SMALL = ["--image-size", "32", "--batch-size", "8", "--max-bad-fraction", "0.25"
 def s3(tmp_path_factory) -> S3Server:
     server = start_moto(tmp_path_factory.mktemp("moto"))
     yield server
-    stop_moto(server)
+    stop_server(server)
 
 
-@pytest.fixture
-def s3env(s3, monkeypatch, tmp_path):
-    """Point boto3's standard chain at the test server; fresh clients before and after."""
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory) -> S3Server:
+    server = start_seaweed(tmp_path_factory.mktemp("seaweed"))
+    yield server
+    stop_server(server, grace=0)  # its data is throwaway: skip the clean shutdown's seconds
+
+
+SERVERS = {"moto": "s3", "seaweedfs": "seaweed"}
+
+
+@pytest.fixture(scope="session", params=list(SERVERS))
+def server(request) -> S3Server:
+    """Each real S3 server in turn: a test that takes it runs once per server."""
+    return request.getfixturevalue(SERVERS[request.param])
+
+
+def server_of(request: pytest.FixtureRequest) -> S3Server:
+    """The server a test runs against: ``server`` where it takes that, else moto (``s3``)."""
+    return request.getfixturevalue("server" if "server" in request.fixturenames else "s3")
+
+
+def point_boto3_at(server: S3Server, monkeypatch, tmp_path: Path, **env: str) -> None:
+    """boto3's standard chain in this process talks to ``server``, with fresh clients."""
     for name in list(os.environ):
         if name.startswith("AWS_"):
             monkeypatch.delenv(name)
-    for name, value in s3.env(AWS_MAX_ATTEMPTS="2").items():
+    for name, value in server.env(**env).items():
         if name.startswith("AWS_"):
             monkeypatch.setenv(name, value)
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
     s3client._clients.clear()
+
+
+@pytest.fixture
+def s3env(s3, monkeypatch, tmp_path):
+    """Point boto3's standard chain at the test server; fresh clients before and after."""
+    point_boto3_at(s3, monkeypatch, tmp_path, AWS_MAX_ATTEMPTS="2")
     yield s3
     s3client._clients.clear()
 
 
-@pytest.fixture
-def bucket(s3: S3Server) -> str:
+@pytest.fixture(params=["local", "moto", "seaweedfs"])
+def store(request, tmp_path, monkeypatch):
+    """A run folder on each backend: a local folder, a prefix on moto, one on SeaweedFS."""
+    monkeypatch.delenv("TRAINJOB_OWNER_ID", raising=False)
+    monkeypatch.delenv("TRAINJOB_TEST_HOOKS", raising=False)
+    if request.param == "local":
+        yield LocalStore(tmp_path / "run")
+        return
+    server = request.getfixturevalue(SERVERS[request.param])
+    point_boto3_at(server, monkeypatch, tmp_path)
+    yield S3Store(make_bucket(server), "runs/exp1", threads=2)
+    s3client._clients.clear()
+
+
+def make_bucket(server: S3Server) -> str:
     name = f"test-{uuid.uuid4().hex[:12]}"
-    s3.client().create_bucket(Bucket=name)
+    server.client().create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture
+def bucket(request) -> str:
+    """A fresh bucket on the test's server (see ``server_of``)."""
+    return make_bucket(server_of(request))
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,11 @@
 It forwards requests unchanged (the Host header too, so SigV4 signatures still match), and
 for a seeded random share of them answers 503 SlowDown, or cuts the connection halfway
 through a body: the request's for uploads, the response's for downloads.
+
+Two more uses: ``seen`` logs every request (time, method, path, headers, status), so a test
+can count what a client sends; and ``strip_conditional`` plays a server that ignores
+conditional writes: it drops If-Match/If-None-Match and signs the request again (they are
+part of the SigV4 signature, which a real server checks).
 """
 
 from __future__ import annotations
@@ -10,23 +15,42 @@ from __future__ import annotations
 import http.client
 import random
 import threading
+import time
 from collections import Counter
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
+
+from botocore.auth import S3SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials
 
 SLOWDOWN = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
             b"<Message>Please reduce your request rate.</Message></Error>")
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
               "proxy-authorization", "proxy-authenticate"}
+CONDITIONAL = {"if-match", "if-none-match"}
+
+
+@dataclass(frozen=True)
+class Seen:
+    at: float  # time.time() when the request arrived
+    method: str
+    path: str
+    headers: dict[str, str]  # lower-case names, as the client sent them
+    status: int  # what the client got back (0: connection cut)
 
 
 class FaultProxy:
-    def __init__(self, upstream: str, *, slowdown: float, drop: float, seed: int = 0) -> None:
+    def __init__(self, upstream: str, *, slowdown: float = 0.0, drop: float = 0.0, seed: int = 0,
+                 strip_conditional: tuple[str, str] | None = None) -> None:
         self.upstream = urlsplit(upstream)
         self.slowdown, self.drop = slowdown, drop
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
         self.injected: Counter[str] = Counter()
+        self.seen: list[Seen] = []
+        self.resign = Credentials(*strip_conditional) if strip_conditional else None
         self.dead = False
         proxy = self
 
@@ -67,18 +91,36 @@ class FaultProxy:
             return "drop"
         return "pass"
 
+    def _log(self, h: BaseHTTPRequestHandler, at: float, status: int) -> None:
+        with self.lock:
+            self.seen.append(Seen(at, h.command, h.path,
+                                  {k.lower(): v for k, v in h.headers.items()}, status))
+
+    def _signed_without_conditions(self, h: BaseHTTPRequestHandler, headers: dict[str, str],
+                                   body: bytes) -> dict[str, str]:
+        """The request as a client that never sent If-Match/If-None-Match would sign it."""
+        drop = CONDITIONAL | {"authorization", "x-amz-date", "x-amz-content-sha256",
+                              "x-amz-security-token"}
+        request = AWSRequest(h.command, f"http://{h.headers['Host']}{h.path}", data=body,
+                             headers={k: v for k, v in headers.items() if k.lower() not in drop})
+        S3SigV4Auth(self.resign, "s3", "us-east-1").add_auth(request)
+        return dict(request.headers.items())
+
     def serve(self, h: BaseHTTPRequestHandler) -> None:
+        at = time.time()
         length = int(h.headers.get("Content-Length") or 0)
         fate = self._roll()
         with self.lock:
             self.injected[fate] += 1
         if fate == "drop" and length > 1:
             h.rfile.read(length // 2)  # the upload dies halfway
+            self._log(h, at, 0)
             h.close_connection = True
             h.connection.shutdown(2)
             return
         body = h.rfile.read(length) if length else b""
         if fate == "slowdown":
+            self._log(h, at, 503)
             h.send_response(503)
             h.send_header("Content-Type", "application/xml")
             h.send_header("Content-Length", str(len(SLOWDOWN)))
@@ -87,10 +129,13 @@ class FaultProxy:
             return
         conn = http.client.HTTPConnection(self.upstream.hostname, self.upstream.port, timeout=120)
         headers = {k: v for k, v in h.headers.items() if k.lower() not in HOP_BY_HOP}
+        if self.resign is not None and CONDITIONAL & {k.lower() for k in headers}:
+            headers = self._signed_without_conditions(h, headers, body)
         conn.request(h.command, h.path, body=body, headers=headers)
         resp = conn.getresponse()
         data = resp.read()
         conn.close()
+        self._log(h, at, 0 if fate == "drop" else resp.status)
         h.send_response(resp.status)
         for k, v in resp.getheaders():
             if k.lower() not in HOP_BY_HOP and k.lower() != "content-length":

@@ -18,25 +18,6 @@ from trainjob.lock import RunLock
 from trainjob.storage import LocalStore, S3Store
 
 
-@pytest.fixture(params=["local", "s3"])
-def store(request, tmp_path, monkeypatch):
-    monkeypatch.delenv("TRAINJOB_OWNER_ID", raising=False)
-    if request.param == "local":
-        yield LocalStore(tmp_path / "run")
-        return
-    s3 = request.getfixturevalue("s3")
-    bucket = request.getfixturevalue("bucket")
-    for name in list(os.environ):
-        if name.startswith("AWS_"):
-            monkeypatch.delenv(name)
-    for name, value in s3.env().items():
-        if name.startswith("AWS_"):
-            monkeypatch.setenv(name, value)
-    s3client._clients.clear()
-    yield S3Store(bucket, "runs/exp1", threads=2)
-    s3client._clients.clear()
-
-
 @pytest.fixture
 def locks():
     """RunLocks made by a test; all released at the end so no heartbeat thread lingers."""
@@ -236,11 +217,11 @@ class SlowBeatStore(LocalStore):
         self.gate = threading.Event()
         self.beat_writing = threading.Event()
 
-    def write_bytes(self, key, data):
+    def put_if_match(self, key, data, etag):
         if threading.current_thread().name == "trainjob-lock":
             self.beat_writing.set()
             self.gate.wait(5)
-        super().write_bytes(key, data)
+        return super().put_if_match(key, data, etag)
 
 
 def test_release_waits_for_a_heartbeat_in_flight(tmp_path, locks, monkeypatch):

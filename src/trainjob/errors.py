@@ -35,10 +35,21 @@ class TrainingError(TrainJobError):
     exit_code = 5
 
 
+class LostOwnership(TrainJobError):
+    """Another job took the run lock over; this one stopped writing (fencing). Retrying
+    would only fight the new holder, so the Job fails at once."""
+
+    exit_code = 6
+
+
+class ConditionalWritesUnsupported(StorageError):
+    """The server refused a conditional write (If-None-Match/If-Match) as not implemented."""
+
+
 class Preempted(TrainJobError):
     """Stopped by SIGTERM/SIGINT after the resume state was saved (128 + SIGTERM)."""
 
     exit_code = 143
 
 
-NON_RETRIABLE = (ConfigError.exit_code, DataError.exit_code)
+NON_RETRIABLE = (ConfigError.exit_code, DataError.exit_code, LostOwnership.exit_code)

@@ -1,12 +1,24 @@
-"""The run lock: one job owns an output folder at a time.
+"""The run lock: one job owns an output folder at a time, and a job that lost it stops.
 
-The lock object holds host, pid, start time and a heartbeat. A job that meets a live lock
-waits (``--lock-timeout``, default: until the heartbeat is stale) and then takes over, so a
-restarted pod whose predecessor died carries on instead of failing.
+``run.lock.json`` holds the owner's token, host, pid, owner id, start time and heartbeat.
+Every change to it is a compare-and-swap (``Store.put_if_absent`` / ``put_if_match`` /
+``delete_if_match``): acquiring creates it only where none exists, heartbeats, take-overs
+and the release change it only while it is the version this job last wrote. Two jobs that
+start at the same instant cannot both get it, and a job whose lock was taken over learns so
+at its next heartbeat (a 412): ``lost`` is set and ``check()`` raises LostOwnership (exit 6),
+so it stops writing (fencing).
+
+A job that meets a live lock waits (``--lock-timeout``, default: until the heartbeat is
+stale) and then takes over; it takes over at once with ``--force``, from a dead pid on the
+same host, or from a previous pod of the same ``TRAINJOB_OWNER_ID``.
+
+Stores that ignore conditional writes are found by a probe once per run; there the lock
+falls back to read-then-write, which is advisory, with one warning.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -15,7 +27,8 @@ import time
 import uuid
 
 from trainjob.artifacts import LOCK
-from trainjob.errors import ConfigError, StorageError
+from trainjob.errors import ConditionalWritesUnsupported, ConfigError, LostOwnership, StorageError
+from trainjob.hooks import read_hooks
 from trainjob.storage import Store
 
 log = logging.getLogger(__name__)
@@ -23,6 +36,8 @@ log = logging.getLogger(__name__)
 STALE_SECONDS = 600.0
 HEARTBEAT_SECONDS = 60.0
 POLL_SECONDS = 5.0
+PROBE_PREFIX = ".run.lock.probe-"  # a dot name: never published, never in the manifest
+NO_SUCH_ETAG = '"00000000000000000000000000000000"'
 
 
 def _now() -> float:
@@ -30,31 +45,45 @@ def _now() -> float:
 
 
 class RunLock:
-    def __init__(self, store: Store, *, stale_after: float = STALE_SECONDS) -> None:
+    def __init__(self, store: Store, *, stale_after: float | None = None,
+                 heartbeat_every: float | None = None) -> None:
+        hooks = read_hooks()  # tests shorten the timings of a job they start this way
         self.store = store
-        self.stale_after = stale_after
+        self.stale_after = float(stale_after if stale_after is not None else
+                                 hooks.get("lock_stale_seconds", STALE_SECONDS))
+        self.heartbeat_every = float(heartbeat_every if heartbeat_every is not None else
+                                     hooks.get("lock_heartbeat_seconds", HEARTBEAT_SECONDS))
         self.token = uuid.uuid4().hex
         self.started = _now()
+        self.lost = threading.Event()  # set, from any thread, once another job holds the lock
+        self.taken_by: dict = {}  # the record that replaced ours ({} if the lock was removed)
+        self.conditional: bool | None = None  # None until probed
+        self._etag: str | None = None  # of the version we last wrote (conditional mode)
+        self._held = False
+        self._mutex = threading.Lock()  # one change of the lock at a time: beats vs release
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def _record(self) -> dict:
-        return {"token": self.token, "host": socket.gethostname(), "pid": os.getpid(),
-                "owner": os.environ.get("TRAINJOB_OWNER_ID", ""), "started": self.started,
-                "heartbeat": _now()}
+    # --- taking the lock --------------------------------------------------------------------
 
     def acquire(self, *, force: bool = False, timeout: float | None = None,
                 poll: float = POLL_SECONDS) -> None:
         """Take the lock, waiting for a live holder as the options say."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        self.probe()
         while True:
-            held = self.store.read_json(LOCK)
+            current = self.store.read_versioned(LOCK)
+            held = _parse(current)
             reason = self._takeover_reason(held, force)
             if reason:
-                if held:
-                    log.warning("taking over the run lock from %s pid %s (%s)",
-                                held.get("host"), held.get("pid"), reason)
-                break
+                if self._claim(current):
+                    if held:
+                        log.warning("taking over the run lock from %s pid %s (%s)",
+                                    held.get("host"), held.get("pid"), reason)
+                    break
+                # Another job changed the lock between our read and our write: look again.
+                log.info("the run lock changed while being taken; reading it again")
+                continue
             if deadline is not None and time.monotonic() >= deadline:
                 age = _now() - float(held.get("heartbeat", 0))
                 raise ConfigError(
@@ -63,9 +92,33 @@ class RunLock:
                     "run; wait for it, use another --output, or pass --force to take over")
             log.info("run lock held by %s pid %s; waiting", held.get("host"), held.get("pid"))
             time.sleep(poll)
-        self.store.write_json(LOCK, self._record())
+        self._held = True
         self._thread = threading.Thread(target=self._beat, name="trainjob-lock", daemon=True)
         self._thread.start()
+
+    def probe(self) -> bool:
+        """Find out, once, whether the store honours conditional writes; warn if it does not."""
+        if self.conditional is None:
+            self.conditional = supports_conditional_writes(self.store,
+                                                           PROBE_PREFIX + self.token)
+            if not self.conditional:
+                log.warning("%s does not honour conditional writes (If-None-Match/If-Match): "
+                            "the run lock is advisory there, and two jobs started at the same "
+                            "moment could both write this run", self.store.uri)
+        return self.conditional
+
+    def _claim(self, current: tuple[bytes, str] | None) -> bool:
+        """Write our record over ``current`` (the version we read); False if we lost a race."""
+        data = self._record_bytes()
+        if not self.conditional:
+            self.store.write_bytes(LOCK, data)
+            return True
+        if current is None:
+            etag = self.store.put_if_absent(LOCK, data)
+        else:
+            etag = self.store.put_if_match(LOCK, data, current[1])
+        self._etag = etag or self._our_etag()
+        return self._etag is not None
 
     def _takeover_reason(self, held: dict | None, force: bool) -> str:
         if not held:
@@ -83,33 +136,143 @@ class RunLock:
             return "same owner id, previous pod ended"
         return ""
 
+    # --- keeping it -------------------------------------------------------------------------
+
     def heartbeat(self) -> None:
-        """Refresh the heartbeat. A failed beat is logged, never fatal: a storage outage
+        """Refresh the heartbeat: one conditional PUT. If another job has taken the lock,
+        set ``lost`` and beat no more. A storage failure is logged, never fatal: an outage
         shows up in the uploads, and training should not die of a missed beat."""
-        try:
-            held = self.store.read_json(LOCK)
-            if held and held.get("token") != self.token:
-                log.warning("run lock was taken over by %s pid %s",
-                            held.get("host"), held.get("pid"))
+        with self._mutex:
+            if not self._held:
                 return
-            self.store.write_json(LOCK, self._record())
-        except StorageError as exc:
-            log.warning("lock heartbeat failed: %s", exc)
+            try:
+                if self.conditional:
+                    self._beat_conditional()
+                else:
+                    self._beat_advisory()
+            except StorageError as exc:
+                log.warning("lock heartbeat failed: %s", exc)
+
+    def _beat_conditional(self) -> None:
+        etag = self.store.put_if_match(LOCK, self._record_bytes(), self._etag)
+        if etag is None:
+            # Only on a 412: find out who holds it now (the common path stays one PUT).
+            current = self.store.read_versioned(LOCK)
+            held = _parse(current)
+            if held and held.get("token") == self.token:
+                # Our own previous beat landed but its reply was lost (and a retry got 412).
+                etag = current[1]
+            else:
+                self._lose(held)
+                return
+        self._etag = etag
+
+    def _beat_advisory(self) -> None:
+        held = self.store.read_json(LOCK)
+        if held and held.get("token") != self.token:
+            self._lose(held)
+            return
+        self.store.write_bytes(LOCK, self._record_bytes())
+
+    def _lose(self, held: dict | None) -> None:
+        self.taken_by = held or {}
+        self._held = False
+        self._stop.set()  # no more beats: the lock is not ours to refresh
+        self.lost.set()
+        log.error("%s", self._loss_message())
+
+    def check(self) -> None:
+        """Raise LostOwnership if another job has taken the lock over. Call it before each
+        write to the run folder: a job that lost the lock must not write there again."""
+        if self.lost.is_set():
+            raise LostOwnership(self._loss_message())
+
+    def _loss_message(self) -> str:
+        held = self.taken_by
+        who = (f"{held.get('host')} pid {held.get('pid')}" if held else "someone who removed it")
+        return (f"lost the run lock {self.store.child(LOCK)}: it was taken over by {who}, so "
+                "this job stopped writing the run; let the other job finish, or stop it and "
+                "rerun this one with --force")
 
     def _beat(self) -> None:
-        while not self._stop.wait(HEARTBEAT_SECONDS):
+        while not self._stop.wait(self.heartbeat_every):
             self.heartbeat()
 
+    # --- giving it back ---------------------------------------------------------------------
+
     def release(self) -> None:
+        """Stop the heartbeat and delete the lock, if it is still ours."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=30)  # a beat in flight lands before the delete, not after
+        with self._mutex:
+            if not self._held:
+                return
+            self._held = False
+            try:
+                if self.conditional:
+                    self._delete_conditional()
+                else:
+                    held = self.store.read_json(LOCK)
+                    if held and held.get("token") == self.token:
+                        self.store.delete([LOCK])
+            except StorageError as exc:  # it goes stale by itself; the job's error matters more
+                log.warning("could not release the run lock: %s", exc)
+
+    def _delete_conditional(self) -> None:
+        if self.store.delete_if_match(LOCK, self._etag):
+            return
+        etag = self._our_etag()  # a beat whose reply was lost leaves us a stale ETag
+        if etag is not None:
+            self.store.delete_if_match(LOCK, etag)
+
+    # --- helpers ----------------------------------------------------------------------------
+
+    def _record_bytes(self) -> bytes:
+        record = {"token": self.token, "host": socket.gethostname(), "pid": os.getpid(),
+                  "owner": os.environ.get("TRAINJOB_OWNER_ID", ""), "started": self.started,
+                  "heartbeat": _now()}
+        return json.dumps(record, indent=2, sort_keys=True).encode()
+
+    def _our_etag(self) -> str | None:
+        """The lock's ETag if it holds our token: only we write our token, so such a
+        version is one of our own writes (say, one retried after its reply was lost)."""
+        current = self.store.read_versioned(LOCK)
+        held = _parse(current)
+        return current[1] if held and held.get("token") == self.token else None
+
+
+def supports_conditional_writes(store: Store, key: str) -> bool:
+    """Probe ``store`` with a scratch object: a second create-if-absent, a replace and a
+    delete over a wrong ETag must all be refused. Servers that ignore the headers accept
+    them; the scratch object is removed either way."""
+    try:
+        if store.put_if_absent(key, b"probe") is None:
+            return False  # our own fresh key cannot exist yet: the answer is not to be trusted
+        return (store.put_if_absent(key, b"probe again") is None
+                and store.put_if_match(key, b"probe over", NO_SUCH_ETAG) is None
+                and not store.delete_if_match(key, NO_SUCH_ETAG))
+    except ConditionalWritesUnsupported as exc:
+        log.info("%s", exc)
+        return False
+    finally:
         try:
-            held = self.store.read_json(LOCK)
-            if held and held.get("token") == self.token:
-                self.store.delete([LOCK])
-        except StorageError as exc:  # it goes stale by itself; the job's own error matters more
-            log.warning("could not release the run lock: %s", exc)
+            store.delete([key])
+        except StorageError as exc:  # a stray dot file is harmless; the probe's answer stands
+            log.warning("could not remove the lock probe: %s", exc)
+
+
+def _parse(current: tuple[bytes, str] | None) -> dict | None:
+    """The lock record, or None when there is none; an unreadable one counts as none (it
+    is still replaced with a compare-and-swap on its ETag)."""
+    if current is None:
+        return None
+    try:
+        record = json.loads(current[0])
+    except ValueError:
+        log.warning("ignoring an unreadable run lock")
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def pid_alive(pid: int) -> bool:

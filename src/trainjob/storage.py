@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 import botocore.exceptions
 from boto3.s3.transfer import TransferConfig
 
-from trainjob import mirror, transfer
+from trainjob import conditional, mirror, transfer
 from trainjob.cacheindex import CacheIndex
 from trainjob.errors import ConfigError, DataError, StorageError
 from trainjob.s3client import endpoint_name, s3_client, translated
@@ -79,6 +79,13 @@ class Store:
         return self.read_info(key) is not None
 
     def read_info(self, key: str) -> ObjectInfo | None: ...
+
+    # Compare-and-swap (see conditional.py): the new ETag, or None/False when another
+    # writer got there first (412). ``read_versioned`` gives the ETag to compare against.
+    def read_versioned(self, key: str) -> tuple[bytes, str] | None: ...
+    def put_if_absent(self, key: str, data: bytes) -> str | None: ...
+    def put_if_match(self, key: str, data: bytes, etag: str) -> str | None: ...
+    def delete_if_match(self, key: str, etag: str) -> bool: ...
 
     def child(self, key: str) -> str:
         return f"{self.uri.rstrip('/')}/{key}" if key else self.uri
@@ -150,6 +157,22 @@ class LocalStore(Store):
     def delete(self, keys: list[str]) -> None:
         for key in keys:
             self._path(key).unlink(missing_ok=True)
+
+    def read_versioned(self, key: str) -> tuple[bytes, str] | None:
+        with _local_errors(self.child(key)):
+            return conditional.local_read(self._path(key))
+
+    def put_if_absent(self, key: str, data: bytes) -> str | None:
+        with _local_errors(self.child(key)):
+            return conditional.local_put(self._path(key), data)
+
+    def put_if_match(self, key: str, data: bytes, etag: str) -> str | None:
+        with _local_errors(self.child(key)):
+            return conditional.local_put(self._path(key), data, etag)
+
+    def delete_if_match(self, key: str, etag: str) -> bool:
+        with _local_errors(self.child(key)):
+            return conditional.local_delete(self._path(key), etag)
 
 
 class S3Store(Store):
@@ -226,6 +249,21 @@ class S3Store(Store):
             batch = [{"Key": self._key(k)} for k in keys[start:start + 1000]]
             with translated(self.uri):
                 self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch})
+
+    def read_versioned(self, key: str) -> tuple[bytes, str] | None:
+        return conditional.s3_read(self.client, self.bucket, self._key(key), self.child(key))
+
+    def put_if_absent(self, key: str, data: bytes) -> str | None:
+        return conditional.s3_put(self.client, self.bucket, self._key(key), data,
+                                  self.child(key))
+
+    def put_if_match(self, key: str, data: bytes, etag: str) -> str | None:
+        return conditional.s3_put(self.client, self.bucket, self._key(key), data,
+                                  self.child(key), etag)
+
+    def delete_if_match(self, key: str, etag: str) -> bool:
+        return conditional.s3_delete(self.client, self.bucket, self._key(key), etag,
+                                     self.child(key))
 
     def check_bucket(self) -> None:
         """Fail fast, with a clear line, when the bucket is missing or unreadable."""

@@ -114,12 +114,12 @@ class CacheIndex:
 
     def sweep(self, root: Path) -> int:
         """Delete files under ``root`` that the index does not vouch for; returns the count."""
-        removed = 0
-        for folder, _, files in os.walk(root):
+        removed, top = 0, str(root)
+        for folder, _, files in os.walk(top):
+            prefix = folder[len(top) + 1:].replace(os.sep, "/")
             for name in files:
+                row = self.lookup(f"{prefix}/{name}" if prefix else name)
                 path = os.path.join(folder, name)
-                key = os.path.relpath(path, root).replace(os.sep, "/")
-                row = self.lookup(key)
                 if row is None or os.stat(path).st_size != row[1]:
                     os.unlink(path)
                     removed += 1

@@ -53,7 +53,7 @@ def sync_prefix(reader: ObjectReader, rows: Iterable[Row], relist: Callable[[], 
             counts.downloaded_objects += first.downloaded_objects
             counts.downloaded_bytes += first.downloaded_bytes
             counts.cached_objects -= first.downloaded_objects
-        _remove(local_root, gone, f"s3://{reader.bucket}/{base}")
+        _remove(local_root, gone, reader.bucket, base)
         index.forget(gone)
         counts.removed_objects = len(gone)
     finally:
@@ -65,7 +65,8 @@ def sync_prefix(reader: ObjectReader, rows: Iterable[Row], relist: Callable[[], 
 def sync_object(reader: ObjectReader, key: str, etag: str, size: int, rel: str,
                 local_root: Path, index: CacheIndex) -> Counts:
     """Make ``local_root/rel`` hold object ``key``, unless the cache already does."""
-    dest = _local_path(local_root, rel, f"s3://{reader.bucket}/{key}")
+    _check_key(rel, reader.bucket, key[:len(key) - len(rel)])
+    dest = local_root / rel
     if index.lookup(rel) == (etag, size) and _has_size(dest, size):
         return Counts(cached_objects=1)
     _make_folder(dest.parent)
@@ -80,12 +81,17 @@ def _pull(reader: ObjectReader, rows: Iterable[Row], base: str, local_root: Path
     gone: list[str] = []
     made: set[Path] = set()
 
+    root = f"{local_root}{os.sep}"
+
     def todo() -> Iterator[tuple[str, str, str, int, Path]]:
+        # Plain strings until an object needs downloading: at a million cached objects,
+        # building Path objects would cost more than the stat calls.
         for (rel, etag, size), held in merge(rows, index.rows(), gone):
-            dest = _local_path(local_root, rel, f"s3://{reader.bucket}/{base}{rel}")
-            if held == (etag, size) and _has_size(dest, size):
+            _check_key(rel, reader.bucket, base)
+            if held == (etag, size) and _has_size(root + rel, size):
                 counts.cached_objects += 1
                 continue
+            dest = local_root / rel
             if dest.parent not in made:  # one mkdir per folder, not per object
                 _make_folder(dest.parent)
                 made.add(dest.parent)
@@ -162,16 +168,18 @@ def _fetch_one(reader: ObjectReader, key: str, rel: str, etag: str, size: int,
     return rel, got_etag, got_size
 
 
-def _local_path(root: Path, rel: str, where: str) -> Path:
-    # Lexical, so it costs no system call per object: keys come from the bucket, and the
-    # folders under root are ours (an S3 key cannot make a symlink).
+def _check_key(rel: str, bucket: str, base: str) -> None:
+    """Refuse a key whose local copy would land outside the mirror's folder. Lexical, so it
+    costs no system call: the folders under the mirror are ours, and a key makes no symlink."""
+    if not rel.startswith("/") and ".." not in rel and rel not in ("", "."):
+        return
     norm = posixpath.normpath(rel)
     if rel.startswith("/") or norm in (".", "..") or norm.startswith("../"):
-        raise StorageError(f"{where}: object key escapes the cache folder; refusing it")
-    return root / rel
+        raise StorageError(f"s3://{bucket}/{base}{rel}: object key escapes the cache "
+                           "folder; refusing it")
 
 
-def _has_size(path: Path, size: int) -> bool:
+def _has_size(path: str | Path, size: int) -> bool:
     try:
         return os.stat(path).st_size == size
     except OSError:
@@ -186,11 +194,12 @@ def _make_folder(folder: Path) -> None:
                            "share its name with a folder of keys?)") from exc
 
 
-def _remove(root: Path, rels: list[str], where: str) -> None:
+def _remove(root: Path, rels: list[str], bucket: str, base: str) -> None:
     """Delete the copies of objects gone from the bucket, then the folders left empty."""
     folders: set[Path] = set()
     for rel in rels:
-        path = _local_path(root, rel, where + rel)
+        _check_key(rel, bucket, base)
+        path = root / rel
         path.unlink(missing_ok=True)
         folders.add(path.parent)
     for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):

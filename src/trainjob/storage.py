@@ -317,7 +317,7 @@ def fetch(uri: str, cache_dir: Path, threads: int = 16, *, single: bool = False)
         (key.rstrip("/") + "/" if key else "")
     local_root = cache_dir / "s3" / bucket / base
     started = time.monotonic()
-    reader = transfer.ObjectReader(store.client, bucket, store.transfer)
+    reader = transfer.ObjectReader(store.client, bucket, store.transfer, threads)
     try:
         with CacheIndex.for_prefix(cache_dir, bucket, base) as index:
             if is_archive:

@@ -469,6 +469,13 @@ def test_fetch_keeps_a_mirror_of_thousands_of_objects_exact(seaweed, tmp_path, m
     third = fetch(uri, cache, threads=8)
     assert (third.downloaded_objects, third.cached_objects) == (0, len(expected))
 
+    # A copy changed on disk, same size, is not trusted either.
+    victim = third.path / "c07" / "img_00007.jpg"
+    victim.write_bytes(b"?" * victim.stat().st_size)
+    fourth = fetch(uri, cache, threads=8)
+    assert (fourth.downloaded_objects, fourth.cached_objects) == (1, len(expected) - 1)
+    assert victim.read_bytes() == expected["c07/img_00007.jpg"]
+
 
 KILLED_FETCH = """
 import os, signal, sys, threading

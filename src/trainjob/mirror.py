@@ -15,7 +15,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainjob.cacheindex import CacheIndex, OutOfOrder, Row, merge
+from trainjob.cacheindex import CacheIndex, Entry, OutOfOrder, Row, intact, merge
 from trainjob.errors import StorageError
 from trainjob.transfer import ObjectReader
 
@@ -39,7 +39,7 @@ def sync_prefix(reader: ObjectReader, rows: Iterable[Row], relist: Callable[[], 
     """Make ``local_root`` mirror the listed objects (``rows``: key relative to ``base``,
     ETag, size, in key order): download what is new or changed, delete what is gone."""
     if index.start_sync():
-        index.sweep(local_root)
+        index.sweep()
     counts = Counts()
     try:
         try:
@@ -67,13 +67,14 @@ def sync_object(reader: ObjectReader, key: str, etag: str, size: int, rel: str,
     """Make ``local_root/rel`` hold object ``key``, unless the cache already does."""
     _check_key(rel, reader.bucket, key[:len(key) - len(rel)])
     dest = local_root / rel
-    if index.lookup(rel) == (etag, size) and _has_size(dest, size):
+    held = index.lookup(rel)
+    if held and held[:2] == (etag, size) and intact(dest, size, held[2]):
         return Counts(cached_objects=1)
     _make_folder(dest.parent)
-    got = reader.download(key, size, etag, dest)
-    index.record([(rel, *got)])
+    entry = _fetch_one(reader, key, rel, etag, size, dest)
+    index.record([entry])
     index.settle()
-    return Counts(downloaded_objects=1, downloaded_bytes=got[1])
+    return Counts(downloaded_objects=1, downloaded_bytes=entry[2])
 
 
 def _pull(reader: ObjectReader, rows: Iterable[Row], base: str, local_root: Path,
@@ -88,7 +89,7 @@ def _pull(reader: ObjectReader, rows: Iterable[Row], base: str, local_root: Path
         # building Path objects would cost more than the stat calls.
         for (rel, etag, size), held in merge(rows, index.rows(), gone):
             _check_key(rel, reader.bucket, base)
-            if held == (etag, size) and _has_size(root + rel, size):
+            if held and held[0] == etag and held[1] == size and intact(root + rel, size, held[2]):
                 counts.cached_objects += 1
                 continue
             dest = local_root / rel
@@ -107,7 +108,7 @@ def _download_all(reader: ObjectReader, jobs: Iterator[tuple[str, str, str, int,
     each completed file in the index in batches (at most FLUSH_SECONDS apart)."""
     slots = threading.Semaphore(threads * 4)
     finished: queue.SimpleQueue[Future] = queue.SimpleQueue()
-    batch: list[Row] = []
+    batch: list[Entry] = []
     state = {"submitted": 0, "collected": 0, "flushed": time.monotonic(),
              "reported": time.monotonic()}
     errors: list[BaseException] = []
@@ -163,9 +164,13 @@ def _download_all(reader: ObjectReader, jobs: Iterator[tuple[str, str, str, int,
 
 
 def _fetch_one(reader: ObjectReader, key: str, rel: str, etag: str, size: int,
-               dest: Path) -> Row:
+               dest: Path) -> Entry:
     got_etag, got_size = reader.download(key, size, etag, dest)
-    return rel, got_etag, got_size
+    try:  # the mtime it got at its last write, which a later replacement changes
+        mtime = os.stat(dest).st_mtime_ns
+    except OSError as exc:
+        raise StorageError(f"cannot read {dest} back: {exc.strerror or exc}") from exc
+    return rel, got_etag, got_size, mtime
 
 
 def _check_key(rel: str, bucket: str, base: str) -> None:
@@ -177,13 +182,6 @@ def _check_key(rel: str, bucket: str, base: str) -> None:
     if rel.startswith("/") or norm in (".", "..") or norm.startswith("../"):
         raise StorageError(f"s3://{bucket}/{base}{rel}: object key escapes the cache "
                            "folder; refusing it")
-
-
-def _has_size(path: str | Path, size: int) -> bool:
-    try:
-        return os.stat(path).st_size == size
-    except OSError:
-        return False
 
 
 def _make_folder(folder: Path) -> None:

@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import re
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,9 +29,13 @@ NOTES = "## History and caveats"
 def run(name: str) -> dict:
     module = __import__(name)  # the benchmark scripts beside this file
     results = module.main()
-    results["measured"] = (f"{time.strftime('%Y-%m-%d')} on {platform.machine()}, "
-                           f"{os.cpu_count()} CPU cores, Python {platform.python_version()}")
+    results["measured"] = f"{time.strftime('%Y-%m-%d')} on {_machine()}"
     return results
+
+
+def _machine() -> str:
+    return (f"{platform.machine()}, {os.cpu_count()} CPU cores, "
+            f"Python {platform.python_version()}")
 
 
 def previous() -> tuple[dict, str]:
@@ -112,8 +117,10 @@ def fetch_section(f: dict) -> str:
 prefix, and one {f['archive_bytes'] // 10**6} MB archive, pulled from SeaweedFS (`weed mini`) on
 loopback, cold, into a fresh folder (for trainjob also a fresh cache index), median of
 {f['rounds']} rounds in which the clients take turns; every file checked
-(`benchmarks/fetch.py`). trainjob is timed around the `fetch()` call in a fresh process; the
-CLIs as processes. {_when(f)}
+(`benchmarks/fetch.py`). trainjob is timed around the `fetch()` call in a fresh process whose
+S3 client is made beforehand, as in a job (the run lock's store makes the same client); the
+CLIs as processes. trainjob's whole process (Python start-up, imports, client) took
+{_process(pre)} s for the prefix and {_process(arc)} s for the archive (medians). {_when(f)}
 
 | client | prefix (s) | trainjob's time relative to it | archive (s) | trainjob's time relative to it |
 | --- | --- | --- | --- | --- |
@@ -193,6 +200,10 @@ SECTIONS = {"input_pipeline": pipeline_section, "sync_overhead": sync_section,
             "fetch": fetch_section, "fetch_index": index_section}
 
 
+def _process(case: dict) -> str:
+    return f"{statistics.median(r['process'] for r in case['trainjob']['runs']):.2f}"
+
+
 def _when(results: dict) -> str:
     return f"Measured {results['measured']}." if "measured" in results else ""
 
@@ -200,12 +211,21 @@ def _when(results: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", help=f"comma-separated subset of {','.join(NAMES)}")
+    parser.add_argument("--load", action="append", default=[], metavar="NAME=FILE",
+                        help="take NAME's results from FILE, the output of its own script "
+                             "(its JSON, then RESULT), instead of running it")
     args = parser.parse_args(argv)
-    chosen = args.only.split(",") if args.only else list(NAMES)
-    unknown = set(chosen) - set(NAMES)
+    loaded = dict(item.split("=", 1) for item in args.load)
+    chosen = args.only.split(",") if args.only else [n for n in NAMES if n not in loaded]
+    unknown = (set(chosen) | set(loaded)) - set(NAMES)
     if unknown:
         parser.error(f"unknown benchmarks: {', '.join(sorted(unknown))}")
     results, notes = previous()
+    for name, file in loaded.items():
+        text = Path(file).read_text()
+        results[name] = json.loads(text[text.index("{"):text.rindex("RESULT")])
+        made = time.localtime(Path(file).stat().st_mtime)
+        results[name]["measured"] = f"{time.strftime('%Y-%m-%d', made)} on {_machine()}"
     for name in chosen:
         results[name] = run(name)
     sections = "\n".join(SECTIONS[name](results[name]) for name in NAMES if name in results)

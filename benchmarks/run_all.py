@@ -1,7 +1,7 @@
 """Run the benchmarks and write docs/benchmarks.md. Not a test: numbers, not pass/fail.
 
-``run_all.py`` runs them all; ``run_all.py --only fetch,fetch_index`` runs those and keeps
-the other sections' last results (read back from the doc's raw JSON). Each section says when
+``run_all.py`` runs them all; ``run_all.py fetch fetch_index`` runs those and keeps the
+other sections' last results (read back from the doc's raw JSON). Each section says when
 and on what it was measured. Everything from "## History and caveats" on is written by hand
 and kept as it is.
 """
@@ -22,7 +22,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 DOC = HERE.parent / "docs" / "benchmarks.md"
-NAMES = ("input_pipeline", "sync_overhead", "fetch", "fetch_index")
+NAMES = ("input_pipeline", "sync_overhead", "sync_lag", "fetch", "fetch_index")
 NOTES = "## History and caveats"
 
 
@@ -82,6 +82,34 @@ both checkpoints and the resume state (ResNet50 weights with Adam state: ~283 MB
 | `--sync` | {sync['sync']['median']:.2f} | {sync['sync']['epoch_seconds']} |
 
 Overhead of sync: **{sync['overhead_percent']}%** (target: at most 5%).
+"""
+
+
+def lag_section(lag: dict) -> str:
+    gen, old = lag["generations"], lag["per-file queue"]
+    rows = [f"| generations (trainjob) | {gen['max_lag_generations']} | "
+            f"{gen['median_lag_generations']} | {gen['max_blocked_seconds']} | "
+            f"{gen['skipped_generations']} |"]
+    if old:
+        rows.append(f"| per-file queue (0.1.0) | {old['max_lag_generations']} | "
+                    f"{old['median_lag_generations']} | {old['max_blocked_seconds']} | - |")
+    ratio = (f"The per-file queue's bucket fell {old['max_lag_generations'] / max(gen['max_lag_generations'], 1e-9):.1f}x "
+             "further behind." if old else "The 0.1.0 baseline needs git history; it was skipped.")
+    return f"""## Sync lag when epochs are faster than uploads
+
+A synthetic training loop drives the run-state layer (`benchmarks/sync_lag.py`): a
+{lag['pair_mb']} MB resume pair per epoch through a {lag['link_mb_per_s']} MB/s link to the local S3
+server, so one generation takes {lag['generation_upload_seconds']} s to upload while an epoch takes
+{lag['epoch_seconds']} s ({lag['epochs']} epochs). Lag is the age of the epoch the bucket's status.json
+shows, in units of one generation's upload time, sampled every 0.25 s while training runs.
+Target: at most 2, and training never blocked.
+
+| uploader | max lag (generations) | median lag | longest block of the loop (s) | generations skipped |
+| --- | --- | --- | --- | --- |
+{chr(10).join(rows)}
+
+{ratio} Lag over time (seconds since start, lag), generations:
+`{gen['lag_over_time']}` {_when(lag)}
 """
 
 
@@ -182,7 +210,7 @@ def index_section(ix: dict) -> str:
     sizes = ", ".join(f"{int(k):,} keys: {v} MiB" for k, v in ix["index_mib"].items())
     return f"""## Cache bookkeeping at a million keys
 
-A synthetic listing run through the real `mirror.sync_prefix` with a stand-in that downloads
+A synthetic listing run through the real `download.sync_prefix` with a stand-in that downloads
 nothing, no network (`benchmarks/fetch_index.py`): the bookkeeping alone, each scenario in
 a fresh process. `cold`: empty cache, every object recorded (and an empty file made for it);
 `warm`: nothing changed; `changed`: 1% of the objects changed, 1% deleted, 1% new;
@@ -197,7 +225,7 @@ interpreter (~40 MiB). Index size on disk: {sizes}. {_when(ix)}
 
 
 SECTIONS = {"input_pipeline": pipeline_section, "sync_overhead": sync_section,
-            "fetch": fetch_section, "fetch_index": index_section}
+            "sync_lag": lag_section, "fetch": fetch_section, "fetch_index": index_section}
 
 
 def _process(case: dict) -> str:
@@ -210,13 +238,15 @@ def _when(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", help=f"comma-separated subset of {','.join(NAMES)}")
+    parser.add_argument("names", nargs="*", metavar="NAME",
+                        help=f"run only these ({', '.join(NAMES)}); the others keep their "
+                             "last figures")
     parser.add_argument("--load", action="append", default=[], metavar="NAME=FILE",
                         help="take NAME's results from FILE, the output of its own script "
                              "(its JSON, then RESULT), instead of running it")
     args = parser.parse_args(argv)
     loaded = dict(item.split("=", 1) for item in args.load)
-    chosen = args.only.split(",") if args.only else [n for n in NAMES if n not in loaded]
+    chosen = args.names or [n for n in NAMES if n not in loaded]
     unknown = (set(chosen) | set(loaded)) - set(NAMES)
     if unknown:
         parser.error(f"unknown benchmarks: {', '.join(sorted(unknown))}")
@@ -231,8 +261,9 @@ def main(argv: list[str] | None = None) -> None:
     sections = "\n".join(SECTIONS[name](results[name]) for name in NAMES if name in results)
     text = f"""# Benchmarks
 
-Written by `make bench` (`benchmarks/run_all.py`); each section compares variants side by
-side in one run and says when and on what machine it was measured (CPU only).
+Written by `make bench` (`benchmarks/run_all.py [NAME...]`; a name reruns one benchmark and
+keeps the others' figures); each section compares its contenders side by side in one run and
+says when and on what machine it was measured (CPU only).
 
 {sections}
 Raw results:

@@ -8,18 +8,24 @@ Two more uses: ``seen`` logs every request (time, method, path, headers, status)
 can count what a client sends; and ``strip_conditional`` plays a server that ignores
 conditional writes: it drops If-Match/If-None-Match and signs the request again (they are
 part of the SigV4 signature, which a real server checks).
+
+``delete_objects`` makes it answer DeleteObjects (POST ?delete) the way some servers do:
+"require-md5" refuses a request without Content-MD5 with a 400 (older MinIO and Ceph, now
+that boto3 >= 1.36 sends a CRC32 instead); "key-errors" answers 200 with an <Error> per key
+and deletes nothing (a bucket policy that denies s3:DeleteObject, an object lock).
 """
 
 from __future__ import annotations
 
 import http.client
 import random
+import re
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
@@ -43,9 +49,17 @@ class Seen:
 
 class FaultProxy:
     def __init__(self, upstream: str, *, slowdown: float = 0.0, drop: float = 0.0, seed: int = 0,
-                 strip_conditional: tuple[str, str] | None = None) -> None:
+                 strip_conditional: tuple[str, str] | None = None,
+                 delete_objects: str = "pass", refusal: str = "MissingContentMD5",
+                 bytes_per_second: float | None = None) -> None:
+        assert delete_objects in ("pass", "require-md5", "key-errors"), delete_objects
         self.upstream = urlsplit(upstream)
         self.slowdown, self.drop = slowdown, drop
+        self.delete_objects, self.refusal = delete_objects, refusal
+        self.requests: list[tuple[str, str]] = []  # (method, path) of every request seen
+        self.bytes_per_second = bytes_per_second  # one shared link for all uploads
+        self._link_free_at = 0.0
+        self.stalled = threading.Event()  # set: requests hang unanswered (a black hole)
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
         self.injected: Counter[str] = Counter()
@@ -81,6 +95,20 @@ class FaultProxy:
     def fail_everything(self) -> None:
         """From now on every request gets 503: an endpoint that stays down."""
         self.dead = True
+
+    def recover(self) -> None:
+        """The endpoint is back: requests pass again."""
+        self.dead = False
+
+    def _throttle(self, size: int) -> None:
+        """Hold the request until a link of ``bytes_per_second`` would have carried it."""
+        if not self.bytes_per_second or not size:
+            return
+        with self.lock:
+            start = max(time.monotonic(), self._link_free_at)
+            self._link_free_at = start + size / self.bytes_per_second
+            done = self._link_free_at
+        time.sleep(max(0.0, done - time.monotonic()))
 
     def _roll(self) -> str:
         with self.lock:
@@ -119,13 +147,17 @@ class FaultProxy:
             h.connection.shutdown(2)
             return
         body = h.rfile.read(length) if length else b""
+        with self.lock:
+            self.requests.append((h.command, h.path))
+        if self.stalled.is_set():
+            time.sleep(600)  # never answers; the client's own time-outs must cope
+            return
+        self._throttle(len(body))
         if fate == "slowdown":
             self._log(h, at, 503)
-            h.send_response(503)
-            h.send_header("Content-Type", "application/xml")
-            h.send_header("Content-Length", str(len(SLOWDOWN)))
-            h.end_headers()
-            h.wfile.write(SLOWDOWN)
+            _reply(h, 503, SLOWDOWN)
+            return
+        if self._answer_delete_objects(h, body):
             return
         conn = http.client.HTTPConnection(self.upstream.hostname, self.upstream.port, timeout=120)
         headers = {k: v for k, v in h.headers.items() if k.lower() not in HOP_BY_HOP}
@@ -152,3 +184,34 @@ class FaultProxy:
             h.connection.shutdown(2)
             return
         h.wfile.write(data)
+
+    def _answer_delete_objects(self, h: BaseHTTPRequestHandler, body: bytes) -> bool:
+        """Answer a DeleteObjects request in place of the server, as ``delete_objects`` says."""
+        query = parse_qs(urlsplit(h.path).query, keep_blank_values=True)
+        if h.command != "POST" or "delete" not in query or self.delete_objects == "pass":
+            return False
+        if self.delete_objects == "require-md5":
+            if h.headers.get("Content-MD5"):
+                return False
+            _reply(h, 400, _error(self.refusal, "Missing required header for this request: "
+                                  "Content-Md5."))
+            return True
+        errors = b"".join(b"<Error><Key>%s</Key><Code>AccessDenied</Code><Message>Access "
+                          b"Denied</Message></Error>" % key
+                          for key in re.findall(rb"<Key>(.*?)</Key>", body))
+        _reply(h, 200, b'<?xml version="1.0" encoding="UTF-8"?>\n<DeleteResult xmlns='
+               b'"http://s3.amazonaws.com/doc/2006-03-01/">%s</DeleteResult>' % errors)
+        return True
+
+
+def _error(code: str, message: str) -> bytes:
+    return (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code>'
+            f"<Message>{message}</Message><RequestId>proxy</RequestId></Error>").encode()
+
+
+def _reply(h: BaseHTTPRequestHandler, status: int, body: bytes) -> None:
+    h.send_response(status)
+    h.send_header("Content-Type", "application/xml")
+    h.send_header("Content-Length", str(len(body)))
+    h.end_headers()
+    h.wfile.write(body)

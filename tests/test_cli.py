@@ -7,7 +7,6 @@ builds without training; nothing else is stubbed.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import logging
 import math
 import os
@@ -299,14 +298,12 @@ def built_callbacks(cfg: Config, tmp_path: Path) -> list:
     from trainjob.resume import StopSignal
     from trainjob.storage import LocalStore
 
+    from trainjob.runstate import RunState
+
     run = RunFolder(tmp_path / "run", LocalStore(tmp_path / "run"))
-    # RunKeeper's keyword arguments grow with features; give it what it asks for.
-    candidates = {"history": [], "fingerprint": {}, "restore": None, "stop": StopSignal(),
-                  "steps_per_epoch": 10}
-    accepted = inspect.signature(callbacks_lib.RunKeeper).parameters
+    state = RunState(run, history=[], fingerprint={}, stop=StopSignal())
     try:
-        keeper = callbacks_lib.RunKeeper(run, **{k: v for k, v in candidates.items()
-                                                 if k in accepted})
+        keeper = callbacks_lib.RunKeeper(state, steps_per_epoch=10)
         return callbacks_lib.make_callbacks(cfg, run, keeper)
     finally:
         run.uploader.close()

@@ -15,7 +15,7 @@ import pytest
 import sampledata
 from PIL import Image
 
-from trainjob import datasets
+from trainjob import archives, datasets
 from trainjob.datasets import BACKGROUND, Catalog, Sample, locate, scan, split, unpack
 from trainjob.errors import DataError
 
@@ -609,3 +609,78 @@ def test_identical_cmyk_files_convert_in_parallel_without_losses(tmp_path):
     assert catalog.skipped == []
     assert catalog.converted == 40
     assert len(list((tmp_path / "converted").iterdir())) == 1
+
+
+# --- the fallback without tarfile's data filter (Python < 3.11.4) ---------------------------
+
+@pytest.fixture
+def no_data_filter(monkeypatch):
+    """Extract as Python < 3.11.4 does: no 'data' filter, only trainjob's own checks."""
+    fallback = {"filter": "fully_trusted"} if hasattr(tarfile, "fully_trusted_filter") else {}
+    monkeypatch.setattr(archives, "_TAR_FILTER", fallback)
+
+
+@pytest.mark.parametrize("chain", [
+    # a -> . makes a/zzz land in the extraction folder itself, where '..' leads out of it
+    [("a", "."), ("a/zzz", ".."), ("a/zzz/x", b"pwned")],
+    # a link that is harmless when made, until a later link redirects a folder it crosses
+    [("l1", "b/../evil.txt"), ("b", "."), ("l1", b"pwned")],
+], ids=["dot-then-dotdot", "retargeted-later"])
+def test_link_chains_are_refused_without_the_data_filter(area, no_data_filter, chain):
+    def build(tar):
+        good_members(tar)
+        for name, what in chain:
+            if isinstance(what, bytes):
+                add_bytes(tar, name, what)
+            else:
+                add_special(tar, name, tarfile.SYMTYPE, what)
+    archive = make_tar(area / "src" / "chain.tar", build)
+    err = assert_unsafe(archive, area, "outside")
+    assert "refusing" in str(err)
+    assert not [p for p in area.rglob("*") if p.is_file() and p.read_bytes() == b"pwned"]
+
+
+def test_safe_archives_still_extract_without_the_data_filter(area, no_data_filter):
+    def build(tar):
+        good_members(tar)
+        add_special(tar, "data/cats/alias.jpg", tarfile.SYMTYPE, "image_0.jpg")
+        add_special(tar, "data/dogs/same.jpg", tarfile.LNKTYPE, "data/cats/image_1.jpg")
+    roots = unpack(make_tar(area / "src" / "ok.tar", build), area / "work" / "extract", GB)
+    cats, dogs = locate(roots) / "cats", locate(roots) / "dogs"
+    assert (cats / "alias.jpg").read_bytes() == (cats / "image_0.jpg").read_bytes()
+    assert (dogs / "same.jpg").read_bytes() == (cats / "image_1.jpg").read_bytes()
+    assert_nothing_outside(area)
+
+
+# --- the training order: shuffled by seed, the split itself unchanged ------------------------
+
+def reference_split(catalog: Catalog, seed: int, val: float, test: float) -> tuple[set, set, set]:
+    """The split as it was defined before the training order was shuffled: per class, sort
+    by path, shuffle with Random(f'{seed}:{class}'), then train | val | test."""
+    out: tuple[set, set, set] = (set(), set(), set())
+    for label, name in enumerate(catalog.classes):
+        items = sorted((s for s in catalog.samples if s.label == label), key=lambda s: s.path)
+        random.Random(f"{seed}:{name}").shuffle(items)
+        n_train, n_val = datasets._split_sizes(len(items), val, test, None)
+        out[0].update(items[:n_train])
+        out[1].update(items[n_train:n_train + n_val])
+        out[2].update(items[n_train + n_val:])
+    return out
+
+
+def test_training_order_mixes_classes_above_the_shuffle_buffer():
+    """12,600 training images in 30 classes: tf.data's 10,000-image shuffle buffer only mixes
+    what is near in the list, so the list itself must not be sorted by class."""
+    catalog = catalog_of([600] * 30)
+    s = split(catalog, val_fraction=0.15, test_fraction=0.15, train_per_class=None, seed=7)
+    assert len(s.train) == 12_600
+    first_buffer = {x.label for x in s.train[:10_000]}
+    assert first_buffer == set(range(30)), f"classes missing from the first 10,000: " \
+        f"{sorted(set(range(30)) - first_buffer)}"
+    first_batches = {x.label for x in s.train[:256]}  # --steps-per-epoch 8 at batch size 32
+    assert len(first_batches) >= 25, f"only {len(first_batches)} classes in the first 256"
+    assert (set(s.train), set(s.val), set(s.test)) == reference_split(catalog, 7, 0.15, 0.15)
+    again = split(catalog, val_fraction=0.15, test_fraction=0.15, train_per_class=None, seed=7)
+    assert again.train == s.train  # the same seed gives the same order: resume depends on it
+    other = split(catalog, val_fraction=0.15, test_fraction=0.15, train_per_class=None, seed=8)
+    assert [x.path for x in other.train] != [x.path for x in s.train]

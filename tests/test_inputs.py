@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -89,7 +92,7 @@ def test_file_cache_survives_a_killed_writer(samples, tmp_path):
     refuse the cache because of it."""
     cache_dir = tmp_path / "tfcache"
     cache_dir.mkdir()
-    key = hashlib.sha1(f"{SIZE}:{[s.path for s in samples]}".encode()).hexdigest()[:16]
+    key = inputs.fingerprint_files([s.path for s in samples], SIZE)
     (cache_dir / f"train-{key}_0.lockfile").write_text("")
     assert len(list(_stream(samples, 0, 1, cache="file", tmp=cache_dir))) == len(samples) // 4 + 1
     assert any(p.name.endswith(".index") for p in cache_dir.iterdir())
@@ -147,3 +150,47 @@ def test_steps_per_epoch():
     assert inputs.steps_for(100, 32, None) == 4
     assert inputs.steps_for(5, 32, None) == 1
     assert inputs.steps_for(100, 32, 7) == 7
+
+
+def test_file_cache_is_not_served_stale_when_an_image_changes_in_place(samples, tmp_path):
+    """A prefix re-synced in place keeps its paths: the cache key must see the new content."""
+    cache_dir = tmp_path / "tfcache"
+    first = [x.numpy() for x, _ in inputs.decoded(samples, SIZE, "file", cache_dir, "train")]
+    assert first[3].max() == 30
+    Image.fromarray(np.full((20, 30, 3), 200, np.uint8)).save(samples[3].path)
+    os.utime(samples[3].path, ns=(1_700_000_000_000_000_000,) * 2)  # a different mtime, surely
+    again = [x.numpy() for x, _ in inputs.decoded(samples, SIZE, "file", cache_dir, "train")]
+    assert again[3].min() == again[3].max() == 200, "the file cache served the old image"
+    assert all((a == b).all() for i, (a, b) in enumerate(zip(first, again)) if i != 3)
+
+
+def test_file_cache_another_job_is_writing_is_left_alone(samples, tmp_path):
+    """Two jobs on one host, same images and size: the second must neither delete the first
+    one's TF lockfile (both would write the same cache files) nor fail."""
+    cache_dir = tmp_path / "tfcache"
+    cache_dir.mkdir()
+    prefix = cache_dir / f"train-{inputs.fingerprint_files([s.path for s in samples], SIZE)}"
+    lockfile = prefix.with_name(f"{prefix.name}_0.lockfile")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"""
+import sys
+from pathlib import Path
+from trainjob import cache
+with cache.session():
+    with cache.using(Path({str(prefix)!r})):
+        Path({str(lockfile)!r}).write_text("")  # mid-way through writing the cache
+    print("ready", flush=True)
+    sys.stdin.read()
+"""], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(inputs.__file__).parents[1])})
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        batches = list(_stream(samples, 0, 1, cache="file", tmp=cache_dir))
+        assert len(batches) == len(samples) // 4 + 1
+        assert lockfile.exists(), "deleted the lockfile of a job still writing the cache"
+        assert not prefix.with_name(f"{prefix.name}.index").exists()
+    finally:
+        holder.communicate("", timeout=60)
+    # The holder is gone and its lockfile stays, as after a kill: now it is stale.
+    assert len(list(_stream(samples, 0, 1, cache="file", tmp=cache_dir))) == len(samples) // 4 + 1
+    assert prefix.with_name(f"{prefix.name}.index").exists() and not lockfile.exists()

@@ -206,7 +206,7 @@ def test_uploads_failing_after_retries_exit_4_and_keep_local_files(s3, bucket, d
     """The endpoint dies mid-run: status failed, exit 4, the local run folder keeps it all."""
     with FaultProxy(s3.endpoint, slowdown=0.0, drop=0.0, seed=2) as proxy:
         args = ["train", "--data", dataset, "--output", f"s3://{bucket}/runs/dead",
-                "--epochs", "3", "--steps-per-epoch", "2", *SMALL]
+                "--epochs", "3", "--steps-per-epoch", "2", "--upload-timeout", "15", *SMALL]
         log = tmp_path / "job.log"
         env = s3.env(AWS_ENDPOINT_URL=proxy.endpoint, AWS_MAX_ATTEMPTS="2",
                      TRAINJOB_TEST_HOOKS=_hooks(tmp_path, sleep_after_epoch={"0": 3}))

@@ -15,6 +15,7 @@ from trainjob.artifacts import LocalStore, RunFolder
 from trainjob.config import Config
 from trainjob.datasets import Sample
 from trainjob.errors import Preempted, TrainingError
+from trainjob.runstate import RunState
 
 
 def _cfg(**overrides) -> Config:
@@ -42,9 +43,9 @@ def run(tmp_path):
 
 
 def _keeper(run, stop=None, restore=None, steps=4, every=0):
-    return cb.RunKeeper(run, history=[], fingerprint={"k": 1}, restore=restore,
-                        stop=stop or resume.StopSignal(), steps_per_epoch=steps,
-                        backup_every_steps=every)
+    state = RunState(run, history=[], fingerprint={"k": 1}, restore=restore,
+                     stop=stop or resume.StopSignal())
+    return cb.RunKeeper(state, steps_per_epoch=steps, backup_every_steps=every)
 
 
 def test_evaluate_reports_mean_per_class_accuracy():
@@ -111,7 +112,7 @@ def test_resume_state_restores_callbacks_and_optimizer(run):
 
     # A new process: fresh model and callbacks, state put back.
     model2 = _tiny()
-    assert resume.restore_weights(model2, run) == 12
+    assert resume.restore_weights(model2, run, state) == 12
     for a, b in zip(model.get_weights(), model2.get_weights()):
         np.testing.assert_allclose(a, b)
     keeper2 = _keeper(run, restore=state)
@@ -136,7 +137,7 @@ def test_checkpoints_hold_weights_without_optimizer_state(run):
                                                           _keeper(run)), verbose=0)
     with h5py.File(run.path("checkpoints/last.weights.h5")) as f:
         assert "optimizer" not in f
-    with h5py.File(run.path(resume.WEIGHTS)) as f:
+    with h5py.File(run.path(resume.weights_of(resume.load_state(run)))) as f:
         assert "optimizer" in f  # the resume state carries it
     fresh = _tiny()
     cb.load_model_weights(fresh, run.path("checkpoints/last.weights.h5"))
@@ -209,3 +210,67 @@ def test_one_device_uses_the_default_strategy():
 
     assert training.make_strategy(["/cpu:0"]) is tf.distribute.get_strategy()
     assert not isinstance(training.make_strategy(), tf.distribute.MirroredStrategy)
+
+
+MIRRORED_RESUME = """
+import sys
+from pathlib import Path
+import numpy as np, tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras
+from trainjob import callbacks as cb, resume, training
+from trainjob.artifacts import RunFolder
+from trainjob.config import Config
+from trainjob.runstate import RunState
+from trainjob.storage import LocalStore
+
+cfg = Config.from_options(data="/d", output="/o", epochs=2)
+x = np.random.default_rng(0).uniform(0, 255, (16, 8, 8, 3)).astype("float32")
+y = keras.utils.to_categorical(np.arange(16) % 3, 3)
+ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(8).repeat()
+
+def build(strategy):
+    # As job.py does: build, compile and restore inside the strategy's scope.
+    with strategy.scope():
+        model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Flatten(),
+                                  keras.layers.Dense(3, activation="softmax")])
+        training.compile_model(model, cfg, 3)
+    return model
+
+def fit(model, run, restore, first, last):
+    state = RunState(run, fingerprint={}, history=[], stop=resume.StopSignal(), restore=restore)
+    training.fit(model, ds, val_ds=None, cfg=cfg, steps=2, initial_epoch=first, epochs=last,
+                 callbacks=[cb.RunKeeper(state, steps_per_epoch=2)], weights=None)
+
+root = Path(sys.argv[1])
+with RunFolder(root, LocalStore(root)) as run:
+    strategy = training.make_strategy(["/cpu:0", "/cpu:1"])
+    first = build(strategy)
+    fit(first, run, None, 0, 1)
+    record = resume.load_state(run)
+    # A new process would make a new strategy and model; restore inside its scope.
+    strategy2 = training.make_strategy(["/cpu:0", "/cpu:1"])
+    second = build(strategy2)
+    with strategy2.scope():
+        assert resume.restore_weights(second, run, record) == 2
+    for a, b in zip(first.get_weights(), second.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(first.optimizer.variables, second.optimizer.variables):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    fit(second, run, record, 1, 2)
+    assert int(second.optimizer.iterations.numpy()) == 4
+    assert resume.load_state(run)["epoch"] == 2
+print("MIRRORED-RESUME-OK")
+"""
+
+
+def test_resume_under_mirrored_strategy(tmp_path):
+    """Resume state saved under MirroredStrategy restores into a new strategy's model (the
+    optimizer's slots built inside its scope), and training continues from there."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", MIRRORED_RESUME, str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=300)
+    assert "MIRRORED-RESUME-OK" in proc.stdout, proc.stderr[-3000:]

@@ -1,26 +1,25 @@
-"""The run folder: status, history, plot, manifest; its upload to ``--output``.
+"""The run folder: its files, status, manifest and publishing to ``--output``.
 
 Files are written locally first (Keras callbacks can only write local files), then go to
-the output store through ``Uploader``: continuously during training, all at once at the end.
-``manifest.json`` is uploaded last, and its presence means the run finished.
+the output store through the ``Uploader``: in generations during training, all at once at
+the end. ``manifest.json`` is uploaded last, its presence means the run finished, and after
+it nothing in the run folder changes.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
-import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from trainjob.errors import StorageError
-from trainjob.storage import LocalStore, Store
+from trainjob.storage import LocalStore, Store, check_inside
+from trainjob.uploader import Uploader
 
 log = logging.getLogger(__name__)
 
@@ -43,20 +42,21 @@ RUN_ENTRIES = (CONFIG, CLASSES, STATUS, LOG_CSV, HISTORY, PLOT, METRICS, MANIFES
                BEST.split("/")[0], MODEL.split("/")[0], BACKUP)
 
 
-# Files trainjob itself only ever replaces whole (write, then rename): the uploader may
-# snapshot them with a hard link instead of a copy. Keras rewrites its files in place.
-ATOMIC_PREFIXES = (BACKUP + "/",)
-UPLOAD_NICE = 10
+# What a resumed run needs back from the bucket: never the model, the manifest or the lock,
+# and nothing that is not trainjob's (--output may be a bucket root).
+RESUME_ENTRIES = (CONFIG, CLASSES, STATUS, LOG_CSV, HISTORY, BEST.split("/")[0] + "/",
+                  BACKUP + "/")
 
 
-def _snapshot(path: Path, snap: Path, replaced_whole: bool) -> None:
-    if replaced_whole:
-        try:
-            os.link(path, snap)  # free: the writer's next version is a new inode
-            return
-        except OSError:
-            pass
-    shutil.copyfile(path, snap)
+def upload_rank(rel: str) -> int:
+    """The order of files within an upload generation: data before the records that name
+    it, the resume pointer after its pair, status after everything it describes, the
+    manifest last of all."""
+    if rel.endswith(".h5"):
+        return 0 if rel.startswith(BACKUP + "/") else 1
+    if rel.startswith(BACKUP + "/"):
+        return 3 if rel == f"{BACKUP}/state.json" else 2
+    return {STATUS: 5, MANIFEST: 6}.get(rel, 4)
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -82,125 +82,6 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-class Uploader:
-    """One background thread that mirrors changed run-folder files to the output store.
-
-    A newer version of a file replaces a queued older one; failed uploads are retried with
-    backoff. Training only waits when more than ``max_pending_bytes`` are queued, and in
-    ``flush``. Files are snapshotted at submit time, so Keras may rewrite them meanwhile.
-    """
-
-    def __init__(self, store: Store, root: Path, *, enabled: bool = True, retries: int = 5,
-                 backoff: float = 1.0, max_pending_bytes: int = 4 * 1024**3) -> None:
-        self.store, self.root, self.enabled = store, root, enabled
-        self.retries, self.backoff, self.max_pending = retries, backoff, max_pending_bytes
-        self.staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
-        self._pending: dict[str, tuple[Path, int]] = {}  # rel -> (snapshot, size), in order
-        self._uploaded: dict[str, tuple[int, int]] = {}  # rel -> (size, mtime_ns) last sent
-        self._queued: dict[str, tuple[int, int]] = {}  # rel -> (size, mtime_ns) of the snapshot
-        self._cond = threading.Condition()
-        self._busy = False
-        self._closed = False
-        self._seq = 0
-        self.error: StorageError | None = None
-        self.uploads = 0
-        self._thread = threading.Thread(target=self._run, name="trainjob-uploader", daemon=True)
-        self._thread.start()
-
-    def submit(self, *rels: str, force: bool = False) -> None:
-        """Queue files (paths relative to the run folder) whose content changed."""
-        if not self.enabled:
-            return
-        for rel in rels:
-            path = self.root / rel
-            if not path.is_file():
-                continue
-            st = path.stat()
-            if not force and self._uploaded.get(rel) == (st.st_size, st.st_mtime_ns):
-                continue
-            with self._cond:
-                self._cond.wait_for(lambda: self._pending_bytes() < self.max_pending
-                                    or self._closed)
-                self._seq += 1
-                snap = self.staging / f"{self._seq}-{path.name}"
-                _snapshot(path, snap, rel.startswith(ATOMIC_PREFIXES) or rel.endswith(".json"))
-                old = self._pending.pop(rel, None)
-                if old:
-                    old[0].unlink(missing_ok=True)
-                self._pending[rel] = (snap, st.st_size)
-                self._uploaded.pop(rel, None)
-                self._queued[rel] = (st.st_size, st.st_mtime_ns)
-                self._cond.notify_all()
-
-    def flush(self, timeout: float | None = None) -> bool:
-        """Wait until everything queued is uploaded. Raises the upload error, if any."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
-            done = self._cond.wait_for(lambda: (not self._pending and not self._busy)
-                                       or self.error is not None,
-                                       None if deadline is None else max(0.0, deadline - time.monotonic()))
-        if self.error:
-            raise self.error
-        return bool(done)
-
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-        self._thread.join(timeout=5)
-        shutil.rmtree(self.staging, ignore_errors=True)
-
-    def _pending_bytes(self) -> int:
-        return sum(size for _, size in self._pending.values())
-
-    def _run(self) -> None:
-        # Below the trainer's threads: uploads fill idle CPU time instead of taking it from
-        # training. Linux applies nice per thread, and the transfer threads boto3 starts
-        # from this one inherit it.
-        with contextlib.suppress(OSError, AttributeError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(),
-                           max(os.getpriority(os.PRIO_PROCESS, 0), UPLOAD_NICE))
-        while True:
-            with self._cond:
-                self._cond.wait_for(lambda: self._pending or self._closed)
-                if not self._pending:
-                    return
-                rel = next(iter(self._pending))
-                snap, _ = self._pending.pop(rel)
-                self._busy = True
-            try:
-                self._upload(snap, rel)
-            except Exception as exc:  # noqa: BLE001 - a dead thread would make flush() hang
-                if not isinstance(exc, StorageError):
-                    exc = StorageError(f"upload of {rel} to {self.store.uri} failed: {exc}")
-                log.error("upload of %s failed after retries: %s", rel, exc)
-                self.error = exc
-            finally:
-                snap.unlink(missing_ok=True)
-                with self._cond:
-                    self._busy = False
-                    self._cond.notify_all()
-
-    def _upload(self, snap: Path, rel: str) -> None:
-        # Once a file has failed all its retries the store is presumed down: the rest get
-        # one try each, so the job reports the failure promptly instead of retrying forever.
-        retries = 0 if self.error else self.retries
-        for attempt in range(retries + 1):
-            try:
-                self.store.put(snap, rel)
-                with self._cond:
-                    self.uploads += 1
-                    if rel not in self._pending:  # no newer version queued meanwhile
-                        self._uploaded[rel] = self._queued[rel]
-                return
-            except StorageError as exc:
-                if attempt == retries:
-                    raise
-                delay = self.backoff * 2**attempt
-                log.warning("upload of %s failed (%s); retrying in %.0fs", rel, exc, delay)
-                time.sleep(delay)
-
-
 class RunFolder:
     """The local copy of the run folder and the store it is published to."""
 
@@ -208,16 +89,21 @@ class RunFolder:
         self.local = local
         self.store = store
         local.mkdir(parents=True, exist_ok=True)
+        for stale in local.glob(".staging-*"):  # a killed job's; we hold the run lock
+            shutil.rmtree(stale, ignore_errors=True)
         # For a local --output the run folder *is* the output: nothing to upload.
         same = isinstance(store, LocalStore) and store.root.resolve() == local.resolve()
-        self.uploader = Uploader(store, local, enabled=not same)
+        self.uploader = Uploader(store, local, enabled=not same, order=upload_rank)
         self.sync = sync
+        self.published = False  # manifest.json is stored: the run must not change again
 
     def __enter__(self) -> RunFolder:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.uploader.close()
+        # Short: after a flush the thread is idle, and after a failed one (a grace period
+        # running out) whatever is in flight is abandoned anyway.
+        self.uploader.close(timeout=1.0)
 
     def path(self, rel: str) -> Path:
         return self.local / rel
@@ -228,15 +114,25 @@ class RunFolder:
             self.uploader.submit(rel)
 
     def set_status(self, state: str, *, upload: bool = True, **fields: Any) -> None:
+        if self.published:
+            return  # the manifest holds this file's hash: it stays as published
         status = read_json(self.path(STATUS), {}) or {}
         status.update(fields, state=state, updated=time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                  time.gmtime()))
         self.write(STATUS, status, upload=upload)
 
-    def sync_epoch(self, *extra: str) -> None:
-        """Queue what changed this epoch, status.json last; sent in the background."""
-        if self.sync:
-            self.uploader.submit(LOG_CSV, HISTORY, BEST, LAST, *extra, STATUS)
+    def pull(self) -> int:
+        """Download what a resumed run needs (RESUME_ENTRIES) from the store; returns the
+        number of files. Each key is checked to stay inside the local folder."""
+        count = 0
+        for entry in RESUME_ENTRIES:
+            objects = self.store.list(entry) if entry.endswith("/") else \
+                [info] if (info := self.store.read_info(entry)) else []
+            for obj in objects:
+                dest = check_inside(self.local, self.local / obj.key, self.store.child(obj.key))
+                self.store.get(obj.key, dest)
+                count += 1
+        return count
 
     def published_files(self) -> list[str]:
         """The files a finished run publishes: all but resume state, lock, manifest, temps."""
@@ -252,24 +148,37 @@ class RunFolder:
                  for rel in self.published_files()}
         return {"files": files, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
-    def publish(self) -> dict[str, Any]:
+    def publish(self, timeout: float | None = None) -> dict[str, Any]:
         """Upload every file, then manifest.json last; then drop the resume state."""
-        self.uploader.submit(*self.published_files())
-        self.uploader.flush()
+        self.uploader.commit(self.published_files(), label="final")
+        self.flush(timeout)
         manifest = self.manifest()
         write_json(self.path(MANIFEST), manifest)
-        self.uploader.submit(MANIFEST, force=True)
-        self.uploader.flush()
+        self.uploader.commit([MANIFEST], label="manifest", force=True)
+        self.flush(timeout)
+        self.published = True
         self.drop_backup()
         log.info("published %d files to %s", len(manifest["files"]), self.store.uri)
         return manifest
 
+    def flush(self, timeout: float | None) -> None:
+        """Everything queued is stored within ``timeout``, or a ``StorageError``."""
+        if not self.uploader.flush(timeout):
+            raise StorageError(f"uploads to {self.store.uri} did not finish within "
+                               f"{timeout:.0f}s: check the store, then rerun to publish")
+
     def drop_backup(self) -> None:
+        """Best effort: the run is published whatever happens here."""
         shutil.rmtree(self.path(BACKUP), ignore_errors=True)
-        if self.uploader.enabled:
+        if not self.uploader.enabled:
+            return
+        try:
             stale = [o.key for o in self.store.list(BACKUP + "/")]
             if stale:
                 self.store.delete(stale)
+        except StorageError as exc:
+            log.warning("could not remove the resume state from %s (%s); it is no longer "
+                        "needed and can be deleted by hand", self.store.child(BACKUP), exc)
 
 
 def plot_history(history: list[dict[str, Any]], out: Path) -> None:

@@ -116,9 +116,14 @@ class CacheIndex:
         """Mark a sync of the whole folder as running; True if the previous one never
         finished (the caller then sweeps the folder)."""
         self.settle()  # downloads a killed fetch completed are real: keep them
-        dirty = self.db.execute("SELECT value FROM meta WHERE name = 'dirty'").fetchone()
+        was = self.dirty()
         self.db.execute("INSERT OR REPLACE INTO meta VALUES ('dirty', '1')")
-        return bool(dirty and dirty[0] == "1")
+        return was
+
+    def dirty(self) -> bool:
+        """Whether a sync of the folder started and never finished."""
+        row = self.db.execute("SELECT value FROM meta WHERE name = 'dirty'").fetchone()
+        return bool(row and row[0] == "1")
 
     def finish_sync(self) -> None:
         self.settle()

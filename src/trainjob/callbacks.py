@@ -1,5 +1,5 @@
-"""trainjob's Keras callbacks: the standard set, plus RunKeeper, which keeps the run folder
-and the resume state current every epoch.
+"""trainjob's Keras callbacks: the standard set, plus RunKeeper, which connects Keras' fit
+to ``runstate.RunState`` (save points, epoch records, upload generations, stop checks).
 
 Keras' BackupAndRestore restores weights and the epoch but forgets EarlyStopping,
 ReduceLROnPlateau and ModelCheckpoint state, and deletes its folder on success. RunKeeper
@@ -19,10 +19,11 @@ from typing import Any
 import keras
 from keras.src.saving import saving_lib  # weights without optimizer state
 
-from trainjob.artifacts import BEST, HISTORY, LAST, LOG_CSV, RunFolder, read_json, sha256
+from trainjob.artifacts import BEST, LAST, LOG_CSV, RunFolder
 from trainjob.config import Config
-from trainjob.errors import Preempted, TrainingError
-from trainjob.resume import CALLBACK_STATE, STATE, WEIGHTS, StopSignal, plain
+from trainjob.errors import TrainingError
+from trainjob.resume import CALLBACK_STATE, plain
+from trainjob.runstate import RunState
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +48,18 @@ class WeightsCheckpoint(keras.callbacks.ModelCheckpoint):
     def _save_model(self, epoch: int, batch: int | None, logs: dict) -> None:
         filepath = self._get_file_path(epoch, batch, logs)
         if self._should_save_model(epoch, batch, logs, filepath):
-            Path(filepath).parent.mkdir(parents=True, exist_ok=True)
-            saving_lib.save_weights_only(self.model, filepath,
-                                         objects_to_skip=[self.model.optimizer])
+            save_model_weights(self.model, Path(filepath))
 
 
 def load_model_weights(model: keras.Model, path: Path) -> None:
     """Load a WeightsCheckpoint file into a compiled model, leaving its optimizer alone."""
     saving_lib.load_weights_only(model, str(path), objects_to_skip=[model.optimizer])
+
+
+def save_model_weights(model: keras.Model, path: Path) -> None:
+    """Write a file in WeightsCheckpoint's format (weights without the optimizer)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    saving_lib.save_weights_only(model, str(path), objects_to_skip=[model.optimizer])
 
 
 def make_callbacks(cfg: Config, run: RunFolder, keeper: RunKeeper) -> list[keras.callbacks.Callback]:
@@ -87,26 +92,24 @@ def make_callbacks(cfg: Config, run: RunFolder, keeper: RunKeeper) -> list[keras
 
 
 class RunKeeper(keras.callbacks.Callback):
-    """Last in the callback list: restores callback state, and at every epoch end writes
-    history, status and resume state, then queues them for upload. Also stops on a signal,
+    """Last in the callback list: Keras' side of ``RunState``. It restores callback state,
+    records each epoch and mid-epoch resume points, stops on a signal or a lost run lock,
     and fails fast on a NaN loss, without recording a partial epoch."""
 
-    def __init__(self, run: RunFolder, *, history: list[dict], fingerprint: dict,
-                 restore: dict | None, stop: StopSignal, steps_per_epoch: int,
-                 backup_every_steps: int = 0, on_epoch: Any = None) -> None:
+    def __init__(self, state: RunState, *, steps_per_epoch: int,
+                 backup_every_steps: int = 0) -> None:
         super().__init__()
-        self.run = run
-        self.history = history
-        self.fingerprint = fingerprint
-        self.restore = restore
-        self.stop = stop
+        self.state = state
         self.backup_every_steps = backup_every_steps
         self.steps_per_epoch = steps_per_epoch
-        self.on_epoch = on_epoch  # e.g. the lock heartbeat
         self.epoch = 0
         self.step_offset = 0  # batches skipped at the start of a mid-epoch resume
         self._epoch_started = time.monotonic()
         self._tracked: dict[str, keras.callbacks.Callback] = {}
+
+    @property
+    def history(self) -> list[dict]:
+        return self.state.history
 
     def set_peers(self, callbacks: list[keras.callbacks.Callback]) -> None:
         """The callbacks whose state is saved, keyed by kind (and file, for checkpoints)."""
@@ -117,14 +120,15 @@ class RunKeeper(keras.callbacks.Callback):
                     self._tracked[f"{kind}:{getattr(cb, 'filepath', '')}"] = cb
 
     def on_train_begin(self, logs: dict | None = None) -> None:
-        if not self.restore:
+        restore = self.state.restore
+        if not restore:
             return
         for key, cb in self._tracked.items():
             base = key.split(":")[0]
-            for attr, value in self.restore.get("callbacks", {}).get(key, {}).items():
+            for attr, value in restore.get("callbacks", {}).get(key, {}).items():
                 if attr in CALLBACK_STATE[base]:
                     setattr(cb, attr, value)
-        log.info("restored callback state: %s", self.restore.get("callbacks"))
+        log.info("restored callback state: %s", restore.get("callbacks"))
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self.epoch = epoch
@@ -135,16 +139,15 @@ class RunKeeper(keras.callbacks.Callback):
         if loss is not None and not math.isfinite(float(loss)):
             raise TrainingError(f"loss became {float(loss)} at epoch {self.epoch} batch {batch}: "
                                 "lower --learning-rate or check the data")
+        self.state.check()
         step = self.step_offset + batch + 1  # batches of this epoch done, across a restart
         every = self.backup_every_steps
-        if self.stop.requested or (every and step % every == 0):
+        if self.state.stop.requested or (every and step % every == 0):
             # A mid-epoch resume point: weights, optimizer, and where we are. Not after the
             # last batch: the epoch-end state follows, with validation and the CSV row.
             if every and step < self.steps_per_epoch:
-                self.save_state(self.epoch, step)
-                self.run.uploader.submit(WEIGHTS, STATE)
-            if self.stop.requested:
-                raise Preempted(f"stopped by signal in epoch {self.epoch} after batch {step}")
+                self.state.save_point(epoch=self.epoch, step=step, **self._snapshot())
+            self.state.stop_if_requested(f"in epoch {self.epoch} after batch {step}")
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         self.step_offset = 0
@@ -154,48 +157,22 @@ class RunKeeper(keras.callbacks.Callback):
                "learning_rate": float(keras.ops.convert_to_numpy(opt.learning_rate)),
                "seconds": round(time.monotonic() - self._epoch_started, 3),
                "finished_at": round(time.time(), 3)}
-        self.history.append(row)
-        self.run.write(HISTORY, self.history, upload=False)
-        self.save_state(epoch + 1)
-        self.run.set_status("running", epoch=epoch, epochs_done=epoch + 1, metrics=row,
-                            upload=False)  # queued last, below
-        if self.on_epoch:
-            self.on_epoch()
-        # Upload order matters: weights before the state.json that names them, and status
-        # last, so a status showing epoch k means epoch k's resume state is in the bucket.
-        self.run.sync_epoch(WEIGHTS, STATE)
+        self.state.end_epoch(epoch, row, **self._snapshot())
         if delay := test_hooks().get("sleep_after_epoch", {}).get(str(epoch)):
             time.sleep(float(delay))
+        # A signal during validation, or this last epoch: the state above is complete.
+        self.state.stop_if_requested(f"after epoch {epoch}")
 
-    def save_state(self, epoch: int, step: int = 0) -> None:
-        """Resume point: start epoch ``epoch`` after its first ``step`` batches."""
-        weights = self.run.path(WEIGHTS)
-        weights.parent.mkdir(parents=True, exist_ok=True)
-        partial = weights.with_name("partial." + weights.name)
-        self.model.save_weights(partial)  # includes the optimizer: iterations, moments, lr
-        os.replace(partial, weights)  # whole or not at all; lets the uploader hard-link it
-        state = {
-            "epoch": epoch,
-            "step": step,
-            "weights_sha256": sha256(weights),
+    def _snapshot(self) -> dict[str, Any]:
+        """What a save point records besides the epoch and step."""
+        return {
+            # save_weights includes the optimizer: iterations, moments, learning rate.
+            "write_weights": lambda path: self.model.save_weights(path),
             "iterations": int(keras.ops.convert_to_numpy(self.model.optimizer.iterations)),
-            "callbacks": {key: {a: plain(getattr(cb, a, None)) for a in
-                                CALLBACK_STATE[key.split(':')[0]]}
+            "callbacks": {key: {a: plain(getattr(cb, a, None))
+                                for a in CALLBACK_STATE[key.split(":")[0]]}
                           for key, cb in self._tracked.items()},
-            "fingerprint": self.fingerprint,
-            "saved": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        self.run.write(STATE, state, upload=False)
-        # A second fit() in the same process (after a mid-epoch resume) restores from here.
-        self.restore = state
-
-    def finish_training(self) -> None:
-        """Training is over (all epochs, or EarlyStopping): a restart before publishing must
-        go straight to evaluation, not train on."""
-        state = read_json(self.run.path(STATE))
-        if state:
-            state["finished_training"] = True
-            self.run.write(STATE, state)
 
 
 def test_hooks() -> dict:

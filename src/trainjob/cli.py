@@ -12,7 +12,7 @@ import click
 
 from trainjob import __version__
 from trainjob.config import Config, option_fields
-from trainjob.errors import ConfigError, TrainJobError
+from trainjob.errors import ConfigError, Preempted, TrainJobError
 
 ENV_PREFIX = "TRAINJOB"
 log = logging.getLogger(__name__)
@@ -120,6 +120,14 @@ def main(argv: list[str] | None = None) -> int:
     except click.exceptions.Abort:
         _fail(TrainJobError("aborted"), debug)
         return 130
+    except Preempted as exc:
+        _fail(exc, debug)
+        # Inside the grace period: boto3's transfer threads still stuck on a hung store
+        # would hold a normal interpreter exit until their time-outs. What had to be saved
+        # is saved or abandoned by now.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exc.exit_code)
     except TrainJobError as exc:
         _fail(exc, debug)
         return exc.exit_code

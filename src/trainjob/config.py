@@ -168,6 +168,8 @@ class OutputConfig:
                                         "(default: until it is stale).", type=float)
     sync: bool = option(True, "Upload the run folder in the background after each epoch.")
     backup_every_steps: int = option(0, "Also save resume state every N batches (0: epochs only).")
+    upload_timeout: float = option(600.0, "At the end of the run, how long to keep retrying "
+                                   "uploads to --output before failing with exit 4.")
 
     def __post_init__(self) -> None:
         if not self.output:
@@ -175,6 +177,8 @@ class OutputConfig:
         parse_uri(self.output)
         if self.backup_every_steps < 0:
             raise ConfigError("--backup-every-steps must be 0 or more")
+        if self.upload_timeout <= 0:
+            raise ConfigError("--upload-timeout must be positive")
 
 
 @dataclass(frozen=True)

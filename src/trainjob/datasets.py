@@ -1,4 +1,5 @@
-"""Datasets on disk: safe archive extraction, class-folder discovery, image checks, splits.
+"""Datasets on disk: class-folder discovery, image checks, splits; archives are unpacked by
+``archives`` (``unpack`` is re-exported here).
 
 Works on the official ``caltech-101.zip`` as distributed (a zip holding
 ``101_ObjectCategories.tar.gz`` beside ``Annotations.tar`` and ``__MACOSX`` junk), on
@@ -7,37 +8,37 @@ plain folders of class folders, and on anything in between.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import random
-import stat
-import tarfile
 import threading
-import zipfile
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from trainjob import cache
+from trainjob.archives import ARCHIVE_SUFFIXES, is_archive, is_junk, unpack, walk_files
 from trainjob.errors import DataError
 
 log = logging.getLogger(__name__)
 
-ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
+__all__ = ["ARCHIVE_SUFFIXES", "Catalog", "Sample", "Splits", "is_archive", "locate", "scan",
+           "split", "unpack"]
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
                   ".ppm", ".pgm"}
 BACKGROUND = "BACKGROUND_Google"
 # Formats and modes tf.io.decode_image reads as RGB directly; anything else is converted once.
 TF_NATIVE = {"JPEG": {"RGB", "L"}, "PNG": {"RGB", "RGBA", "L", "LA", "P", "I;16", "I"},
              "GIF": {"P", "L", "RGB"}, "BMP": {"RGB", "L", "P"}}
-MAX_NESTING = 3
-# tarfile's extraction filters (PEP 706) exist from Python 3.11.4 on; older 3.11 patch
-# releases (Debian bookworm's 3.11.2) rely on the member checks below alone.
-_TAR_FILTER = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
-_TAR_FILTER_ERROR = getattr(tarfile, "FilterError", ())
+# A converted image no scan has used for this long goes, when no job on the host uses the folder.
+CONVERTED_MAX_AGE = 14 * 86_400
 
 
 @dataclass(frozen=True)
@@ -76,158 +77,6 @@ class Splits:
         return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
 
 
-# --- archives ---------------------------------------------------------------------------
-
-def is_archive(path: Path) -> bool:
-    return path.name.lower().endswith(ARCHIVE_SUFFIXES)
-
-
-def _is_junk(name: str) -> bool:
-    parts = PurePosixPath(name).parts
-    return any(p == "__MACOSX" or p.startswith("._") or p == ".DS_Store" for p in parts)
-
-
-class _Budget:
-    """Total bytes all (nested) extractions may write: guards against archive bombs."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit, self.used = limit, 0
-
-    def spend(self, n: int, archive: Path) -> None:
-        self.used += n
-        if self.used > self.limit:
-            raise DataError(f"{archive.name} unpacks to more than --max-extract-bytes "
-                            f"({self.limit} bytes); raise the limit if the data is genuine")
-
-
-def _safe_target(dest: Path, name: str, archive: Path) -> Path:
-    pure = PurePosixPath(name.replace("\\", "/"))
-    if pure.is_absolute() or ".." in pure.parts or (name[1:2] == ":"):
-        raise DataError(f"unsafe archive {archive.name}: member {name!r} points outside the "
-                        "extraction folder; refusing to extract it")
-    target = (dest / pure).resolve()
-    if not target.is_relative_to(dest.resolve()):
-        raise DataError(f"unsafe archive {archive.name}: member {name!r} escapes the "
-                        "extraction folder; refusing to extract it")
-    return target
-
-
-def _check_link(dest: Path, name: str, link: str, archive: Path) -> None:
-    base = PurePosixPath(name).parent
-    if PurePosixPath(link).is_absolute() or \
-            not (dest / base / link).resolve().is_relative_to(dest.resolve()):
-        raise DataError(f"unsafe archive {archive.name}: link {name!r} -> {link!r} points "
-                        "outside the extraction folder; refusing to extract it")
-
-
-def _extract_tar(archive: Path, dest: Path, budget: _Budget) -> None:
-    try:
-        with tarfile.open(archive) as tar:
-            members = []
-            for m in tar.getmembers():
-                _safe_target(dest, m.name, archive)
-                if m.isdev() or m.isfifo():
-                    raise DataError(f"unsafe archive {archive.name}: {m.name!r} is a device "
-                                    "or fifo; refusing to extract it")
-                if m.issym():
-                    _check_link(dest, m.name, m.linkname, archive)
-                elif m.islnk():
-                    _safe_target(dest, m.linkname, archive)
-                budget.spend(m.size, archive)
-                if not _is_junk(m.name):
-                    members.append(m)
-            # The 'data' filter re-checks all of the above inside tarfile itself.
-            tar.extractall(dest, members=members, **_TAR_FILTER)
-    except _TAR_FILTER_ERROR as exc:
-        raise DataError(f"unsafe archive {archive.name}: {exc}; refusing to extract it") from exc
-    except (tarfile.TarError, EOFError, OSError) as exc:
-        raise DataError(f"cannot read archive {archive.name}: {exc}; re-upload it") from exc
-
-
-def _extract_zip(archive: Path, dest: Path, budget: _Budget) -> None:
-    try:
-        with zipfile.ZipFile(archive) as zf:
-            for info in zf.infolist():
-                target = _safe_target(dest, info.filename, archive)
-                mode = info.external_attr >> 16
-                if stat.S_ISLNK(mode):
-                    _check_link(dest, info.filename, zf.read(info).decode(errors="replace"),
-                                archive)
-                    continue  # never materialise links from zips
-                if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISFIFO(mode):
-                    raise DataError(f"unsafe archive {archive.name}: {info.filename!r} is a "
-                                    "device or fifo; refusing to extract it")
-                budget.spend(info.file_size, archive)
-                if info.is_dir() or _is_junk(info.filename):
-                    continue
-                target.parent.mkdir(parents=True, exist_ok=True)
-                # zipfile stops at the declared size, so the budget check above holds.
-                with zf.open(info) as src, open(target, "wb") as out:
-                    while chunk := src.read(1 << 20):
-                        out.write(chunk)
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
-        raise DataError(f"cannot read archive {archive.name}: {exc}; re-upload it") from exc
-
-
-def _archive_key(archive: Path) -> str:
-    st = archive.stat()
-    return hashlib.sha1(f"{archive.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
-
-
-def extract(archive: Path, extract_root: Path, budget: _Budget) -> Path:
-    """Unpack ``archive`` under ``extract_root`` once; a complete earlier unpack is reused."""
-    dest = extract_root / f"{_archive_key(archive)}-{archive.name}"
-    marker = dest / ".trainjob-complete"
-    if marker.exists():
-        budget.spend(int(marker.read_text() or 0), archive)
-        return dest
-    if dest.exists():
-        _rmtree(dest)  # a crash mid-extract leaves a partial folder: start over
-    dest.mkdir(parents=True)
-    before = budget.used
-    log.info("extracting %s", archive.name)
-    if archive.name.lower().endswith(".zip"):
-        _extract_zip(archive, dest, budget)
-    else:
-        _extract_tar(archive, dest, budget)
-    marker.write_text(str(budget.used - before))
-    return dest
-
-
-def unpack(source: Path, extract_root: Path, max_bytes: int) -> list[Path]:
-    """Folders holding the source's files with every archive in it unpacked (nested too)."""
-    budget = _Budget(max_bytes)
-    roots, frontier = [], [source]
-    for _depth in range(MAX_NESTING + 1):
-        found = []
-        for item in frontier:
-            if item.is_file():
-                if not is_archive(item):
-                    raise DataError(f"{item.name} is neither an archive (.zip, .tar, .tar.gz, "
-                                    ".tgz) nor a folder; point --data at the dataset")
-                item = extract(item, extract_root, budget)
-            roots.append(item)
-            found += [p for p in _walk_files(item) if is_archive(p)]
-        frontier = found
-        if not frontier:
-            return roots
-    raise DataError(f"{source.name}: archives nested more than {MAX_NESTING} deep")
-
-
-def _walk_files(root: Path):
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not _is_junk(d) and not d.startswith("."))
-        for name in sorted(filenames):
-            if not _is_junk(name) and not name.startswith("."):
-                yield Path(dirpath) / name
-
-
-def _rmtree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
-
-
 # --- class folders ----------------------------------------------------------------------
 
 def locate(roots: list[Path]) -> Path:
@@ -235,7 +84,7 @@ def locate(roots: list[Path]) -> Path:
     best, best_score = None, (0, 0)
     for root in roots:
         for dirpath, dirnames, filenames in os.walk(root):
-            dirnames[:] = [d for d in dirnames if not _is_junk(d) and not d.startswith(".")]
+            dirnames[:] = [d for d in dirnames if not is_junk(d) and not d.startswith(".")]
             if not dirnames:
                 continue
             images, classes = 0, 0
@@ -259,15 +108,20 @@ def locate(roots: list[Path]) -> Path:
 
 def scan(root: Path, converted_dir: Path, *, include_background: bool = False,
          max_bad_fraction: float = 0.05, threads: int = 8) -> Catalog:
-    """Check every file under the class folders; keep the decodable images."""
+    """Check every file under the class folders; keep the decodable images.
+
+    Other jobs on this host share ``converted_dir``: it is held shared while the scan runs
+    (within a ``cache.session()``, for the whole run), and pruned only when no one else holds it.
+    """
     classes = sorted(d.name for d in root.iterdir()
-                     if d.is_dir() and not _is_junk(d.name) and not d.name.startswith("."))
+                     if d.is_dir() and not is_junk(d.name) and not d.name.startswith("."))
     if not include_background:
         classes = [c for c in classes if c != BACKGROUND]
-    files = [(label, p) for label, c in enumerate(classes) for p in _walk_files(root / c)]
+    files = [(label, p) for label, c in enumerate(classes) for p in walk_files(root / c)]
     converted_dir.mkdir(parents=True, exist_ok=True)
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        checked = list(pool.map(lambda lp: _check_image(lp[1], converted_dir), files))
+    with cache.using(converted_dir, tidy=lambda: _prune_converted(converted_dir)):
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            checked = list(pool.map(lambda lp: _check_image(lp[1], converted_dir), files))
     samples, skipped, converted = [], [], 0
     for (label, path), (usable, reason) in zip(files, checked):
         if usable is None:
@@ -278,6 +132,18 @@ def scan(root: Path, converted_dir: Path, *, include_background: bool = False,
     catalog = Catalog(root, classes, samples, skipped, converted)
     _check_usable(catalog, len(files), max_bad_fraction)
     return catalog
+
+
+def _prune_converted(converted_dir: Path) -> None:
+    """Drop converted images no scan has used for CONVERTED_MAX_AGE (scans touch the ones they
+    use), and temporaries a killed writer left. Runs only while no other job holds the folder."""
+    cutoff = time.time() - CONVERTED_MAX_AGE
+    old = [p for p in converted_dir.iterdir() if p.suffix == ".png" and p.stat().st_mtime < cutoff]
+    for path in old:
+        path.unlink(missing_ok=True)
+    if old:
+        log.info("removed %d converted images unused for %d days from %s", len(old),
+                 CONVERTED_MAX_AGE // 86_400, converted_dir)
 
 
 def _check_image(path: Path, converted_dir: Path) -> tuple[Path | None, str]:
@@ -294,7 +160,10 @@ def _check_image(path: Path, converted_dir: Path) -> tuple[Path | None, str]:
             # Named by content: the same wherever the data was extracted, new when it changes.
             digest = hashlib.sha1(path.read_bytes()).hexdigest()[:20]
             out = converted_dir / f"{digest}.png"
-            if not out.exists():
+            if out.exists():
+                with contextlib.suppress(OSError):  # another user's file: it still serves
+                    os.utime(out)  # in use: housekeeping spares what scans touched lately
+            else:
                 # Identical files (duplicates across classes) convert in parallel: each
                 # writer has its own temporary name, and the atomic rename lets both win.
                 tmp = out.with_name(f".{out.stem}-{threading.get_ident()}.png")
@@ -331,7 +200,10 @@ def _check_usable(catalog: Catalog, total: int, max_bad_fraction: float) -> None
 
 def split(catalog: Catalog, *, val_fraction: float, test_fraction: float,
           train_per_class: int | None, seed: int) -> Splits:
-    """Deterministic, stratified split: the same seed always gives the same three lists."""
+    """Deterministic, stratified split: the same seed always gives the same three lists.
+
+    Validation and test are listed class by class; training comes in a seeded random order.
+    """
     by_class: dict[int, list[Sample]] = {}
     for s in catalog.samples:
         by_class.setdefault(s.label, []).append(s)
@@ -343,6 +215,9 @@ def split(catalog: Catalog, *, val_fraction: float, test_fraction: float,
         out.train += items[:n_train]
         out.val += items[n_train:n_train + n_val]
         out.test += items[n_train + n_val:]
+    # Listed class by class, the training images would reach tf.data's shuffle buffer (at
+    # most 10,000) in class order: mix them here, by seed, so resumed runs see the same order.
+    random.Random(f"{seed}:train-order").shuffle(out.train)
     return out
 
 

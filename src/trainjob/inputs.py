@@ -15,6 +15,7 @@ from pathlib import Path
 
 import tensorflow as tf
 
+from trainjob import cache as cache_lib
 from trainjob.datasets import Sample
 
 log = logging.getLogger(__name__)
@@ -41,13 +42,33 @@ def decoded(samples: list[Sample], image_size: int, cache: str, cache_dir: Path,
     if cache == "memory":
         return ds.cache()
     if cache == "file":
-        key = hashlib.sha1(f"{image_size}:{paths}".encode()).hexdigest()[:16]
         cache_dir.mkdir(parents=True, exist_ok=True)
-        prefix = cache_dir / f"{name}-{key}"
-        for stale in cache_dir.glob(f"{prefix.name}*.lockfile"):
-            stale.unlink()  # left by a killed run; we hold the run lock, so nobody else writes
+        prefix = cache_dir / f"{name}-{fingerprint_files(paths, image_size)}"
+        lock = cache_lib.FolderLock(cache_lib.lock_file_for(prefix))
+        if lock.acquire(exclusive=True, wait=False):
+            # No other job on this host uses this cache: a TF lockfile is a killed writer's.
+            for stale in cache_dir.glob(f"{prefix.name}_*.lockfile"):
+                stale.unlink()
+            lock.share()
+        elif prefix.with_name(f"{prefix.name}.index").exists():
+            lock.acquire(exclusive=False)  # complete: read it beside the other job
+        else:
+            log.warning("another job on this host is writing the file cache %s; caching %s in "
+                        "memory for this run", prefix, name)
+            return ds.cache()
+        cache_lib.keep(lock)  # held for the run within a cache.session()
         return ds.cache(str(prefix))
     return ds
+
+
+def fingerprint_files(paths: list[str], image_size: int) -> str:
+    """Key of a file cache: every path with its size and mtime, so that images replaced in
+    place (a prefix synced again) are decoded anew, never served stale."""
+    digest = hashlib.sha1(f"{image_size}".encode())
+    for path in paths:
+        st = os.stat(path)
+        digest.update(f"\n{path}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
 
 
 def steps_for(n: int, batch_size: int, steps_per_epoch: int | None) -> int:

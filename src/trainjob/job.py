@@ -12,21 +12,24 @@ import os
 import platform
 import shutil
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from trainjob import __version__, datasets, resume, storage
-from trainjob.artifacts import (BACKUP, CLASSES, CONFIG, LOCK, MANIFEST, METRICS, MODEL, PLOT,
+from trainjob import __version__, cache, datasets, resume, storage
+from trainjob.artifacts import (BACKUP, CLASSES, CONFIG, LAST, MANIFEST, METRICS, MODEL, PLOT,
                                 RUN_ENTRIES, RunFolder, plot_history)
 from trainjob.config import Config
-from trainjob.errors import Preempted, StorageError, TrainingError, TrainJobError
+from trainjob.errors import ConfigError, Preempted, StorageError, TrainingError, TrainJobError
 from trainjob.lock import RunLock
+from trainjob.runstate import RunState
 
 log = logging.getLogger(__name__)
 
 FAILURE_FLUSH_SECONDS = 60.0
+SHUTDOWN_RESERVE_SECONDS = 3.0  # of the grace period: closing the uploader, the lock
 
 
 def run(cfg: Config) -> None:
@@ -35,17 +38,41 @@ def run(cfg: Config) -> None:
     store = storage.open_store(cfg.output.output, cfg.runtime.threads)
     if isinstance(store, storage.S3Store):
         store.check_bucket()  # fail in seconds, not after the download
-    if store.exists(MANIFEST) and not cfg.output.overwrite:
-        log.info("%s already holds a finished run (manifest.json); nothing to do. "
-                 "Pass --overwrite to train again.", store.uri)
+    if _finished(store, cfg):
         return
     lock = RunLock(store)
     lock.acquire(force=cfg.output.force, timeout=cfg.output.lock_timeout)
     try:
-        with RunFolder(_local_run_dir(cfg), store, sync=cfg.output.sync) as run_dir:
+        if _finished(store, cfg):  # it finished while we waited for the lock
+            return
+        # The cache folders this run reads stay locked (shared) until it ends: no other job
+        # on this host prunes or rewrites them meanwhile.
+        with (cache.session(),
+              RunFolder(_local_run_dir(cfg), store, sync=cfg.output.sync) as run_dir):
             _run_locked(cfg, run_dir, lock, stop)
     finally:
+        _release(lock, stop, cfg.runtime.grace_seconds)
+
+
+def _release(lock: RunLock, stop: resume.StopSignal, grace: float) -> None:
+    """Release the lock; after a signal, only within what is left of the grace period (a
+    lock left behind goes stale, and the Job's next pod takes it over by owner id)."""
+    if not stop.requested:
         lock.release()
+        return
+    worker = threading.Thread(target=lock.release, name="trainjob-unlock", daemon=True)
+    worker.start()
+    worker.join(max(0.0, stop.remaining(grace) - 0.5))
+    if worker.is_alive():
+        log.warning("grace period over: the run lock is left to go stale")
+
+
+def _finished(store: storage.Store, cfg: Config) -> bool:
+    if store.exists(MANIFEST) and not cfg.output.overwrite:
+        log.info("%s already holds a finished run (manifest.json); nothing to do. "
+                 "Pass --overwrite to train again.", store.uri)
+        return True
+    return False
 
 
 def _run_locked(cfg: Config, run_dir: RunFolder, lock: RunLock, stop: resume.StopSignal) -> None:
@@ -55,30 +82,39 @@ def _run_locked(cfg: Config, run_dir: RunFolder, lock: RunLock, stop: resume.Sto
                        resumed_from_epoch=state["epoch"] if state else None)
     try:
         _train(cfg, run_dir, state, lock, stop, timings)
-    except Preempted as exc:
-        run_dir.set_status("preempted", error=str(exc))
-        left = stop.remaining(cfg.runtime.grace_seconds) - 2.0
-        if not run_dir.uploader.flush(timeout=max(0.0, left)):
-            log.warning("grace period over before all uploads finished; resume state may lag")
-        raise
     except BaseException as exc:
+        if run_dir.published:  # the manifest is up: the run is finished, whatever came after
+            log.warning("after publishing: %s", exc)
+            return
+        if isinstance(exc, Preempted):
+            run_dir.set_status("preempted", error=str(exc))
+            # The whole shutdown fits in --grace-seconds: flush now, close and unlock after.
+            left = stop.remaining(cfg.runtime.grace_seconds) - SHUTDOWN_RESERVE_SECONDS
+            if not _flush_quietly(run_dir, left):
+                log.warning("grace period over before all uploads finished; the bucket "
+                            "holds the last complete save point")
+            raise
         error = _as_job_error(exc)
         run_dir.set_status("failed", error=str(error))
-        try:
-            run_dir.uploader.flush(timeout=FAILURE_FLUSH_SECONDS)
-        except StorageError:
-            pass  # the original error matters more; the local folder keeps everything
+        _flush_quietly(run_dir, min(FAILURE_FLUSH_SECONDS, cfg.output.upload_timeout))
         log.error("run failed; local run folder kept at %s", run_dir.local)
         if error is exc:
             raise
         raise error from exc
 
 
+def _flush_quietly(run_dir: RunFolder, timeout: float) -> bool:
+    """Send what is queued; the error being handled matters more than an upload's."""
+    try:
+        return run_dir.uploader.flush(timeout=max(0.0, timeout))
+    except StorageError:
+        return False
+
+
 def _train(cfg: Config, run_dir: RunFolder, state: dict | None, lock: RunLock,
            stop: resume.StopSignal, timings: dict[str, float]) -> None:
     catalog, splits, dataset_summary = _load_data(cfg, timings)
-    fingerprint = {"classes": hashlib.sha1("\n".join(catalog.classes).encode()).hexdigest(),
-                   "image_size": cfg.model.image_size, "optimizer": cfg.optim.optimizer}
+    fingerprint = resume.fingerprint(cfg, catalog, splits)
     if state:
         resume.check_compatible(state, fingerprint)
     run_dir.write(CLASSES, {str(i): name for i, name in enumerate(catalog.classes)})
@@ -113,16 +149,15 @@ def _train(cfg: Config, run_dir: RunFolder, state: dict | None, lock: RunLock,
         with training.make_strategy().scope():
             model = models.build_model(cfg.model, num_classes, weights_file)
             training.compile_model(model, cfg, num_classes)
+            # Inside the scope: the optimizer's slots must be the strategy's variables too.
+            if state:
+                _restore(model, run_dir, state, callbacks_lib)
         first_epoch = state["epoch"] if state else 0
         history = resume.trim_logs(run_dir, first_epoch) if state else []
-        if state:
-            iterations = resume.restore_weights(model, run_dir)
-            log.info("resuming at epoch %d, batch %d (optimizer iterations %d)", first_epoch,
-                     state.get("step", 0), iterations)
-        keeper = callbacks_lib.RunKeeper(
-            run_dir, history=history, fingerprint=fingerprint, restore=state, stop=stop,
-            steps_per_epoch=steps, backup_every_steps=cfg.output.backup_every_steps,
-            on_epoch=lock.heartbeat)
+        run_state = RunState(run_dir, fingerprint=fingerprint, history=history, stop=stop,
+                             restore=state)
+        keeper = callbacks_lib.RunKeeper(run_state, steps_per_epoch=steps,
+                                         backup_every_steps=cfg.output.backup_every_steps)
         callbacks = callbacks_lib.make_callbacks(cfg, run_dir, keeper)
 
     with _timed(timings, "train"):
@@ -143,8 +178,8 @@ def _train(cfg: Config, run_dir: RunFolder, state: dict | None, lock: RunLock,
                         initial_epoch=epoch, epochs=cfg.optim.epochs)
             finally:
                 stop.in_training = False
-            keeper.finish_training()
-        run_dir.uploader.flush()  # surface upload failures before spending time on the rest
+            run_state.stop_if_requested("at the end of training")
+            run_state.finish_training()
 
     with _timed(timings, "evaluate"):
         best = run_dir.path("checkpoints/best.weights.h5")
@@ -166,8 +201,25 @@ def _train(cfg: Config, run_dir: RunFolder, state: dict | None, lock: RunLock,
         run_dir.set_status("succeeded", error=None, finished=time.time(),
                            epochs_done=len(keeper.history))
         _write_config(cfg, run_dir, dataset_summary, timings, state)
-        run_dir.publish()
+        run_dir.publish(timeout=cfg.output.upload_timeout)
     log.info("run finished: %s", run_dir.store.uri)
+
+
+def _restore(model, run_dir: RunFolder, state: dict, callbacks_lib) -> None:
+    """Put the saved weights (and optimizer) back; a run resumed from its last checkpoint
+    alone gets the weights only."""
+    if state.get("from_checkpoint"):
+        callbacks_lib.load_model_weights(model, run_dir.path(state["from_checkpoint"]))
+        log.warning("resuming at epoch %d from %s without optimizer state", state["epoch"],
+                    state["from_checkpoint"])
+        return
+    iterations = resume.restore_weights(model, run_dir, state)
+    log.info("resuming at epoch %d, batch %d (optimizer iterations %d)", state["epoch"],
+             state.get("step", 0), iterations)
+    if not run_dir.path(LAST).exists() and not state.get("step"):
+        # Not uploaded while training (it is the resume weights without the optimizer):
+        # a run resumed on a new pod writes it back before it may be published.
+        callbacks_lib.save_model_weights(model, run_dir.path(LAST))
 
 
 def _load_data(cfg: Config, timings: dict[str, float]
@@ -197,32 +249,36 @@ def _load_data(cfg: Config, timings: dict[str, float]
 
 
 def _prepare(cfg: Config, run_dir: RunFolder) -> dict | None:
-    """Make the local run folder match what the job should continue from; return resume state."""
+    """Make the local run folder match what the job should continue from; return resume state.
+
+    A run whose state is unusable is never deleted: only --overwrite starts afresh."""
     store = run_dir.store
     if cfg.output.overwrite:
         log.info("--overwrite: removing the previous run at %s", store.uri)
         _remove_run(run_dir)
         return None
-    if not store.exists(f"{BACKUP}/state.json"):
-        if run_dir.uploader.enabled:
-            _clear_local(run_dir.local)
-        return None
     if run_dir.uploader.enabled:  # the bucket is the truth: a new pod has no local files
         _clear_local(run_dir.local)
-        for obj in store.list(""):
-            if not obj.key.startswith(("model/", MANIFEST, LOCK)):
-                store.get(obj.key, run_dir.path(obj.key))
-    state = resume.load_state(run_dir)
+        run_dir.pull()
+    if not (run_dir.path(resume.STATE).exists() or resume.saved_points(run_dir)):
+        if run_dir.uploader.enabled:
+            _clear_local(run_dir.local)  # a run killed before its first save point
+        return None
+    state = resume.load_state(run_dir) or resume.from_last_checkpoint(run_dir)
     if state is None:
-        log.warning("resume state at %s is unusable; starting afresh", store.uri)
-        _remove_run(run_dir)
+        raise ConfigError(
+            f"cannot resume {store.uri}: no save point under {BACKUP}/ has intact weights and "
+            f"there is no {LAST}; nothing was deleted: inspect it, or pass --overwrite to "
+            "start afresh")
     return state
 
 
 def _remove_run(run_dir: RunFolder) -> None:
+    """Delete trainjob's own entries only: --output may be a bucket root with other data."""
     store = run_dir.store
-    keys = [o.key for o in store.list("") if o.key.split("/")[0] in RUN_ENTRIES]
     if run_dir.uploader.enabled:
+        keys = [o.key for name in RUN_ENTRIES
+                for o in [*store.list(name + "/"), *filter(None, [store.read_info(name)])]]
         store.delete(keys)
         _clear_local(run_dir.local)
     else:

@@ -1,31 +1,56 @@
-"""Resume state under ``backup/``: reading it back, checking it, trimming the logs to it;
-and the stop signal. ``callbacks.RunKeeper`` writes the state; nothing here imports TF."""
+"""Resume state under ``backup/``: save points, reading them back, checking them, trimming
+the logs to them; and the stop signal. Nothing here imports TF.
+
+A save point is a *pair*: ``backup/state-<seq>.weights.h5`` (weights and optimizer) and
+``backup/state-<seq>.json`` (where training stands, callback state, the weights' sha256).
+Every save writes a new pair under new names, and ``backup/state.json`` is a copy of the
+newest record. Older pairs are deleted only once a newer one is stored, locally and in the
+bucket, so a pair broken by a kill or a lost upload falls back to the one before it.
+"""
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
 import os
+import re
 import signal
 import time
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
 
-from trainjob.artifacts import BACKUP, HISTORY, LOG_CSV, RunFolder, read_json, sha256
+from trainjob.artifacts import BACKUP, HISTORY, LAST, LOG_CSV, RunFolder, read_json, sha256, \
+    write_json
 from trainjob.errors import ConfigError, Preempted
 
 if TYPE_CHECKING:  # TensorFlow stays unimported until training starts
     import keras
 
+    from trainjob.config import Config
+    from trainjob.datasets import Catalog, Splits
+
 log = logging.getLogger(__name__)
 
 STATE = f"{BACKUP}/state.json"
-WEIGHTS = f"{BACKUP}/state.weights.h5"
+LEGACY_WEIGHTS = f"{BACKUP}/state.weights.h5"  # the single pair of trainjob <= 0.1
+_PAIR = re.compile(r"state-(\d+)\.json$")
+KEEP_PAIRS = 2
 # Callback attributes Keras resets in on_train_begin and never saves.
 CALLBACK_STATE = {
     "EarlyStopping": ("wait", "best", "best_epoch", "stopped_epoch"),
     "ReduceLROnPlateau": ("wait", "best", "cooldown_counter"),
     "ModelCheckpoint": ("best",),
 }
+
+
+def pair_files(seq: int) -> tuple[str, str]:
+    """(weights, record) of save point ``seq``, relative to the run folder."""
+    return f"{BACKUP}/state-{seq:06d}.weights.h5", f"{BACKUP}/state-{seq:06d}.json"
+
+
+def weights_of(record: dict) -> str:
+    return f"{BACKUP}/{record['weights']}" if record.get("weights") else LEGACY_WEIGHTS
 
 
 class StopSignal:
@@ -46,41 +71,132 @@ class StopSignal:
         log.warning("%s received: stopping after the current batch",
                     signal.Signals(signum).name)
         if not self.in_training:
-            raise Preempted(f"stopped by {signal.Signals(signum).name} before training")
+            raise Preempted(f"stopped by {signal.Signals(signum).name} outside training")
 
     @property
     def requested(self) -> bool:
         return self.requested_at is not None
 
     def remaining(self, grace: float) -> float:
+        """Seconds left of the grace period (all of it while no signal came)."""
         if self.requested_at is None:
             return grace
         return max(0.0, grace - (time.monotonic() - self.requested_at))
 
 
+def write_point(run: RunFolder, seq: int, record: dict,
+                write_weights: Callable[[Path], None]) -> dict:
+    """Save pair ``seq``: weights first under a new name, then the record that names them.
+
+    A kill at any moment leaves the previous pair whole: nothing is overwritten."""
+    weights_rel, record_rel = pair_files(seq)
+    weights = run.path(weights_rel)
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    partial = weights.with_name("partial." + weights.name)
+    write_weights(partial)
+    os.replace(partial, weights)
+    record = {**record, "seq": seq, "weights": Path(weights_rel).name,
+              "weights_sha256": sha256(weights)}
+    write_json(run.path(record_rel), record)
+    write_json(run.path(STATE), record)
+    return record
+
+
+def saved_points(run: RunFolder) -> list[int]:
+    """Sequence numbers of the records under backup/, oldest first."""
+    folder = run.path(BACKUP)
+    if not folder.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in folder.iterdir() if (m := _PAIR.match(p.name)))
+
+
+def prune_local(run: RunFolder, keep: set[int]) -> None:
+    """Delete local pairs not in ``keep`` (and the legacy pair, once a new one exists)."""
+    folder = run.path(BACKUP)
+    for path in folder.glob("*") if folder.is_dir() else ():
+        m = re.match(r"(?:partial\.)?state-(\d+)\.", path.name)
+        if (m and int(m.group(1)) not in keep) or path.name == "state.weights.h5":
+            path.unlink(missing_ok=True)
+
+
+def stale_keys(keys: list[str], keep: set[int]) -> list[str]:
+    """Of a listing of backup/, the pair files outside ``keep``."""
+    out = []
+    for key in keys:
+        m = re.match(rf"{BACKUP}/(?:partial\.)?state-(\d+)\.", key)
+        if (m and int(m.group(1)) not in keep) or key == LEGACY_WEIGHTS:
+            out.append(key)
+    return out
+
+
 def load_state(run: RunFolder) -> dict | None:
-    """The saved resume state, if its weights file is intact."""
-    state = read_json(run.path(STATE))
-    weights = run.path(WEIGHTS)
-    if not state or not weights.is_file():
+    """The newest save point whose weights are intact; older ones if the newest is broken."""
+    records = [r for seq in reversed(saved_points(run))
+               if (r := read_json(run.path(pair_files(seq)[1])))]
+    pointer = read_json(run.path(STATE))
+    if pointer and not any(r.get("seq") == pointer.get("seq") for r in records):
+        records.insert(0, pointer)  # written by trainjob <= 0.1, or its record is gone
+    for record in records:
+        weights = run.path(weights_of(record))
+        if not weights.is_file():
+            why = "its weights file is missing"
+        elif sha256(weights) != record.get("weights_sha256"):
+            why = "its weights do not match the recorded sha256"
+        else:
+            return record
+        log.warning("resume point at epoch %s step %s is unusable (%s); trying an older one",
+                    record.get("epoch"), record.get("step"), why)
+    return None
+
+
+def from_last_checkpoint(run: RunFolder) -> dict | None:
+    """With no usable save point: continue from checkpoints/last.weights.h5, if there is
+    one, after the epochs history.json records (the optimizer restarts from zero)."""
+    if not run.path(LAST).is_file():
         return None
-    if sha256(weights) != state.get("weights_sha256"):
-        log.warning("resume weights do not match %s; ignoring the resume state", STATE)
-        return None
-    return state
+    history = read_json(run.path(HISTORY), []) or []
+    record = {"epoch": len(history), "step": 0, "from_checkpoint": LAST, "callbacks": {}}
+    log.warning("no usable resume point: continuing from %s after epoch %d, with a fresh "
+                "optimizer state", LAST, len(history))
+    return record
+
+
+def fingerprint(cfg: Config, catalog: Catalog, splits: Splits) -> dict:
+    """The settings a resumed run must share with its start: the model, the optimizer and
+    everything that decides which images go where and how many batches an epoch has."""
+    def digest(samples: list) -> str:
+        # Class name + file name: the same wherever the data was extracted.
+        names = sorted(f"{catalog.classes[s.label]}/{Path(s.path).name}" for s in samples)
+        return hashlib.sha1("\n".join(names).encode()).hexdigest()
+
+    return {
+        "classes": hashlib.sha1("\n".join(catalog.classes).encode()).hexdigest(),
+        "image_size": cfg.model.image_size, "optimizer": cfg.optim.optimizer,
+        "seed": cfg.split.seed, "val_fraction": cfg.split.val_fraction,
+        "test_fraction": cfg.split.test_fraction,
+        "train_per_class": cfg.split.train_per_class, "batch_size": cfg.optim.batch_size,
+        "steps_per_epoch": cfg.optim.steps_per_epoch,
+        "samples": digest(splits.train + splits.val + splits.test) + ":" + digest(splits.train),
+    }
+
+
+OPTION_NAMES = {"samples": "the dataset's images", "classes": "the class list"}
 
 
 def check_compatible(state: dict, fingerprint: dict) -> None:
+    """Exit 2 naming what changed. Settings an older trainjob did not record are not checked."""
     saved = state.get("fingerprint", {})
-    changed = sorted(k for k in fingerprint if saved.get(k) != fingerprint[k])
+    changed = sorted(k for k in fingerprint if k in saved and saved[k] != fingerprint[k])
     if changed:
-        raise ConfigError(f"cannot resume: {', '.join(changed)} changed since the run started; "
+        names = ", ".join(OPTION_NAMES.get(k, "--" + k.replace("_", "-")) for k in changed)
+        raise ConfigError(f"cannot resume: {names} changed since the run started; "
                           "rerun with the original settings, or pass --overwrite to start afresh")
 
 
 def trim_logs(run: RunFolder, next_epoch: int) -> list[dict]:
     """Keep only epochs before ``next_epoch`` in the CSV and history, so each appears once."""
     history = [h for h in read_json(run.path(HISTORY), []) if h["epoch"] < next_epoch]
+    write_json(run.path(HISTORY), history)
     csv_path = run.path(LOG_CSV)
     if csv_path.exists():
         with open(csv_path, newline="") as f:
@@ -91,11 +207,14 @@ def trim_logs(run: RunFolder, next_epoch: int) -> list[dict]:
     return history
 
 
-def restore_weights(model: keras.Model, run: RunFolder) -> int:
-    """Load weights and optimizer state saved by RunKeeper; returns optimizer iterations."""
+def restore_weights(model: keras.Model, run: RunFolder, record: dict) -> int:
+    """Load the weights and optimizer state of a save point; returns optimizer iterations.
+
+    Call inside the strategy's scope: the optimizer's slots are built here, and under
+    MirroredStrategy they must be mirrored variables like the model's."""
     if model.optimizer is not None and not model.optimizer.built:
         model.optimizer.build(model.trainable_variables)
-    model.load_weights(run.path(WEIGHTS))
+    model.load_weights(run.path(weights_of(record)))
     model._initial_epoch = None  # a stale value would override fit(initial_epoch=...)
     return int(model.optimizer.iterations.numpy())
 
@@ -107,4 +226,3 @@ def plain(value: Any) -> Any:
         return float(value)
     except (TypeError, ValueError):
         return None
-

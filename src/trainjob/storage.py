@@ -1,5 +1,5 @@
 """``s3://`` and local URIs behind one small interface: list, get, put, delete, with retries;
-and ``fetch``, the cached, parallel download of a dataset.
+and ``fetch``, the cached, parallel download of a dataset (the cache itself: ``download``).
 
 All S3 traffic goes through ``s3client``: one boto3 client built from boto3's own credential
 chain (env keys, profiles, IRSA, instance roles), pointed at MinIO, Ceph or any
@@ -10,13 +10,13 @@ one-line ``StorageError``.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import logging
 import os
 import shutil
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -24,15 +24,17 @@ from urllib.parse import urlsplit
 import botocore.exceptions
 from boto3.s3.transfer import TransferConfig
 
-from trainjob import conditional, mirror, transfer
-from trainjob.cacheindex import CacheIndex
-from trainjob.errors import ConfigError, DataError, StorageError
+from trainjob import conditional, download
+from trainjob.download import FetchResult, check_inside  # noqa: F401 - re-exported
+from trainjob.errors import ConfigError, StorageError
 from trainjob.s3client import endpoint_name, s3_client, translated
 
 log = logging.getLogger(__name__)
 
 MiB = 1024**2
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
+# DeleteObjects errors meaning "this server takes no batch deletes like that": one key a time.
+BATCH_DELETE_REFUSED = {"MissingContentMD5", "InvalidRequest", "InvalidDigest", "NotImplemented"}
 
 
 @dataclass(frozen=True)
@@ -40,14 +42,6 @@ class ObjectInfo:
     key: str  # relative to the store's root
     size: int
     etag: str
-
-
-@dataclass
-class FetchResult:
-    path: Path
-    downloaded_objects: int = 0
-    downloaded_bytes: int = 0
-    cached_objects: int = 0
 
 
 def parse_uri(uri: str) -> tuple[str, str, str]:
@@ -181,6 +175,8 @@ class S3Store(Store):
         self.prefix = prefix.strip("/")
         self.uri = f"s3://{bucket}/{self.prefix}".rstrip("/")
         self.client = s3_client(threads)
+        self.threads = threads
+        self.batch_deletes = True  # until the server refuses DeleteObjects
         self.transfer = TransferConfig(multipart_threshold=64 * MiB, multipart_chunksize=64 * MiB,
                                        max_concurrency=max(1, min(threads, 10)))
 
@@ -245,10 +241,41 @@ class S3Store(Store):
             self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
 
     def delete(self, keys: list[str]) -> None:
+        """Delete in batches of 1000, or one key a request where the server refuses batches."""
         for start in range(0, len(keys), 1000):
-            batch = [{"Key": self._key(k)} for k in keys[start:start + 1000]]
+            batch = [self._key(k) for k in keys[start:start + 1000]]
+            if self.batch_deletes and self._delete_batch(batch):
+                continue
+            with ThreadPoolExecutor(max_workers=self.threads) as pool:
+                list(pool.map(self._delete_one, batch))
+
+    def _delete_batch(self, batch: list[str]) -> bool:
+        """DeleteObjects; False where the server refuses it: older MinIO and Ceph want a
+        Content-MD5, which boto3 >= 1.36 no longer sends (a CRC32 instead)."""
+        try:
             with translated(self.uri):
-                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch})
+                answer = self.client.delete_objects(Bucket=self.bucket, Delete={
+                    "Objects": [{"Key": k} for k in batch], "Quiet": True})
+        except StorageError as exc:
+            if _error_code(exc) not in BATCH_DELETE_REFUSED:
+                raise
+            log.info("%s refuses batch deletes (%s); deleting one key a request",
+                     endpoint_name(), _error_code(exc))
+            self.batch_deletes = False
+            return False
+        # A 200 answer still lists the keys it kept (denied, object lock); gone already is fine.
+        errors = [e for e in answer.get("Errors", []) if e.get("Code") != "NoSuchKey"]
+        if errors:
+            raise StorageError(
+                f"could not delete {len(errors)} of {len(batch)} objects under {self.uri} "
+                f"(first: s3://{self.bucket}/{errors[0].get('Key')}: {errors[0].get('Code')}): "
+                "check that the job's identity may delete there (s3:DeleteObject) and that no "
+                "object lock holds them")
+        return True
+
+    def _delete_one(self, key: str) -> None:
+        with translated(f"s3://{self.bucket}/{key}"):
+            self.client.delete_object(Bucket=self.bucket, Key=key)
 
     def read_versioned(self, key: str) -> tuple[bytes, str] | None:
         return conditional.s3_read(self.client, self.bucket, self._key(key), self.child(key))
@@ -300,9 +327,9 @@ def fetch(uri: str, cache_dir: Path, threads: int = 16, *, single: bool = False)
 
     ``uri`` names one object when it is an archive or ``single`` is set, else a prefix.
 
-    The cache is keyed by bucket/key plus ETag and size, so an unchanged dataset is never
-    downloaded twice and a changed object is never served stale; objects deleted from a
-    prefix disappear from its local mirror (see mirror.py and cacheindex.py).
+    The cache (``download``) is keyed by bucket/key plus ETag and size, so an unchanged
+    dataset is never downloaded twice and a changed object is never served stale; objects
+    deleted from a prefix disappear from its local mirror.
     """
     scheme, bucket, key = parse_uri(uri)
     if scheme == "file":
@@ -313,38 +340,27 @@ def fetch(uri: str, cache_dir: Path, threads: int = 16, *, single: bool = False)
     store = S3Store(bucket, "", threads)
     store.check_bucket()
     is_archive = (single or key.lower().endswith(ARCHIVE_SUFFIXES)) and not key.endswith("/")
-    base = (key.rsplit("/", 1)[0] + "/" if "/" in key else "") if is_archive else \
-        (key.rstrip("/") + "/" if key else "")
-    local_root = cache_dir / "s3" / bucket / base
     started = time.monotonic()
-    reader = transfer.ObjectReader(store.client, bucket, store.transfer, threads)
-    try:
-        with CacheIndex.for_prefix(cache_dir, bucket, base) as index:
-            if is_archive:
-                info = store.read_info(key)
-                if info is None:
-                    raise StorageError(f"{uri} does not exist: check the key")
-                counts = mirror.sync_object(reader, key, info.etag, info.size,
-                                              key[len(base):], local_root, index)
-            else:
-                listing = store.iter_list(base)
-                first = next(listing, None)
-                if first is None:
-                    raise DataError(f"{uri} holds no objects: check the prefix "
-                                    "(it should hold class folders or an archive)")
-                cut = len(base)
-                rows = ((o.key[cut:], o.etag, o.size) for o in itertools.chain([first], listing))
-                counts = mirror.sync_prefix(
-                    reader, rows, lambda: [(o.key[cut:], o.etag, o.size) for o in store.list(base)],
-                    base, local_root, index, threads)
-    finally:
-        reader.close()
+    if is_archive:
+        info = store.read_info(key)
+        if info is None:
+            raise StorageError(f"{uri} does not exist: check the key")
+        base = key.rsplit("/", 1)[0] + "/" if "/" in key else ""
+        result = download.mirror_object(store, info, base, cache_dir, threads)
+    else:
+        base = key.rstrip("/") + "/" if key else ""
+        result = download.mirror_prefix(store, base, cache_dir, threads, uri)
     log.info("data: %d objects downloaded (%.1f MiB in %.1f s), %d from cache, %d removed",
-             counts.downloaded_objects, counts.downloaded_bytes / MiB,
-             time.monotonic() - started, counts.cached_objects, counts.removed_objects)
-    path = local_root / key[len(base):] if is_archive else local_root
-    return FetchResult(path, counts.downloaded_objects, counts.downloaded_bytes,
-                       counts.cached_objects)
+             result.downloaded_objects, result.downloaded_bytes / MiB,
+             time.monotonic() - started, result.cached_objects, result.removed_objects)
+    return result
+
+
+def _error_code(exc: StorageError) -> str:
+    cause = exc.__cause__
+    if isinstance(cause, botocore.exceptions.ClientError):
+        return str(cause.response.get("Error", {}).get("Code", ""))
+    return ""
 
 
 @contextlib.contextmanager

@@ -1,0 +1,119 @@
+"""Run state that any training loop drives: save points, epoch records, upload generations,
+and the checks made at every batch end (stop signal, ownership of the run).
+
+A Keras callback (``callbacks.RunKeeper``) or a custom loop calls ``end_epoch``,
+``save_point`` and ``check``; this layer decides what is written, in which order, and what
+goes to the bucket together. Nothing here imports TF: the loop hands over a function that
+writes the weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from trainjob import resume
+from trainjob.artifacts import BEST, HISTORY, LOG_CSV, STATUS, RunFolder
+from trainjob.errors import Preempted
+
+log = logging.getLogger(__name__)
+
+WriteWeights = Callable[[Path], None]
+
+
+class RunState:
+    """What a training loop records, and when it must stop."""
+
+    def __init__(self, run: RunFolder, *, fingerprint: dict, history: list[dict],
+                 stop: resume.StopSignal, restore: dict | None = None,
+                 fence: Callable[[], None] | None = None) -> None:
+        self.run = run
+        self.fingerprint = fingerprint
+        self.history = history
+        self.stop = stop
+        self.restore = restore  # the save point this process started from, if any
+        self.fence = fence or (lambda: None)  # raises LostOwnership once the run is not ours
+        self.seq = max([int((restore or {}).get("seq", 0)), *resume.saved_points(run)])
+        self._good_seq = int((restore or {}).get("seq", 0))  # the newest usable local pair
+        self._stored_seq = self._good_seq  # the newest pair in the store
+
+    # --- at every batch end -------------------------------------------------------------
+
+    def check(self) -> None:
+        """Raise if this job must stop writing (the run lock went elsewhere)."""
+        self.fence()
+
+    def stop_if_requested(self, where: str) -> None:
+        if self.stop.requested:
+            raise Preempted(f"stopped by signal {where}")
+
+    # --- save points --------------------------------------------------------------------
+
+    def save_point(self, *, epoch: int, step: int, write_weights: WriteWeights,
+                   iterations: int, callbacks: dict[str, dict[str, Any]]) -> dict:
+        """A mid-epoch resume point: start epoch ``epoch`` after ``step`` batches. Written
+        as a new pair and sent to the store as one generation."""
+        record = self._write_pair(epoch, step, write_weights, iterations, callbacks)
+        self._commit(f"epoch {epoch} step {step}", ())
+        return record
+
+    def end_epoch(self, epoch: int, row: dict, *, write_weights: WriteWeights,
+                  iterations: int, callbacks: dict[str, dict[str, Any]]) -> None:
+        """Epoch ``epoch`` is done. Its history row, resume pair and status go to the store
+        as one generation, status last: a status showing epoch k means the bucket holds
+        epoch k's resume state and logs."""
+        self.history.append(row)
+        self.run.write(HISTORY, self.history, upload=False)
+        self._write_pair(epoch + 1, 0, write_weights, iterations, callbacks)
+        self.run.set_status("running", epoch=epoch, epochs_done=epoch + 1, metrics=row,
+                            upload=False)
+        self._commit(f"epoch {epoch}", (BEST,))
+
+    def _write_pair(self, epoch: int, step: int, write_weights: WriteWeights, iterations: int,
+                    callbacks: dict[str, dict[str, Any]]) -> dict:
+        self.check()
+        self.seq += 1
+        record = resume.write_point(self.run, self.seq, {
+            "epoch": epoch, "step": step, "iterations": iterations, "callbacks": callbacks,
+            "fingerprint": self.fingerprint,
+            "saved": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }, write_weights)
+        # Keep the pair this one follows on from (not seq - 1: that may be a broken pair
+        # that a resume skipped).
+        resume.prune_local(self.run, {self.seq, self._good_seq})
+        self._good_seq = self.seq
+        self.restore = record  # a second fit() in this process restores from here
+        return record
+
+    def finish_training(self) -> None:
+        """All epochs ran (or EarlyStopping ended them): a restart before publishing goes
+        straight to evaluation."""
+        if self.restore is None:
+            return
+        seq = int(self.restore.get("seq", 0))
+        self.restore = {**self.restore, "finished_training": True}
+        record_rel = resume.pair_files(seq)[1] if seq else None
+        for rel in filter(None, (record_rel, resume.STATE)):
+            self.run.write(rel, self.restore, upload=False)
+        self.run.uploader.commit([*(r for r in (record_rel,) if r), resume.STATE],
+                                 label="training finished")
+
+    def _commit(self, label: str, extra: tuple[str, ...]) -> None:
+        if not self.run.sync:
+            return
+        weights, record = resume.pair_files(self.seq)
+        self.run.uploader.commit([weights, record, resume.STATE, *extra, LOG_CSV, HISTORY, STATUS],
+                                 label=label, transient=(weights, record),
+                                 after=[lambda seq=self.seq: self._prune_store(seq)])
+
+    def _prune_store(self, seq: int) -> None:
+        """Runs once generation ``seq`` is stored: keep it and the pair stored before it
+        (which may be older than seq - 1, when the uploader skipped generations)."""
+        keep = {seq, self._stored_seq}
+        self._stored_seq = seq
+        keys = [o.key for o in self.run.store.list(resume.BACKUP + "/")]
+        if stale := resume.stale_keys(keys, keep):
+            self.run.store.delete(stale)

@@ -1,0 +1,292 @@
+"""Host-local caches shared by concurrent jobs: real processes, real folders, real S3 (moto
+over HTTP). A second job must never delete or rewrite a cache folder the first one is
+building or using, and housekeeping must skip whatever a live job holds."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from trainjob import datasets, storage
+
+ROOT = Path(__file__).resolve().parents[1]
+GB = 10**9
+DAY = 86_400
+
+
+class Job:
+    """A second trainjob process on this host: runs ``code``, prints 'ready', then waits
+    until ``finish()`` (its stdin closes), and prints its last line as JSON."""
+
+    def __init__(self, code: str, env: dict[str, str] | None = None) -> None:
+        prelude = "import json, sys, time\nfrom pathlib import Path\n"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", prelude + textwrap.dedent(code)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**(env or os.environ), "PYTHONPATH": str(ROOT / "src")})
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        line = _readline(self.proc, timeout)
+        assert line.strip() == "ready", f"{line!r}; stderr: {self.proc.stderr.read()}"
+
+    def finish(self, timeout: float = 60):
+        out, err = self.proc.communicate("", timeout=timeout)
+        assert self.proc.returncode == 0, err
+        lines = out.strip().splitlines()
+        return json.loads(lines[-1]) if lines else None
+
+
+def _readline(proc: subprocess.Popen, timeout: float) -> str:
+    result: list[str] = []
+    reader = threading.Thread(target=lambda: result.append(proc.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if not result:
+        proc.kill()
+        raise AssertionError(f"no 'ready' within {timeout}s")
+    return result[0]
+
+
+def jpeg(level: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (24, 24), (level, 255 - level, 90)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def make_archive(path: Path, n: int = 40, salt: int = 0) -> Path:
+    with tarfile.open(path, "w") as tar:
+        for i in range(n):
+            data = jpeg((i * 5 + salt) % 256)
+            info = tarfile.TarInfo(f"data/{'cats' if i % 2 else 'dogs'}/image_{i:03d}.jpg")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+# --- extraction folders -----------------------------------------------------------------------
+
+UNPACK_PAUSED = """
+    import tarfile
+    from trainjob import datasets
+    archive, extract_root, flags, name, pause_at = {args}
+    real = tarfile.TarFile._extract_member
+    done = [0]
+
+    def extract_member(self, *args, **kwargs):  # the real extraction, paused after member N
+        real(self, *args, **kwargs)
+        done[0] += 1
+        if done[0] == int(pause_at):
+            (Path(flags) / f"{{name}}.paused").touch()
+            while not (Path(flags) / f"{{name}}.go").exists():
+                time.sleep(0.02)
+
+    tarfile.TarFile._extract_member = extract_member
+    roots = datasets.unpack(Path(archive), Path(extract_root), 10**9)
+    print(json.dumps(sorted(p.name for r in roots for p in r.rglob("*.jpg"))))
+"""
+
+
+def wait_for(path: Path, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_second_job_never_deletes_an_extraction_in_progress(tmp_path):
+    """Job A has extracted every member but not yet marked the folder complete; job B starts
+    on the same archive. B must wait for A, not wipe A's folder and start over under it."""
+    archive = make_archive(tmp_path / "data.tar", n=40)
+    flags = tmp_path / "flags"
+    flags.mkdir()
+    extract_root = tmp_path / "cache" / "extracted"
+
+    def start(name: str, pause_at: int) -> subprocess.Popen:
+        args = repr([str(archive), str(extract_root), str(flags), name, str(pause_at)])
+        return subprocess.Popen([sys.executable, "-c", "import json, sys, time\n"
+                                 "from pathlib import Path\n"
+                                 + textwrap.dedent(UNPACK_PAUSED.format(args=args))],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+
+    job_a = start("a", 40)  # paused after its last member, before the completion marker
+    assert wait_for(flags / "a.paused", 60)
+    job_b = start("b", 1)  # would pause after its first member, if it extracted at all
+    wait_for(flags / "b.paused", 3)
+    (flags / "a.go").touch()
+    out_a, err_a = job_a.communicate(timeout=60)
+    (flags / "b.go").touch()
+    out_b, err_b = job_b.communicate(timeout=60)
+    assert job_a.returncode == 0, err_a
+    assert job_b.returncode == 0, err_b
+    assert len(json.loads(out_a)) == 40, "job A's extraction was wiped under it by job B"
+    assert len(json.loads(out_b)) == 40
+
+
+def test_pruning_skips_a_folder_another_process_uses(tmp_path):
+    from trainjob import cache
+
+    folder = tmp_path / "cache" / "extracted" / "abc-data.tar"
+    (folder / "data").mkdir(parents=True)
+    (folder / "data" / "x.jpg").write_bytes(b"x")
+    job = Job(f"""
+        from trainjob import cache
+        with cache.session():
+            with cache.using(Path({str(folder)!r})):
+                pass
+            print("ready", flush=True)
+            sys.stdin.read()
+        """)
+    job.wait_ready()
+    assert cache.prune([folder]) == []
+    assert (folder / "data" / "x.jpg").read_bytes() == b"x"
+    job.finish()
+    assert cache.prune([folder]) == [folder]
+    assert not folder.exists()
+
+
+def test_a_job_that_must_rebuild_a_folder_it_holds_fails_instead_of_hanging(tmp_path):
+    from trainjob import cache
+
+    folder = tmp_path / "cache" / "extracted" / "abc-data.tar"
+    with cache.session():
+        assert cache.ensure(folder, ready=lambda: False, build=folder.mkdir) is True
+        assert cache.ensure(folder, ready=folder.is_dir, build=folder.mkdir) is False
+        with pytest.raises(RuntimeError, match="this job holds it"):
+            cache.ensure(folder, ready=lambda: False, build=folder.mkdir)
+    assert cache.prune([folder]) == [folder]  # the session let go of everything it held
+
+
+HOLD_UNPACK = """
+    from trainjob import datasets
+    try:
+        from trainjob.cache import session
+    except ImportError:  # before trainjob.cache existed: nothing to hold
+        from contextlib import nullcontext as session
+    with session():
+        roots = datasets.unpack(Path({archive!r}), Path({root!r}), 10**9)
+        print("ready", flush=True)
+        sys.stdin.read()
+        print(json.dumps(sorted(p.name for r in roots for p in r.rglob("*.jpg"))))
+"""
+
+
+def test_old_extractions_are_pruned_unless_a_live_job_uses_them(tmp_path):
+    archive = make_archive(tmp_path / "data.tar", n=10)
+    extract_root = tmp_path / "cache" / "extracted"
+    job = Job(HOLD_UNPACK.format(archive=str(archive), root=str(extract_root)))
+    job.wait_ready()
+    [old] = [p for p in extract_root.iterdir() if not p.name.startswith(".")]
+
+    make_archive(archive, n=12, salt=3)  # the dataset is replaced in place
+    os.utime(archive, (time.time() + 5, time.time() + 5))
+    new_roots = datasets.unpack(archive, extract_root, GB)
+    assert old.is_dir() and len(list(old.rglob("*.jpg"))) == 10, "pruned while in use"
+    assert len(job.finish()) == 10  # job A read its whole extraction to the end
+
+    datasets.unpack(archive, extract_root, GB)
+    assert not old.exists(), "the extraction of the replaced archive was never pruned"
+    assert [p for p in extract_root.iterdir() if not p.name.startswith(".")] == new_roots
+    assert len(list(new_roots[0].rglob("*.jpg"))) == 12
+
+
+# --- converted images -----------------------------------------------------------------------
+
+def cmyk_classes(root: Path) -> Path:
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (16, 16), (40 * i, 90, 200)).save(root / cls / f"{i}.jpg")
+    Image.new("RGB", (16, 16), (200, 30, 30)).convert("CMYK").save(root / "a" / "odd.jpg")
+    return root
+
+
+def test_unused_converted_images_are_pruned_unless_a_live_job_uses_them(tmp_path):
+    root = cmyk_classes(tmp_path / "classes")
+    converted = tmp_path / "cache" / "converted"
+    job = Job(f"""
+        from trainjob import datasets
+        try:
+            from trainjob.cache import session
+        except ImportError:
+            from contextlib import nullcontext as session
+        with session():
+            datasets.scan(Path({str(root)!r}), Path({str(converted)!r}))
+            print("ready", flush=True)
+            sys.stdin.read()
+        """)
+    job.wait_ready()
+    [used] = [p for p in converted.iterdir() if p.suffix == ".png"]
+    orphan = converted / "0123456789abcdef0123.png"  # from a dataset no job has used for long
+    Image.new("RGB", (4, 4)).save(orphan)
+    month_ago = time.time() - 30 * DAY
+    for path in (orphan, used):
+        os.utime(path, (month_ago, month_ago))
+    inode = used.stat().st_ino
+
+    datasets.scan(root, converted)
+    assert orphan.exists(), "pruned while another job on this host uses the folder"
+    job.finish()
+
+    catalog = datasets.scan(root, converted)
+    assert not orphan.exists(), "an unused converted image was never pruned"
+    assert str(used) in [s.path for s in catalog.samples]
+    assert used.stat().st_ino == inode, "an image in use was pruned, then converted again"
+
+
+# --- the download cache ---------------------------------------------------------------------
+
+HOLD_FETCH = """
+    from trainjob import storage
+    try:
+        from trainjob.cache import session
+    except ImportError:
+        from contextlib import nullcontext as session
+    with session():
+        result = storage.fetch({uri!r}, Path({cache!r}), 2)
+        print("ready", flush=True)
+        sys.stdin.read()
+        files = sorted(p for p in result.path.rglob("*") if p.is_file())
+        print(json.dumps({{p.relative_to(result.path).as_posix(): p.read_text() for p in files}}))
+"""
+
+
+def test_a_prefix_in_use_is_not_rewritten_until_the_job_using_it_ends(s3env, bucket, tmp_path):
+    client = s3env.client()
+    for name in ("a/1.jpg", "a/2.jpg", "b/1.jpg"):
+        client.put_object(Bucket=bucket, Key=f"data/{name}", Body=f"v1 {name}".encode())
+    uri, cache_dir = f"s3://{bucket}/data/", tmp_path / "cache"
+    job = Job(HOLD_FETCH.format(uri=uri, cache=str(cache_dir)), env=s3env.env())
+    job.wait_ready()
+
+    client.delete_object(Bucket=bucket, Key="data/a/2.jpg")
+    client.put_object(Bucket=bucket, Key="data/b/1.jpg", Body=b"v2 b/1.jpg")
+    second: list[storage.FetchResult] = []
+    fetcher = threading.Thread(target=lambda: second.append(storage.fetch(uri, cache_dir, 2)))
+    fetcher.start()
+    fetcher.join(2.0)
+    mirror = cache_dir / "s3" / bucket / "data"
+    try:
+        assert (mirror / "a" / "2.jpg").exists(), "deleted under a running job"
+        assert (mirror / "b" / "1.jpg").read_text() == "v1 b/1.jpg", "rewritten under a job"
+    finally:
+        seen = job.finish()
+        fetcher.join(60)
+    assert seen == {"a/1.jpg": "v1 a/1.jpg", "a/2.jpg": "v1 a/2.jpg", "b/1.jpg": "v1 b/1.jpg"}
+    assert second and second[0].downloaded_objects == 1
+    assert sorted(p.relative_to(mirror).as_posix() for p in mirror.rglob("*") if p.is_file()) \
+        == ["a/1.jpg", "b/1.jpg"]
+    assert (mirror / "b" / "1.jpg").read_text() == "v2 b/1.jpg"

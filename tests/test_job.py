@@ -1,0 +1,224 @@
+"""job.py's own decisions, without training: what a rerun continues from, what it pulls
+from the bucket, when it does nothing, and that a published run is never touched again.
+Regression tests for the ways a run used to be lost (see docs/architecture.md)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from trainjob import job, resume
+from trainjob.artifacts import (HISTORY, LAST, LOCK, LOG_CSV, MANIFEST, STATUS, RunFolder,
+                                read_json, sha256, write_json)
+from trainjob.config import Config
+from trainjob.datasets import Catalog, Sample, split
+from trainjob.errors import ConfigError, Preempted, StorageError
+from trainjob.runstate import RunState
+from trainjob.storage import LocalStore, S3Store
+
+
+def cfg_for(output: str, tmp_path: Path, **options) -> Config:
+    return Config.from_options(data=str(tmp_path / "no-data"), output=output,
+                               work_dir=str(tmp_path / "work"), **options)
+
+
+def started_run(run: RunFolder, epochs: int) -> None:
+    """A run that trained ``epochs`` epochs: logs, checkpoints and save points."""
+    state = RunState(run, fingerprint={}, history=[], stop=resume.StopSignal())
+    for epoch in range(epochs):
+        run.path(LOG_CSV).write_text("epoch,loss\n" + "".join(f"{e},1.0\n" for e in range(epoch + 1)))
+        run.path("checkpoints").mkdir(exist_ok=True)
+        run.path("checkpoints/best.weights.h5").write_bytes(b"best")
+        state.end_epoch(epoch, {"epoch": epoch},
+                        write_weights=lambda p, e=epoch: p.write_bytes(f"w{e}".encode() * 100),
+                        iterations=epoch, callbacks={})
+    assert run.uploader.flush(timeout=10)
+
+
+# --- a broken resume pair never deletes the run (defect 1) ---------------------------------
+
+def test_unusable_resume_state_stops_with_one_line_and_deletes_nothing(tmp_path):
+    out = tmp_path / "run"
+    with RunFolder(out, LocalStore(out)) as run:
+        started_run(run, 2)
+        for weights in run.path("backup").glob("*.weights.h5"):
+            weights.write_bytes(b"not what the record says")
+        before = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+        with pytest.raises(ConfigError) as err:
+            job._prepare(cfg_for(str(out), tmp_path), run)
+    assert "nothing was deleted" in str(err.value) and "--overwrite" in str(err.value)
+    assert sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file()) == before
+
+
+def test_a_broken_newest_pair_resumes_from_the_previous_one(tmp_path):
+    out = tmp_path / "run"
+    with RunFolder(out, LocalStore(out)) as run:
+        started_run(run, 3)
+        run.path("backup/state-000003.weights.h5").write_bytes(b"torn")
+        state = job._prepare(cfg_for(str(out), tmp_path), run)
+    assert state["epoch"] == 2
+    assert (out / LOG_CSV).exists() and (out / "checkpoints/best.weights.h5").exists()
+
+
+def test_without_any_pair_the_last_checkpoint_is_used(tmp_path):
+    out = tmp_path / "run"
+    with RunFolder(out, LocalStore(out)) as run:
+        started_run(run, 2)
+        for pair in run.path("backup").glob("state-*"):
+            pair.write_bytes(b"garbage")
+        run.path(LAST).write_bytes(b"last")
+        state = job._prepare(cfg_for(str(out), tmp_path), run)
+    assert state["from_checkpoint"] == LAST and state["epoch"] == 2
+
+
+# --- only the run's own entries come back from the bucket (defect 3) ---------------------
+
+def test_keys_outside_the_run_entries_are_never_downloaded(s3env, s3, bucket, tmp_path):
+    escape = tmp_path / "outside" / "bashrc"
+    client = s3.client()
+    for key in (f"runs/exp1//{escape}", "runs/exp1/notes/other-team.txt",
+                "runs/exp1/model/model.keras"):
+        client.put_object(Bucket=bucket, Key=key, Body=b"not trainjob's")
+    output = f"s3://{bucket}/runs/exp1"
+    cfg = cfg_for(output, tmp_path)
+    with RunFolder(job._local_run_dir(cfg), S3Store(bucket, "runs/exp1")) as run:
+        started_run(run, 1)
+    job._clear_local(job._local_run_dir(cfg))
+    with RunFolder(job._local_run_dir(cfg), S3Store(bucket, "runs/exp1")) as run:
+        state = job._prepare(cfg, run)
+        local = sorted(p.relative_to(run.local).as_posix() for p in run.local.rglob("*")
+                       if p.is_file() and ".staging-" not in str(p))
+    assert state["epoch"] == 1
+    assert not escape.exists()
+    assert local == ["backup/state-000001.json", "backup/state-000001.weights.h5",
+                     "backup/state.json", "checkpoints/best.weights.h5", HISTORY, STATUS,
+                     LOG_CSV]
+
+
+def test_a_key_that_climbs_out_of_a_run_entry_is_refused(s3env, s3, bucket, tmp_path):
+    output = f"s3://{bucket}/runs/exp2"
+    cfg = cfg_for(output, tmp_path)
+    s3.client().put_object(Bucket=bucket, Key="runs/exp2/backup/../../../../escaped", Body=b"x")
+    if "runs/exp2/backup/../../../../escaped" not in s3.keys(bucket, "runs/exp2/"):
+        pytest.skip("this server normalises '..' in keys")
+    with RunFolder(job._local_run_dir(cfg), S3Store(bucket, "runs/exp2")) as run:
+        with pytest.raises(StorageError, match="escapes the local folder"):
+            run.pull()
+    assert not (tmp_path / "escaped").exists() and not (tmp_path / "work/escaped").exists()
+
+
+def test_a_bucket_root_output_pulls_only_the_run(s3env, s3, bucket, tmp_path):
+    client = s3.client()
+    for i in range(30):
+        client.put_object(Bucket=bucket, Key=f"datasets/caltech/{i}.jpg", Body=b"jpeg")
+    cfg = cfg_for(f"s3://{bucket}", tmp_path)
+    with RunFolder(job._local_run_dir(cfg), S3Store(bucket, "")) as run:
+        started_run(run, 1)
+    job._clear_local(job._local_run_dir(cfg))
+    with RunFolder(job._local_run_dir(cfg), S3Store(bucket, "")) as run:
+        assert job._prepare(cfg, run)["epoch"] == 1
+        assert not run.path("datasets").exists()
+        job._remove_run(run)  # --overwrite removes trainjob's entries and nothing else
+    assert len(s3.keys(bucket, "datasets/")) == 30
+    assert not s3.keys(bucket, "backup/") and not s3.keys(bucket, STATUS)
+
+
+# --- a job that waited for the lock does not retrain a finished run (defect 2) -----------
+
+def test_a_job_that_waited_for_the_lock_finds_the_run_finished(tmp_path, caplog):
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        write_json(out / LOCK, {"token": "other", "host": socket.gethostname(),
+                                "pid": holder.pid, "owner": "", "started": time.time(),
+                                "heartbeat": time.time()})
+
+        def finish_and_release() -> None:  # job A publishes while B waits
+            time.sleep(1.0)
+            write_json(out / MANIFEST, {"files": {}})
+            (out / LOCK).unlink()
+
+        threading.Thread(target=finish_and_release, daemon=True).start()
+        with caplog.at_level("INFO"):
+            job.run(cfg_for(str(out), tmp_path))  # --data does not exist: training would fail
+    finally:
+        holder.kill()
+    assert "already holds a finished run" in caplog.text
+    assert read_json(out / MANIFEST) == {"files": {}}
+    assert not (out / STATUS).exists()
+
+
+# --- the manifest is final (defect 6) -----------------------------------------------------
+
+class NoDeleteStore(LocalStore):
+    def delete(self, keys: list[str]) -> None:
+        raise StorageError("DeleteObjects refused")
+
+
+def test_nothing_changes_the_run_after_its_manifest(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def train_publish_then_signal(cfg, run_dir, *args) -> None:
+        started_run(run_dir, 1)
+        run_dir.set_status("succeeded", error=None)
+        run_dir.publish(timeout=10)
+        raise Preempted("stopped by SIGTERM during the final flush")
+
+    monkeypatch.setattr(job, "_train", train_publish_then_signal)
+    cfg = cfg_for(str(out), tmp_path)
+    with RunFolder(tmp_path / "run", NoDeleteStore(out)) as run:
+        job._run_locked(cfg, run, lock=None, stop=resume.StopSignal())  # exits 0
+    manifest = read_json(out / MANIFEST)
+    assert read_json(out / STATUS)["state"] == "succeeded"
+    assert manifest["files"][STATUS]["sha256"] == sha256(out / STATUS)
+    assert (out / "backup").exists()  # its removal failed, and that was not fatal
+
+
+# --- resume checks every setting that shapes the run (defect 5) ----------------------------
+
+def catalog(n_per_class: int = 20) -> Catalog:
+    samples = [Sample(f"/x/c{c}/{i}.jpg", c) for c in range(3) for i in range(n_per_class)]
+    return Catalog(Path("/x"), ["a", "b", "c"], samples)
+
+
+def fingerprint_of(tmp_path: Path, cat: Catalog | None = None, **options) -> dict:
+    cfg = cfg_for("/out", tmp_path, **options)
+    cat = cat or catalog()
+    splits = split(cat, val_fraction=cfg.split.val_fraction, test_fraction=cfg.split.test_fraction,
+                   train_per_class=cfg.split.train_per_class, seed=cfg.split.seed)
+    return resume.fingerprint(cfg, cat, splits)
+
+
+@pytest.mark.parametrize("option, value, named", [
+    ("seed", 7, "--seed"), ("val_fraction", 0.3, "--val-fraction"),
+    ("test_fraction", 0.05, "--test-fraction"), ("train_per_class", 5, "--train-per-class"),
+    ("batch_size", 16, "--batch-size"), ("steps_per_epoch", 3, "--steps-per-epoch"),
+    ("image_size", 64, "--image-size"),
+])
+def test_resume_refuses_a_changed_setting_and_names_it(tmp_path, option, value, named):
+    saved = {"fingerprint": fingerprint_of(tmp_path)}
+    resume.check_compatible(saved, fingerprint_of(tmp_path))  # unchanged: fine
+    with pytest.raises(ConfigError) as err:
+        resume.check_compatible(saved, fingerprint_of(tmp_path, **{option: value}))
+    assert named in str(err.value) and err.value.exit_code == 2
+
+
+def test_resume_refuses_changed_data(tmp_path):
+    saved = {"fingerprint": fingerprint_of(tmp_path)}
+    with pytest.raises(ConfigError, match="the dataset's images"):
+        resume.check_compatible(saved, fingerprint_of(tmp_path, catalog(19)))
+
+
+def test_settings_an_older_version_did_not_record_are_not_checked(tmp_path):
+    old = {"fingerprint": {"image_size": 224, "optimizer": "adam",
+                           "classes": fingerprint_of(tmp_path)["classes"]}}
+    resume.check_compatible(old, fingerprint_of(tmp_path, seed=9, image_size=224))

@@ -1,0 +1,140 @@
+"""Sync under pressure, end to end: epochs faster than uploads, an outage that ends, a
+SIGTERM late in the run, a store that stops answering. Real trainjob processes against
+the S3 server, with a real proxy in between for bandwidth and faults."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import random
+import signal
+import time
+
+import pytest
+
+from conftest import SMALL, run_trainjob, start_trainjob
+from faultproxy import FaultProxy
+from test_e2e import assert_complete_run
+from test_resume import _hooks, _status, _wait_for, dataset  # noqa: F401 - fixture
+
+pytestmark = pytest.mark.e2e
+
+MB = 1024**2
+
+
+def bucket_generation(s3, bucket: str, prefix: str) -> dict:
+    """What the bucket says, checked for consistency: the status, the resume pointer and
+    the pair it names, the CSV and the history all describe the same epoch."""
+    status = s3.read_json(bucket, f"{prefix}/status.json")
+    state = s3.read_json(bucket, f"{prefix}/backup/state.json")
+    weights = s3.read(bucket, f"{prefix}/backup/{state['weights']}")
+    assert hashlib.sha256(weights).hexdigest() == state["weights_sha256"]
+    assert state["step"] == 0 and state["epoch"] == status["epochs_done"]
+    rows = list(csv.DictReader(io.StringIO(s3.read(bucket, f"{prefix}/training_log.csv").decode())))
+    assert [int(r["epoch"]) for r in rows] == list(range(state["epoch"]))
+    history = s3.read_json(bucket, f"{prefix}/history.json")
+    assert [h["epoch"] for h in history] == list(range(state["epoch"]))
+    return state
+
+
+def test_fast_epochs_keep_the_bucket_advancing_and_a_random_kill_resumes(s3, bucket, dataset,
+                                                                          tmp_path):
+    """Each epoch's resume pair is ~283 MB; the proxy carries 40 MB/s, so a generation takes
+    ~7 s to upload while an epoch of one 32 px batch takes a second or two. The bucket must
+    keep advancing (it used to stop: status.json, queued last, was overtaken every epoch),
+    and a SIGKILL at a random moment leaves a complete generation to resume from."""
+    prefix = "runs/fast"
+    args = ["train", "--data", dataset, "--output", f"s3://{bucket}/{prefix}", "--epochs", "10",
+            "--steps-per-epoch", "1", "--no-restore-best", "--early-stopping-patience", "0",
+            *SMALL]
+    log = tmp_path / "first.log"
+    with FaultProxy(s3.endpoint, slowdown=0.0, drop=0.0, bytes_per_second=40 * MB) as proxy:
+        proc = start_trainjob(args, s3.env(AWS_ENDPOINT_URL=proxy.endpoint), tmp_path / "h", log)
+        seen: list[int] = []
+
+        def advanced_twice() -> bool:
+            done = _status(s3, bucket, prefix).get("epochs_done", 0)
+            if done and done not in seen:
+                seen.append(done)
+            return len(seen) >= 2
+
+        _wait_for(advanced_twice, proc, log, timeout=300)
+        time.sleep(random.Random().uniform(0.0, 4.0))  # anywhere in an upload
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    text = log.read_text()
+    assert "skipped" in text and "generation(s) to catch up" in text, \
+        "the regime under test (epochs faster than uploads) was not reached"
+    state = bucket_generation(s3, bucket, prefix)
+
+    result = run_trainjob(args, s3.env(), tmp_path / "h2")
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
+    assert f"resuming at epoch {state['epoch']}, batch 0" in result.stdout
+    assert_complete_run(s3, bucket, prefix, epochs=10)
+
+
+def test_a_short_outage_does_not_fail_the_run(s3, bucket, dataset, tmp_path):
+    """Every upload fails for a while in the middle of the run, then the store is back. The
+    job used to keep that first failure and exit 4 at the end; now it re-sends and finishes."""
+    prefix = "runs/outage"
+    args = ["train", "--data", dataset, "--output", f"s3://{bucket}/{prefix}", "--epochs", "4",
+            "--steps-per-epoch", "2", *SMALL]
+    log = tmp_path / "job.log"
+    with FaultProxy(s3.endpoint, slowdown=0.0, drop=0.0) as proxy:
+        env = s3.env(AWS_ENDPOINT_URL=proxy.endpoint, AWS_MAX_ATTEMPTS="1",
+                     TRAINJOB_TEST_HOOKS=_hooks(tmp_path, sleep_after_epoch={"1": 8}))
+        proc = start_trainjob(args, env, tmp_path / "home", log)
+        _wait_for(lambda: _status(s3, bucket, prefix).get("epochs_done", 0) >= 1, proc, log)
+        proxy.fail_everything()
+        _wait_for(lambda: "failed" in log.read_text() and "retrying" in log.read_text(),
+                  proc, log, timeout=120)
+        time.sleep(3)
+        proxy.recover()
+        rc = proc.wait(timeout=600)
+        failed = proxy.injected["slowdown"]
+    assert rc == 0, log.read_text()[-4000:]
+    assert failed > 0
+    assert_complete_run(s3, bucket, prefix, epochs=4)
+
+
+def test_sigterm_in_the_last_epoch_stops_before_publishing(s3, bucket, dataset, tmp_path):
+    """A SIGTERM that lands after the last batch (validation, the epoch's save) used to be
+    ignored: the job went on to evaluate and publish. It now stops with 143 and a rerun
+    publishes from the saved state."""
+    prefix = "runs/late"
+    args = ["train", "--data", dataset, "--output", f"s3://{bucket}/{prefix}", "--epochs", "2",
+            "--steps-per-epoch", "2", *SMALL]
+    log = tmp_path / "job.log"
+    env = s3.env(TRAINJOB_TEST_HOOKS=_hooks(tmp_path, sleep_after_epoch={"1": 6}))
+    proc = start_trainjob(args, env, tmp_path / "home", log)
+    _wait_for(lambda: _status(s3, bucket, prefix).get("epochs_done", 0) >= 2, proc, log)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 143, log.read_text()[-3000:]
+    assert s3.read_json(bucket, f"{prefix}/status.json")["state"] == "preempted"
+    assert not any(k.endswith("manifest.json") for k in s3.keys(bucket, prefix + "/"))
+    result = run_trainjob(args, s3.env(), tmp_path / "home")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert_complete_run(s3, bucket, prefix, epochs=2)
+
+
+def test_shutdown_fits_the_grace_period_when_the_store_hangs(s3, bucket, dataset, tmp_path):
+    """The store stops answering (a black hole, not an error): flushing, closing and
+    releasing the lock must all end inside --grace-seconds."""
+    prefix = "runs/hang"
+    args = ["train", "--data", dataset, "--output", f"s3://{bucket}/{prefix}", "--epochs", "3",
+            "--steps-per-epoch", "30", "--grace-seconds", "8", *SMALL]
+    log = tmp_path / "job.log"
+    with FaultProxy(s3.endpoint, slowdown=0.0, drop=0.0) as proxy:
+        proc = start_trainjob(args, s3.env(AWS_ENDPOINT_URL=proxy.endpoint), tmp_path / "home", log)
+        # Past the first epoch: a signal can only act at a batch end, and the first batch
+        # waits for the graph to be traced.
+        _wait_for(lambda: _status(s3, bucket, prefix).get("epochs_done", 0) >= 1, proc, log)
+        proxy.stalled.set()
+        time.sleep(1)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=60)
+        elapsed = time.monotonic() - started
+    assert rc == 143, log.read_text()[-3000:]
+    assert elapsed < 8 + 2, f"shutdown took {elapsed:.1f}s with --grace-seconds 8"

@@ -668,3 +668,35 @@ def test_direct_gets_stop_after_a_few_refusals(s3env, bucket, tmp_path, monkeypa
     assert mirror_of(result.path) == {k[len("data/"):]: v for k, v in objects.items()}
     assert tries[0] == transfer.MAX_MISSES
     assert "refused (HTTP 403)" in caplog.text
+
+
+HOLDING_JOB = """
+import sys
+from pathlib import Path
+from trainjob import cache, storage
+with cache.session():  # as a job: the prefix's mirror stays held (shared) for the run
+    storage.fetch(sys.argv[1], Path(sys.argv[2]), 2)
+    print("ready", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_an_unchanged_prefix_held_by_another_job_is_served_at_once(s3env, bucket, tmp_path):
+    """Only a prefix that changed needs the exclusive lock (and so waits for the jobs using
+    it); an unchanged one is checked under the shared lock and served from the cache."""
+    put_many(s3env, bucket, {f"data/{i}.jpg": b"%d" % i for i in range(5)})
+    uri, cache_dir = f"s3://{bucket}/data/", tmp_path / "cache"
+    env = s3env.env(PYTHONPATH=str(Path(storage.__file__).parents[1]))
+    holder = subprocess.Popen([sys.executable, "-c", HOLDING_JOB, uri, str(cache_dir)],
+                              env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        got: list[FetchResult] = []
+        fetcher = threading.Thread(target=lambda: got.append(fetch(uri, cache_dir, 2)))
+        fetcher.start()
+        fetcher.join(30)
+        assert got, "an unchanged prefix waited for the job holding it"
+        assert (got[0].downloaded_objects, got[0].cached_objects) == (0, 5)
+    finally:
+        holder.stdin.close()
+        holder.wait(30)

@@ -10,6 +10,7 @@ of threads and the TCP connections opened (the connection pool against the threa
 
 from __future__ import annotations
 
+import http.client
 import os
 import shutil
 import threading
@@ -23,6 +24,10 @@ import botocore.awsrequest
 import urllib3.connection
 
 SAMPLE, THREADS = 300, 16
+
+
+def _check(outcome) -> None:
+    assert isinstance(outcome, tuple), outcome  # (etag, size): the GET went through
 
 
 def per_object(fn: Callable[[int], None], count: int) -> dict[str, float]:
@@ -40,15 +45,16 @@ class Watch:
     def __init__(self) -> None:
         self.peak, self.connections, self._stop = 0, 0, threading.Event()
 
+    CLASSES = (urllib3.connection.HTTPConnection, http.client.HTTPConnection)  # botocore's, ours
+
     def __enter__(self) -> Watch:
-        self._connect = urllib3.connection.HTTPConnection.connect
+        self._real = [cls.connect for cls in self.CLASSES]
         watch = self
-
-        def counting_connect(conn, *args, **kwargs):
-            watch.connections += 1
-            return watch._connect(conn, *args, **kwargs)
-
-        urllib3.connection.HTTPConnection.connect = counting_connect
+        for cls, real in zip(self.CLASSES, self._real, strict=True):
+            def counting_connect(conn, *args, _real=real, **kwargs):
+                watch.connections += 1
+                return _real(conn, *args, **kwargs)
+            cls.connect = counting_connect
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self
@@ -60,7 +66,8 @@ class Watch:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        urllib3.connection.HTTPConnection.connect = self._connect
+        for cls, real in zip(self.CLASSES, self._real, strict=True):
+            cls.connect = real
 
 
 def profile(server, bucket: str, prefix: str, work: Path) -> dict:
@@ -108,7 +115,8 @@ def _profile(server, bucket: str, prefix: str, work: Path) -> dict:
     out["get_object (full botocore call)"] = per_object(full_call, SAMPLE)
     fast = transfer._FastGet.create(client, bucket)
     assert fast is not None, "the fast path is unavailable"
-    out["signed GET (new path)"] = per_object(lambda i: fast.get(sample[i], dest), SAMPLE)
+    out["signed GET on http.client (new path)"] = per_object(
+        lambda i: _check(fast.get(sample[i], dest)), SAMPLE)
     creds = s3client.signing_credentials(client)
 
     def sign(i: int) -> None:

@@ -662,7 +662,7 @@ def test_direct_gets_stop_after_a_few_refusals(s3env, bucket, tmp_path, monkeypa
         tries[0] += 1
         return "HTTP 403"
 
-    monkeypatch.setattr(transfer._FastGet, "_send", refused)
+    monkeypatch.setattr(transfer._FastGet, "_request", refused)
     caplog.set_level(logging.INFO, logger="trainjob.transfer")
     result = fetch(f"s3://{bucket}/data/", tmp_path / "cache", threads=1)
     assert mirror_of(result.path) == {k[len("data/"):]: v for k, v in objects.items()}

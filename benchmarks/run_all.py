@@ -186,20 +186,26 @@ The whole prefix at {prof['threads']} threads, in one process: what `fetch` did 
 What this shows:
 
 - The prefix case is bound by CPU per object, not by the network: a few KB per object,
-  all on loopback, two cores shared by client, server and other users.
+  all on loopback, two cores shared by client, server and other users' work.
 - With `response_checksum_validation=when_required` (set in `s3client`), s3transfer
-  0.19 does not send a HeadObject per object: it asks for the first chunk with a ranged
-  GET instead. What costs is the rest of `download_file`: a transfer future, callbacks,
-  an IO queue and, per call, a new TransferManager whose executors start and stop threads
-  (the old path peaked at dozens of threads for 16 workers). That was over half of the CPU.
-- botocore's full `get_object` costs ~2x a signed GET of the same object: events, endpoint
-  rules, response parsing, and dateutil on every timestamp (also half of a listing's CPU).
-- The connection pool was not the problem: it holds `threads + 4` connections, and neither
-  path opens more than about one per worker.
-- Cache bookkeeping at this size is noise (see the next section for a million keys).
-- fsync per file would cost more than the rest of the per-object work on this disk; neither
-  s5cmd nor the AWS CLI does it. trainjob does not either: a file gets its final name only
-  once complete, and the index, whose commits SQLite does fsync, names only such files.
+  0.19 sends no HeadObject per object: it asks for the first chunk with a ranged GET
+  instead. What cost was the rest of `download_file`: per call a TransferManager whose
+  executors start and stop threads (dozens at peak for 16 workers), a future, callbacks
+  and an IO queue: over half of the old path's CPU.
+- botocore's full `get_object` costs ~3x the CPU of a signed GET on a plain `http.client`
+  connection: events, endpoint rules, response parsing, urllib3, and dateutil on every
+  timestamp (also half of a listing's CPU; trainjob now parses them with the standard
+  library).
+- The connection pool was not the problem: it holds `threads + 4` connections; no path
+  opens more than about one per worker.
+- Cache bookkeeping is noise at this size (the next section has a million keys).
+- fsync per file would cost more than all the rest of a small object's work on this disk;
+  neither s5cmd nor the AWS CLI does it, nor does trainjob: a file takes its final name only
+  once complete, and the index, whose commits SQLite fsyncs, names only such files, with
+  their size and mtime.
+- s5cmd spends about as much CPU per object as trainjob does now, but spreads it over both
+  cores; trainjob's Python runs on one at a time (its system time overlaps). So on an idle
+  machine s5cmd gains most, and the ratio moves with the other load: see the CPU table.
 """
 
 
@@ -246,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
                              "(its JSON, then RESULT), instead of running it")
     args = parser.parse_args(argv)
     loaded = dict(item.split("=", 1) for item in args.load)
-    chosen = args.names or [n for n in NAMES if n not in loaded]
+    chosen = args.names or ([] if loaded else list(NAMES))
     unknown = (set(chosen) | set(loaded)) - set(NAMES)
     if unknown:
         parser.error(f"unknown benchmarks: {', '.join(sorted(unknown))}")

@@ -47,7 +47,7 @@ def previous() -> tuple[dict, str]:
     blocks = re.findall(r"```json\n(.*?)\n```", text, re.S)
     results = json.loads(blocks[-1]) if blocks else {}
     # Docs written before sections said when: one date for all, in the header.
-    old = re.search(r"^Measured (\S+) on (.+?), CPU only", text, re.M)
+    old = re.search(r"^(?:Measured|Written) (\S+) on (.+?), CPU only", text, re.M)
     for entry in results.values():
         if old and "measured" not in entry:
             entry["measured"] = f"{old[1]} on {old[2]}"
@@ -99,12 +99,16 @@ def lag_section(lag: dict) -> str:
 
 A synthetic training loop drives the run-state layer (`benchmarks/sync_lag.py`): a
 {lag['pair_mb']} MB resume pair per epoch through a {lag['link_mb_per_s']} MB/s link to the local S3
-server, so one generation takes {lag['generation_upload_seconds']} s to upload while an epoch takes
-{lag['epoch_seconds']} s ({lag['epochs']} epochs). Lag is the age of the epoch the bucket's status.json
-shows, in units of one generation's upload time, sampled every 0.25 s while training runs.
-Target: at most 2, and training never blocked.
+server, so one generation takes {lag['generation_upload_seconds']} s on the link
+({lag['measured_generation_upload_seconds']} s measured, the server's own time included) while an epoch
+computes for {lag['epoch_seconds']} s and writes its pair ({lag['epochs']} epochs). Lag is the age of the
+epoch the bucket's status.json shows (the time since that epoch ended), in units of one
+measured generation upload, sampled every 0.25 s while training runs. The uploader's bound
+is two uploads plus one epoch ({lag['generations']['bound_generations']} here: the epoch the bucket shows was the
+newest when its upload began, and stays while the next one uploads). Target: at most about
+2, and the loop never waits for the network (the wait column excludes writing its own pair).
 
-| uploader | max lag (generations) | median lag | longest block of the loop (s) | generations skipped |
+| uploader | max lag (generations) | median lag | longest wait of the loop (s) | generations skipped |
 | --- | --- | --- | --- | --- |
 {chr(10).join(rows)}
 

@@ -1,8 +1,9 @@
 """`make demo`: the real job end to end against an embedded local S3 server.
 
-Starts SeaweedFS (a real object store, ``weed mini`` on loopback), generates a ~10 class x 20 image sample laid out like the official
-caltech-101.zip, uploads it, runs `trainjob train` for 3 epochs at 64 px, lists the run
-folder in the bucket and downloads history.png. Cleans up its server on the way out.
+Starts SeaweedFS (a real object store: ``weed mini``, on loopback only), generates a
+~10 class x 20 image sample laid out like the official caltech-101.zip, uploads it, runs
+`trainjob train` for 3 epochs at 64 px, lists the run folder in the bucket and downloads
+history.png. Cleans up its server on the way out.
 """
 
 from __future__ import annotations

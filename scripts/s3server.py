@@ -21,7 +21,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import boto3
@@ -68,12 +68,21 @@ class S3Server:
     secret_key: str
     process: subprocess.Popen
     kind: str = "moto"  # "moto" or "seaweedfs"
+    _default_client: object = field(default=None, init=False, repr=False)
 
     def client(self, endpoint: str | None = None, secret_key: str | None = None):
+        """A boto3 client for the server; the default one is made once (clients are
+        thread-safe, and each new one costs a good part of a second)."""
+        if endpoint is None and secret_key is None:
+            if self._default_client is None:
+                self._default_client = self._make_client(self.endpoint, self.secret_key)
+            return self._default_client
+        return self._make_client(endpoint or self.endpoint, secret_key or self.secret_key)
+
+    def _make_client(self, endpoint: str, secret_key: str):
         return boto3.client(
-            "s3", endpoint_url=endpoint or self.endpoint, region_name="us-east-1",
-            aws_access_key_id=self.access_key,
-            aws_secret_access_key=secret_key or self.secret_key,
+            "s3", endpoint_url=endpoint, region_name="us-east-1",
+            aws_access_key_id=self.access_key, aws_secret_access_key=secret_key,
             config=botocore.config.Config(s3={"addressing_style": "path"},
                                           request_checksum_calculation="when_required",
                                           response_checksum_validation="when_required"))
@@ -169,6 +178,8 @@ def start_seaweed(tmp: Path, buckets: tuple[str, ...] = (), nice: int = 0,
             # on a fixed port (WebDAV 7333, Iceberg 8181, Lance 9101, telemetry).
             "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
             "-master.telemetry=false", f"-admin.dataDir={data / 'admin'}",
+            # Like AWS: a PUT into a missing bucket fails instead of creating it.
+            "-s3.autoCreateBucket=false",
             # Unix sockets default to /tmp/seaweedfs-*-<port>.sock: keep them with the data.
             f"-filer.localSocket={data / 'filer.sock'}", f"-s3.localSocket={data / 's3.sock'}"]
     if buckets:

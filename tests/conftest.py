@@ -78,6 +78,9 @@ def s3env(s3, monkeypatch, tmp_path):
     s3client._clients.clear()
 
 
+_clients_by_endpoint: dict[str, dict] = {}  # trainjob's boto3 clients, kept per test server
+
+
 @pytest.fixture(params=["local", "moto", "seaweedfs"])
 def store(request, tmp_path, monkeypatch):
     """A run folder on each backend: a local folder, a prefix on moto, one on SeaweedFS."""
@@ -88,7 +91,10 @@ def store(request, tmp_path, monkeypatch):
         return
     server = request.getfixturevalue(SERVERS[request.param])
     point_boto3_at(server, monkeypatch, tmp_path)
+    # Same server, same settings: reuse its clients (a new one costs up to a second).
+    s3client._clients.update(_clients_by_endpoint.get(server.endpoint, {}))
     yield S3Store(make_bucket(server), "runs/exp1", threads=2)
+    _clients_by_endpoint[server.endpoint] = dict(s3client._clients)
     s3client._clients.clear()
 
 

@@ -4,15 +4,22 @@ It forwards requests unchanged (the Host header too, so SigV4 signatures still m
 for a seeded random share of them answers 503 SlowDown, or cuts the connection halfway
 through a body: the request's for uploads, the response's for downloads.
 
-Two more uses: ``seen`` logs every request (time, method, path, headers, status), so a test
-can count what a client sends; and ``strip_conditional`` plays a server that ignores
-conditional writes: it drops If-Match/If-None-Match and signs the request again (they are
-part of the SigV4 signature, which a real server checks).
-
 ``delete_objects`` makes it answer DeleteObjects (POST ?delete) the way some servers do:
 "require-md5" refuses a request without Content-MD5 with a 400 (older MinIO and Ceph, now
 that boto3 >= 1.36 sends a CRC32 instead); "key-errors" answers 200 with an <Error> per key
 and deletes nothing (a bucket policy that denies s3:DeleteObject, an object lock).
+
+``bytes_per_second`` makes every upload share one link of that speed; ``stalled`` (an
+Event) turns the endpoint into a black hole that never answers; ``fail_everything`` and
+``recover`` start and end an outage.
+
+``lost_reply`` forwards a share of requests whole, so the server acts on them, then cuts
+the connection before the reply: the client retries a request that already happened.
+
+Two more uses: ``seen`` logs every request (time, method, path, headers, status), so a test
+can count what a client sends; and ``strip_conditional`` plays a server that ignores
+conditional writes: it drops If-Match/If-None-Match and signs the request again (they are
+part of the SigV4 signature, which a real server checks).
 """
 
 from __future__ import annotations
@@ -49,14 +56,14 @@ class Seen:
 
 class FaultProxy:
     def __init__(self, upstream: str, *, slowdown: float = 0.0, drop: float = 0.0, seed: int = 0,
+                 lost_reply: float = 0.0,
                  strip_conditional: tuple[str, str] | None = None,
                  delete_objects: str = "pass", refusal: str = "MissingContentMD5",
                  bytes_per_second: float | None = None) -> None:
         assert delete_objects in ("pass", "require-md5", "key-errors"), delete_objects
         self.upstream = urlsplit(upstream)
-        self.slowdown, self.drop = slowdown, drop
+        self.slowdown, self.drop, self.lost_reply = slowdown, drop, lost_reply
         self.delete_objects, self.refusal = delete_objects, refusal
-        self.requests: list[tuple[str, str]] = []  # (method, path) of every request seen
         self.bytes_per_second = bytes_per_second  # one shared link for all uploads
         self._link_free_at = 0.0
         self.stalled = threading.Event()  # set: requests hang unanswered (a black hole)
@@ -92,6 +99,12 @@ class FaultProxy:
         self.server.shutdown()
         self.server.server_close()
 
+    @property
+    def requests(self) -> list[tuple[str, str]]:
+        """(method, path) of every request seen."""
+        with self.lock:
+            return [(s.method, s.path) for s in self.seen]
+
     def fail_everything(self) -> None:
         """From now on every request gets 503: an endpoint that stays down."""
         self.dead = True
@@ -117,6 +130,8 @@ class FaultProxy:
             return "slowdown"
         if r < self.slowdown + self.drop:
             return "drop"
+        if r < self.slowdown + self.drop + self.lost_reply:
+            return "lost_reply"
         return "pass"
 
     def _log(self, h: BaseHTTPRequestHandler, at: float, status: int) -> None:
@@ -147,9 +162,8 @@ class FaultProxy:
             h.connection.shutdown(2)
             return
         body = h.rfile.read(length) if length else b""
-        with self.lock:
-            self.requests.append((h.command, h.path))
         if self.stalled.is_set():
+            self._log(h, at, 0)
             time.sleep(600)  # never answers; the client's own time-outs must cope
             return
         self._throttle(len(body))
@@ -157,7 +171,7 @@ class FaultProxy:
             self._log(h, at, 503)
             _reply(h, 503, SLOWDOWN)
             return
-        if self._answer_delete_objects(h, body):
+        if self._answer_delete_objects(h, body, at):
             return
         conn = http.client.HTTPConnection(self.upstream.hostname, self.upstream.port, timeout=120)
         headers = {k: v for k, v in h.headers.items() if k.lower() not in HOP_BY_HOP}
@@ -167,7 +181,11 @@ class FaultProxy:
         resp = conn.getresponse()
         data = resp.read()
         conn.close()
-        self._log(h, at, 0 if fate == "drop" else resp.status)
+        self._log(h, at, 0 if fate in ("drop", "lost_reply") else resp.status)
+        if fate == "lost_reply":  # done upstream, but the client never hears so
+            h.close_connection = True
+            h.connection.shutdown(2)
+            return
         h.send_response(resp.status)
         for k, v in resp.getheaders():
             if k.lower() not in HOP_BY_HOP and k.lower() != "content-length":
@@ -185,7 +203,7 @@ class FaultProxy:
             return
         h.wfile.write(data)
 
-    def _answer_delete_objects(self, h: BaseHTTPRequestHandler, body: bytes) -> bool:
+    def _answer_delete_objects(self, h: BaseHTTPRequestHandler, body: bytes, at: float) -> bool:
         """Answer a DeleteObjects request in place of the server, as ``delete_objects`` says."""
         query = parse_qs(urlsplit(h.path).query, keep_blank_values=True)
         if h.command != "POST" or "delete" not in query or self.delete_objects == "pass":
@@ -193,12 +211,14 @@ class FaultProxy:
         if self.delete_objects == "require-md5":
             if h.headers.get("Content-MD5"):
                 return False
+            self._log(h, at, 400)
             _reply(h, 400, _error(self.refusal, "Missing required header for this request: "
                                   "Content-Md5."))
             return True
         errors = b"".join(b"<Error><Key>%s</Key><Code>AccessDenied</Code><Message>Access "
                           b"Denied</Message></Error>" % key
                           for key in re.findall(rb"<Key>(.*?)</Key>", body))
+        self._log(h, at, 200)
         _reply(h, 200, b'<?xml version="1.0" encoding="UTF-8"?>\n<DeleteResult xmlns='
                b'"http://s3.amazonaws.com/doc/2006-03-01/">%s</DeleteResult>' % errors)
         return True

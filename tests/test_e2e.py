@@ -1,4 +1,5 @@
-"""End to end, through the real CLI in a subprocess, against a real S3 server over HTTP."""
+"""End to end, through the real CLI in a subprocess, against real S3 servers over HTTP: the
+core runs once on moto and once on SeaweedFS (the ``server`` fixture)."""
 
 from __future__ import annotations
 
@@ -6,14 +7,18 @@ import csv
 import hashlib
 import io
 import json
+import shutil
+import subprocess
+import sys
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import sampledata
-from conftest import SMALL, run_trainjob, upload_tree
+from conftest import SMALL, Result, run_trainjob, upload_tree
 
 pytestmark = pytest.mark.e2e
 
@@ -55,7 +60,27 @@ def assert_complete_run(s3, bucket: str, prefix: str, epochs: int) -> dict:
     return manifest
 
 
-def test_official_zip_end_to_end_then_cached_rerun(s3, bucket, official_zip, tmp_path):
+def assert_stock_client_pulls_the_run(s3, bucket: str, prefix: str, dest: Path) -> None:
+    """`aws s3 sync` (awscli, nothing of ours) pulls the run folder, and every file matches
+    manifest.json: same names, none extra or missing, same sizes and sha256."""
+    aws = shutil.which("aws", path=str(Path(sys.executable).parent)) or shutil.which("aws")
+    assert aws, "awscli is part of the test extra"
+    proc = subprocess.run([aws, "s3", "sync", f"s3://{bucket}/{prefix}", str(dest),
+                           "--endpoint-url", s3.endpoint, "--no-progress", "--only-show-errors"],
+                          env=s3.env(AWS_CONFIG_FILE="/dev/null"), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads((dest / "manifest.json").read_text())
+    pulled = {p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()}
+    assert pulled == set(manifest["files"]) | {"manifest.json"}
+    for name, entry in manifest["files"].items():
+        data = (dest / name).read_bytes()
+        assert len(data) == entry["size"], name
+        assert hashlib.sha256(data).hexdigest() == entry["sha256"], name
+
+
+def test_official_zip_end_to_end_then_cached_rerun(server, bucket, official_zip, tmp_path):
+    s3 = server
     s3.client().upload_file(str(official_zip), bucket, "datasets/caltech-101.zip")
     cache = tmp_path / "cache"
     args = ["train", "--data", f"s3://{bucket}/datasets/caltech-101.zip",
@@ -64,6 +89,7 @@ def test_official_zip_end_to_end_then_cached_rerun(s3, bucket, official_zip, tmp
     result = run_trainjob(args, s3.env(), tmp_path / "home")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert_complete_run(s3, bucket, "runs/exp1", epochs=2)
+    assert_stock_client_pulls_the_run(s3, bucket, "runs/exp1", tmp_path / "pulled")
 
     config = s3.read_json(bucket, "runs/exp1/config.json")
     dataset = config["dataset"]
@@ -170,12 +196,16 @@ def _corrupt_folder(tmp_path: Path) -> Path:
     return root
 
 
-BAD_INPUTS = {
+WRONG_SECRET = "definitely-wrong-secret-8d1f"
+# Failures of the storage itself: each runs on every server (see test_storage_failure...).
+STORAGE_FAILURES = {
     "missing bucket": (lambda s3, b, t: ["--data", str(_corrupt_folder(t)),
                                          "--output", "s3://no-such-bucket-here/run"], 4, {}),
     "wrong secret key": (lambda s3, b, t: ["--data", f"s3://{b}/x.zip",
                                            "--output", f"s3://{b}/run"], 4,
-                         {"AWS_SECRET_ACCESS_KEY": "definitely-wrong"}),
+                         {"AWS_SECRET_ACCESS_KEY": WRONG_SECRET}),
+}
+BAD_INPUTS = {
     "unreachable endpoint": (lambda s3, b, t: ["--data", f"s3://{b}/x.zip",
                                                "--output", f"s3://{b}/run"], 4,
                              {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_MAX_ATTEMPTS": "2"}),
@@ -196,9 +226,8 @@ BAD_INPUTS = {
 }
 
 
-@pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_fails_cleanly(case, s3, bucket, tmp_path):
-    make_args, code, env = BAD_INPUTS[case]
+def _assert_fails_cleanly(s3, bucket: str, tmp_path: Path, case: tuple) -> Result:
+    make_args, code, env = case
     result = run_trainjob(["train", *make_args(s3, bucket, tmp_path), "--epochs", "1"],
                           s3.env(**env), tmp_path / "home", timeout=180)
     assert result.returncode == code, (result.returncode, result.stderr[-2000:])
@@ -208,3 +237,24 @@ def test_bad_input_fails_cleanly(case, s3, bucket, tmp_path):
     assert "Traceback" not in result.stderr + result.stdout
     assert not any(k.endswith("manifest.json") for k in s3.keys(bucket))
     assert not (tmp_path.parent / "evil.txt").exists()
+    return result
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_fails_cleanly(case, s3, bucket, tmp_path):
+    _assert_fails_cleanly(s3, bucket, tmp_path, BAD_INPUTS[case])
+
+
+@pytest.mark.parametrize("case", list(STORAGE_FAILURES))
+def test_storage_failure_fails_cleanly(case, server, bucket, tmp_path):
+    """Exit 4 in seconds (no retries on a refusal), one line, no secret in any output."""
+    started = time.monotonic()
+    result = _assert_fails_cleanly(server, bucket, tmp_path, STORAGE_FAILURES[case])
+    assert time.monotonic() - started < 30
+    line = result.error_lines()[0]
+    output = result.stdout + result.stderr
+    assert WRONG_SECRET not in output and server.secret_key not in output
+    if case == "wrong secret key":
+        assert "invalid S3 credentials" in line and "AWS_SECRET_ACCESS_KEY" in line, line
+    else:
+        assert "no-such-bucket-here" in line and "does not exist" in line, line

@@ -314,3 +314,18 @@ def test_secret_example_is_not_applied(base):
     assert not [d for d in base if d["kind"] == "Secret"]
     values = find(load_all(K8S / "secret.example.yaml"), "Secret")["stringData"].values()
     assert all(v.startswith("REPLACE_") for v in values), "placeholders only"
+
+
+def test_readme_exit_codes_match_errors():
+    """The README's exit-code table lists every error's code, and FailJob exactly for
+    errors.NON_RETRIABLE (the codes the Job's podFailurePolicy fails on)."""
+    from trainjob import errors
+
+    rows = re.findall(r"^\| (\d+) \| [^|]+ \| ([^|]*) \|$",
+                      (ROOT / "README.md").read_text(), re.MULTILINE)
+    table = {int(code): policy.strip() for code, policy in rows}
+    codes = {cls.exit_code for cls in vars(errors).values()
+             if isinstance(cls, type) and issubclass(cls, errors.TrainJobError)} - {1}
+    assert codes <= set(table), f"README lacks exit codes {codes - set(table)}"
+    assert sorted(c for c, policy in table.items() if policy == "FailJob") == sorted(
+        NON_RETRIABLE)

@@ -1,4 +1,5 @@
-"""trainjob.lock: one job per run folder, on the local disk and on a real S3 server."""
+"""trainjob.lock: one job per run folder, on the local disk and on real S3 servers (moto,
+SeaweedFS). Real processes racing and fencing each other: test_lock_processes.py."""
 
 from __future__ import annotations
 
@@ -11,11 +12,10 @@ import time
 
 import pytest
 
-from trainjob import s3client
 from trainjob.artifacts import LOCK
-from trainjob.errors import ConfigError
-from trainjob.lock import RunLock
-from trainjob.storage import LocalStore, S3Store
+from trainjob.errors import NON_RETRIABLE, ConfigError, LostOwnership
+from trainjob.lock import HEARTBEAT_SECONDS, PROBE_PREFIX, STALE_SECONDS, RunLock
+from trainjob.storage import LocalStore
 
 
 @pytest.fixture
@@ -184,6 +184,7 @@ def test_heartbeat_refreshes_only_our_lock(store, locks):
     store.write_json(LOCK, taken)
     lock.heartbeat()
     assert store.read_json(LOCK) == taken, "a heartbeat overwrote the new holder's lock"
+    assert lock.lost.is_set()
     lock.release()
     assert store.read_json(LOCK) == taken
 
@@ -234,3 +235,147 @@ def test_release_waits_for_a_heartbeat_in_flight(tmp_path, locks, monkeypatch):
     lock.release()
     time.sleep(0.5)
     assert store.read_json(LOCK) is None
+
+
+# --- compare-and-swap and fencing -------------------------------------------------------------
+
+def assert_lost(lock: RunLock, *needles: str) -> str:
+    assert lock.lost.is_set()
+    with pytest.raises(LostOwnership) as err:
+        lock.check()
+    assert err.value.exit_code == 6 and 6 in NON_RETRIABLE
+    message = str(err.value)
+    assert "\n" not in message and "--force" in message and LOCK in message
+    for needle in needles:
+        assert needle in message, message
+    return message
+
+
+def test_every_backend_takes_conditional_writes_and_the_probe_cleans_up(store, locks):
+    lock = locks(store)
+    lock.acquire(timeout=5, poll=0.05)
+    assert lock.conditional is True
+    assert [o.key for o in store.list("")] == [LOCK], "the probe object was left behind"
+    lock.check()  # held: no error
+
+
+def test_takeover_fences_the_old_holder(store, locks):
+    first = locks(store)
+    first.acquire(timeout=5, poll=0.05)
+    second = locks(store)
+    second.acquire(force=True, timeout=5, poll=0.05)
+    assert not first.lost.is_set()  # it learns at its next heartbeat
+    first.heartbeat()
+    assert_lost(first, f"{socket.gethostname()} pid {os.getpid()}")
+    assert ours(store, second)
+    first.heartbeat()  # a lost lock is never refreshed again
+    first.release()
+    assert ours(store, second)
+    second.heartbeat()
+    assert not second.lost.is_set() and ours(store, second)
+    second.check()
+
+
+def test_removed_lock_counts_as_lost(store, locks):
+    lock = locks(store)
+    lock.acquire(timeout=5, poll=0.05)
+    store.delete([LOCK])
+    lock.heartbeat()
+    assert_lost(lock, "removed")
+    assert store.read_json(LOCK) is None, "the heartbeat re-created a removed lock"
+
+
+def test_heartbeat_is_one_conditional_write_and_no_read(store, locks):
+    lock = locks(store)
+    lock.acquire(timeout=5, poll=0.05)
+    calls: list[str] = []
+    for name in ("read_bytes", "read_versioned", "read_info", "write_bytes", "put_if_absent",
+                 "put_if_match", "delete", "delete_if_match"):
+        real = getattr(store, name)
+        setattr(store, name, lambda *a, _real=real, _name=name, **k: (calls.append(_name),
+                                                                     _real(*a, **k))[1])
+    for _ in range(3):
+        lock.heartbeat()
+    assert calls == ["put_if_match"] * 3
+    assert not lock.lost.is_set()
+
+
+def test_a_beat_whose_reply_was_lost_is_not_a_takeover(store, locks):
+    lock = locks(store)
+    lock.acquire(timeout=5, poll=0.05)
+    # Our own write landed, but we never saw its ETag (a PUT retried after its reply was
+    # lost gets 412): the version holds our token, so the lock is still ours.
+    store.write_bytes(LOCK, lock._record_bytes())
+    lock.heartbeat()
+    assert not lock.lost.is_set()
+    before = store.read_versioned(LOCK)[1]
+    time.sleep(0.01)
+    lock.heartbeat()
+    assert store.read_versioned(LOCK)[1] != before and not lock.lost.is_set()
+    store.write_bytes(LOCK, lock._record_bytes())  # the same, just before the release
+    lock.release()
+    assert store.read_json(LOCK) is None
+
+
+def test_lost_lock_stops_the_heartbeat_thread(store, locks, monkeypatch):
+    monkeypatch.setattr("trainjob.lock.HEARTBEAT_SECONDS", 0.05)
+    lock = locks(store)
+    lock.acquire(timeout=5, poll=0.05)
+    taken = holder()
+    store.write_json(LOCK, taken)
+    assert lock.lost.wait(5), "the heartbeat thread did not notice the take-over"
+    lock._thread.join(5)
+    assert not lock._thread.is_alive()
+    assert_lost(lock, "other-host-7 pid 4242")
+    assert store.read_json(LOCK) == taken
+
+
+def test_threads_racing_for_a_free_lock_never_both_get_it(store, locks):
+    for _ in range(3):
+        contenders = [locks(store), locks(store)]
+        for lock in contenders:
+            lock.probe()
+        barrier = threading.Barrier(2)
+        results: dict[str, str] = {}
+
+        def take(lock: RunLock) -> None:
+            barrier.wait()
+            try:
+                lock.acquire(timeout=0.3, poll=0.02)
+                results[lock.token] = "held"
+            except ConfigError:
+                results[lock.token] = "gave up"
+
+        threads = [threading.Thread(target=take, args=(lock,)) for lock in contenders]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        assert sorted(results.values()) == ["gave up", "held"]
+        winner = next(lock for lock in contenders if results[lock.token] == "held")
+        assert ours(store, winner)
+        winner.release()
+        assert store.read_json(LOCK) is None
+
+
+def test_timings_come_from_the_test_hooks_file(tmp_path, monkeypatch):
+    store = LocalStore(tmp_path / "run")
+    monkeypatch.delenv("TRAINJOB_TEST_HOOKS", raising=False)
+    lock = RunLock(store)
+    assert (lock.heartbeat_every, lock.stale_after) == (HEARTBEAT_SECONDS, STALE_SECONDS)
+    hooks = tmp_path / "hooks.json"
+    hooks.write_text('{"lock_heartbeat_seconds": 0.25, "lock_stale_seconds": 3}')
+    monkeypatch.setenv("TRAINJOB_TEST_HOOKS", str(hooks))
+    lock = RunLock(store)
+    assert (lock.heartbeat_every, lock.stale_after) == (0.25, 3.0)
+    assert RunLock(store, stale_after=9, heartbeat_every=1).stale_after == 9  # arguments win
+    hooks.write_text("{not json")
+    with pytest.raises(ConfigError) as err:
+        RunLock(store)
+    assert "TRAINJOB_TEST_HOOKS" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_probe_name_is_never_published():
+    from trainjob.artifacts import NOT_PUBLISHED
+
+    assert PROBE_PREFIX.startswith(".") and "." in NOT_PUBLISHED

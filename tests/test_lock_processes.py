@@ -165,3 +165,31 @@ def test_advisory_lock_still_fences_by_token(seaweed, tmp_path, monkeypatch, cap
     assert seaweed.keys(bucket) == {}
     advisory = [r for r in caplog.records if "advisory" in r.getMessage()]
     assert len(advisory) == 2 and all(r.levelname == "WARNING" for r in advisory)  # one per job
+
+
+def test_lost_replies_do_not_cost_the_lock(seaweed, tmp_path, monkeypatch):
+    """A request the server carried out but whose reply was lost is retried by botocore and
+    then meets 412 (its own first try changed the ETag). The lock must see its own token and
+    carry on: no false 'lost', no advisory fallback, nothing left behind."""
+    bucket = make_bucket(seaweed)
+    # 15%: more would drain botocore's retry quota (10 tokens a connection error, of 500).
+    with FaultProxy(seaweed.endpoint, lost_reply=0.15, seed=4) as proxy:
+        point_boto3_at(seaweed, monkeypatch, tmp_path, AWS_ENDPOINT_URL=proxy.endpoint,
+                       AWS_MAX_ATTEMPTS="10")
+        store = S3Store(bucket, "run", threads=2)
+        try:
+            for _ in range(4):
+                lock = RunLock(store)
+                lock.acquire(timeout=10, poll=0.05)
+                assert lock.conditional is True
+                for _ in range(5):
+                    lock.heartbeat()
+                    assert not lock.lost.is_set()
+                lock.release()
+                assert store.read_json(LOCK) is None
+        finally:
+            s3client._clients.clear()
+    assert proxy.injected["lost_reply"] >= 5, proxy.injected
+    lost_puts = [s for s in proxy.seen if s.method == "PUT" and s.status == 0]
+    assert len(lost_puts) >= 3, "no conditional write lost its reply: the test proved nothing"
+    assert seaweed.keys(bucket) == {}

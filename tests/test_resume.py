@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SMALL, run_trainjob, start_trainjob
+from conftest import SMALL, run_trainjob, server_of, start_trainjob
 from faultproxy import FaultProxy
 from test_e2e import assert_complete_run
 
@@ -25,8 +25,10 @@ STEPS = 6  # batches per epoch: long enough to kill inside an epoch, short enoug
 
 
 @pytest.fixture
-def dataset(s3, bucket, official_zip) -> str:
-    s3.client().upload_file(str(official_zip), bucket, "datasets/caltech-101.zip")
+def dataset(request, bucket, official_zip) -> str:
+    """The official-layout zip in the test's bucket, on the test's server (see server_of)."""
+    server_of(request).client().upload_file(str(official_zip), bucket,
+                                            "datasets/caltech-101.zip")
     return f"s3://{bucket}/datasets/caltech-101.zip"
 
 
@@ -60,7 +62,8 @@ def _hooks(tmp_path: Path, **hooks) -> str:
     return str(path)
 
 
-def test_sigkill_then_rerun_resumes(s3, bucket, dataset, tmp_path):
+def test_sigkill_then_rerun_resumes(server, bucket, dataset, tmp_path):
+    s3 = server
     out = f"s3://{bucket}/runs/kill"
     args = ["train", "--data", dataset, "--output", out, "--epochs", "4",
             "--steps-per-epoch", str(STEPS), "--no-restore-best", *SMALL]

@@ -45,7 +45,7 @@ def test_fast_epochs_keep_the_bucket_advancing_and_a_random_kill_resumes(s3, buc
     keep advancing (it used to stop: status.json, queued last, was overtaken every epoch),
     and a SIGKILL at a random moment leaves a complete generation to resume from."""
     prefix = "runs/fast"
-    args = ["train", "--data", dataset, "--output", f"s3://{bucket}/{prefix}", "--epochs", "10",
+    args = ["train", "--data", dataset, "--output", f"s3://{bucket}/{prefix}", "--epochs", "8",
             "--steps-per-epoch", "1", "--no-restore-best", "--early-stopping-patience", "0",
             *SMALL]
     log = tmp_path / "first.log"
@@ -71,7 +71,7 @@ def test_fast_epochs_keep_the_bucket_advancing_and_a_random_kill_resumes(s3, buc
     result = run_trainjob(args, s3.env(), tmp_path / "h2")
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
     assert f"resuming at epoch {state['epoch']}, batch 0" in result.stdout
-    assert_complete_run(s3, bucket, prefix, epochs=10)
+    assert_complete_run(s3, bucket, prefix, epochs=8)
 
 
 def test_a_short_outage_does_not_fail_the_run(s3, bucket, dataset, tmp_path):

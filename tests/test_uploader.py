@@ -290,14 +290,23 @@ def test_upload_to_a_missing_bucket_fails_flush(s3env, tmp_path, uploaders):
 
 
 def test_a_fenced_uploader_sends_nothing_more(tmp_path, uploaders):
+    class Lost(Exception):
+        pass
+
     store = RecordingStore(tmp_path / "out")
-    fenced = threading.Event()
-    up = uploaders(store, tmp_path / "run", fenced=fenced.is_set)
+    lost = threading.Event()
+
+    def fence() -> None:
+        if lost.is_set():
+            raise Lost("another job owns the run")
+
+    up = uploaders(store, tmp_path / "run", fence=fence)
     run = tmp_path / "run"
     commit_epoch(up, run, 1)
     assert up.flush(timeout=10)
     sent = len(store.puts)
-    fenced.set()  # another job owns the run now
+    lost.set()  # another job owns the run now
     commit_epoch(up, run, 2)
-    time.sleep(0.3)
+    with pytest.raises(Lost):
+        up.flush(timeout=10)
     assert len(store.puts) == sent

@@ -15,7 +15,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from trainjob.errors import StorageError
 from trainjob.storage import LocalStore, Store, check_inside
@@ -85,7 +85,8 @@ def sha256(path: Path) -> str:
 class RunFolder:
     """The local copy of the run folder and the store it is published to."""
 
-    def __init__(self, local: Path, store: Store, *, sync: bool = True) -> None:
+    def __init__(self, local: Path, store: Store, *, sync: bool = True,
+                 fence: Callable[[], None] | None = None) -> None:
         self.local = local
         self.store = store
         local.mkdir(parents=True, exist_ok=True)
@@ -93,7 +94,8 @@ class RunFolder:
             shutil.rmtree(stale, ignore_errors=True)
         # For a local --output the run folder *is* the output: nothing to upload.
         same = isinstance(store, LocalStore) and store.root.resolve() == local.resolve()
-        self.uploader = Uploader(store, local, enabled=not same, order=upload_rank)
+        self.fence = fence or (lambda: None)  # raises once another job owns the run
+        self.uploader = Uploader(store, local, enabled=not same, order=upload_rank, fence=fence)
         self.sync = sync
         self.published = False  # manifest.json is stored: the run must not change again
 
@@ -169,6 +171,7 @@ class RunFolder:
 
     def drop_backup(self) -> None:
         """Best effort: the run is published whatever happens here."""
+        self.fence()
         shutil.rmtree(self.path(BACKUP), ignore_errors=True)
         if not self.uploader.enabled:
             return

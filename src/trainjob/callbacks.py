@@ -8,10 +8,8 @@ saves all of it under ``backup/`` (never ``checkpoints/``) and puts it back on r
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ from keras.src.saving import saving_lib  # weights without optimizer state
 from trainjob.artifacts import BEST, LAST, LOG_CSV, RunFolder
 from trainjob.config import Config
 from trainjob.errors import TrainingError
+from trainjob.hooks import read_hooks
 from trainjob.resume import CALLBACK_STATE, plain
 from trainjob.runstate import RunState
 
@@ -65,6 +64,9 @@ def save_model_weights(model: keras.Model, path: Path) -> None:
 def make_callbacks(cfg: Config, run: RunFolder, keeper: RunKeeper) -> list[keras.callbacks.Callback]:
     c = cfg.callbacks
     callbacks: list[keras.callbacks.Callback] = [
+        # First: for a local --output, the callbacks below write into the output itself, so
+        # a job that lost the run lock must stop before they run.
+        keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: keeper.state.check()),
         *([ScriptedMetrics(hooks["metrics"])] if "metrics" in (hooks := test_hooks()) else []),
         WeightsCheckpoint(str(run.path(BEST)), monitor=c.checkpoint_monitor,
                           mode=c.checkpoint_mode, save_best_only=True),
@@ -176,11 +178,8 @@ class RunKeeper(keras.callbacks.Callback):
 
 
 def test_hooks() -> dict:
-    """Test-only behaviour, read from the JSON file named by TRAINJOB_TEST_HOOKS (unset in
-    production): scripted metric values, a pause after an epoch. It lets the resume tests
-    force callback decisions and kill at a known point."""
-    path = os.environ.get("TRAINJOB_TEST_HOOKS")
-    return json.loads(Path(path).read_text()) if path else {}
+    """Test-only behaviour (scripted metrics, a pause after an epoch); inert when unset."""
+    return read_hooks()
 
 
 class ScriptedMetrics(keras.callbacks.Callback):

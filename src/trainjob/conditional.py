@@ -19,7 +19,6 @@ import contextlib
 import errno
 import fcntl
 import hashlib
-import logging
 import os
 import secrets
 from collections.abc import Iterator
@@ -29,8 +28,6 @@ import botocore.exceptions
 
 from trainjob.errors import ConditionalWritesUnsupported, StorageError
 from trainjob.s3client import translated
-
-log = logging.getLogger(__name__)
 
 # Codes meaning "the precondition did not hold": another writer changed the object.
 CHANGED = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}

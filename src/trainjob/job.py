@@ -22,7 +22,8 @@ from trainjob import __version__, cache, datasets, resume, storage
 from trainjob.artifacts import (BACKUP, CLASSES, CONFIG, LAST, MANIFEST, METRICS, MODEL, PLOT,
                                 RUN_ENTRIES, RunFolder, plot_history)
 from trainjob.config import Config
-from trainjob.errors import ConfigError, Preempted, StorageError, TrainingError, TrainJobError
+from trainjob.errors import (ConfigError, LostOwnership, Preempted, StorageError, TrainingError,
+                             TrainJobError)
 from trainjob.lock import RunLock
 from trainjob.runstate import RunState
 
@@ -48,7 +49,8 @@ def run(cfg: Config) -> None:
         # The cache folders this run reads stay locked (shared) until it ends: no other job
         # on this host prunes or rewrites them meanwhile.
         with (cache.session(),
-              RunFolder(_local_run_dir(cfg), store, sync=cfg.output.sync) as run_dir):
+              RunFolder(_local_run_dir(cfg), store, sync=cfg.output.sync,
+                        fence=lock.check) as run_dir):
             _run_locked(cfg, run_dir, lock, stop)
     finally:
         _release(lock, stop, cfg.runtime.grace_seconds)
@@ -82,6 +84,8 @@ def _run_locked(cfg: Config, run_dir: RunFolder, lock: RunLock, stop: resume.Sto
                        resumed_from_epoch=state["epoch"] if state else None)
     try:
         _train(cfg, run_dir, state, lock, stop, timings)
+    except LostOwnership:
+        raise  # the run is another job's now: not even the status is ours to write
     except BaseException as exc:
         if run_dir.published:  # the manifest is up: the run is finished, whatever came after
             log.warning("after publishing: %s", exc)
@@ -155,7 +159,7 @@ def _train(cfg: Config, run_dir: RunFolder, state: dict | None, lock: RunLock,
         first_epoch = state["epoch"] if state else 0
         history = resume.trim_logs(run_dir, first_epoch) if state else []
         run_state = RunState(run_dir, fingerprint=fingerprint, history=history, stop=stop,
-                             restore=state)
+                             restore=state, fence=lock.check)
         keeper = callbacks_lib.RunKeeper(run_state, steps_per_epoch=steps,
                                          backup_every_steps=cfg.output.backup_every_steps)
         callbacks = callbacks_lib.make_callbacks(cfg, run_dir, keeper)
@@ -201,6 +205,7 @@ def _train(cfg: Config, run_dir: RunFolder, state: dict | None, lock: RunLock,
         run_dir.set_status("succeeded", error=None, finished=time.time(),
                            epochs_done=len(keeper.history))
         _write_config(cfg, run_dir, dataset_summary, timings, state)
+        lock.check()
         run_dir.publish(timeout=cfg.output.upload_timeout)
     log.info("run finished: %s", run_dir.store.uri)
 
@@ -255,6 +260,7 @@ def _prepare(cfg: Config, run_dir: RunFolder) -> dict | None:
     store = run_dir.store
     if cfg.output.overwrite:
         log.info("--overwrite: removing the previous run at %s", store.uri)
+        run_dir.fence()
         _remove_run(run_dir)
         return None
     if run_dir.uploader.enabled:  # the bucket is the truth: a new pod has no local files

@@ -93,6 +93,7 @@ class RunLock:
             log.info("run lock held by %s pid %s; waiting", held.get("host"), held.get("pid"))
             time.sleep(poll)
         self._held = True
+        self._stop.clear()  # a lock taken again after release() beats again
         self._thread = threading.Thread(target=self._beat, name="trainjob-lock", daemon=True)
         self._thread.start()
 
@@ -189,10 +190,11 @@ class RunLock:
 
     def _loss_message(self) -> str:
         held = self.taken_by
-        who = (f"{held.get('host')} pid {held.get('pid')}" if held else "someone who removed it")
-        return (f"lost the run lock {self.store.child(LOCK)}: it was taken over by {who}, so "
-                "this job stopped writing the run; let the other job finish, or stop it and "
-                "rerun this one with --force")
+        what = (f"it was taken over by {held.get('host')} pid {held.get('pid')}" if held else
+                "it was removed or replaced by another writer")
+        return (f"lost the run lock {self.store.child(LOCK)}: {what}, so this job stopped "
+                "writing the run; let the other job finish, or stop it and rerun this one "
+                "with --force")
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_every):
@@ -244,14 +246,22 @@ class RunLock:
 
 def supports_conditional_writes(store: Store, key: str) -> bool:
     """Probe ``store`` with a scratch object: a second create-if-absent, a replace and a
-    delete over a wrong ETag must all be refused. Servers that ignore the headers accept
-    them; the scratch object is removed either way."""
+    delete over a wrong ETag must be refused (servers that ignore the headers accept them);
+    a replace over the ETag a GET reports, and a delete over the one a PUT returned, must be
+    accepted. The scratch object is removed either way."""
     try:
-        if store.put_if_absent(key, b"probe") is None:
-            return False  # our own fresh key cannot exist yet: the answer is not to be trusted
-        return (store.put_if_absent(key, b"probe again") is None
-                and store.put_if_match(key, b"probe over", NO_SUCH_ETAG) is None
-                and not store.delete_if_match(key, NO_SUCH_ETAG))
+        if not _landed(store, key, store.put_if_absent(key, b"probe"), b"probe"):
+            return False
+        if (store.put_if_absent(key, b"probe again") is not None
+                or store.put_if_match(key, b"probe wrong", NO_SUCH_ETAG) is not None
+                or store.delete_if_match(key, NO_SUCH_ETAG)):
+            return False
+        current = store.read_versioned(key)
+        etag = current and store.put_if_match(key, b"probe over", current[1])
+        if not _landed(store, key, etag, b"probe over"):
+            return False
+        etag = etag or store.read_versioned(key)[1]
+        return store.delete_if_match(key, etag) or store.read_versioned(key) is None
     except ConditionalWritesUnsupported as exc:
         log.info("%s", exc)
         return False
@@ -260,6 +270,15 @@ def supports_conditional_writes(store: Store, key: str) -> bool:
             store.delete([key])
         except StorageError as exc:  # a stray dot file is harmless; the probe's answer stands
             log.warning("could not remove the lock probe: %s", exc)
+
+
+def _landed(store: Store, key: str, etag: str | None, data: bytes) -> bool:
+    """Whether a write of ``data`` to ``key`` took effect: it returned an ETag, or its reply
+    was lost and the retry refused (412), yet the object holds what we wrote."""
+    if etag is not None:
+        return True
+    current = store.read_versioned(key)
+    return current is not None and current[0] == data
 
 
 def _parse(current: tuple[bytes, str] | None) -> dict | None:

@@ -70,12 +70,13 @@ class Uploader:
     """One background thread that sends generations of run-folder files to the store."""
 
     def __init__(self, store: Store, root: Path, *, enabled: bool = True,
-                 backoff: float = 1.0, fenced: Callable[[], bool] | None = None,
+                 backoff: float = 1.0, fence: Callable[[], None] | None = None,
                  order: Callable[[str], int] = lambda rel: 0) -> None:
         self.store, self.root, self.enabled = store, root, enabled
         self.backoff = backoff
         self.order = order  # files of a generation go up sorted by it (stable)
-        self.fenced = fenced or (lambda: False)  # True once another job owns the run
+        self.fence = fence or (lambda: None)  # raises once another job owns the run
+        self.lost: Exception | None = None  # what the fence raised: nothing is sent after it
         self.staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
         self._stamps: dict[str, tuple[int, int]] = {}  # rel -> (size, mtime_ns) last committed
         self._pending: Generation | None = None
@@ -136,13 +137,16 @@ class Uploader:
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything queued is stored. At the deadline, an upload that is still
-        failing raises its ``StorageError``; without a failure, returns False."""
+        failing raises its ``StorageError``; without a failure, returns False. Once the run
+        is another job's, raises what the fence raised."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             done = self._cond.wait_for(
                 lambda: (self._pending is None and self._current is None) or self._closed,
                 None if deadline is None else max(0.0, deadline - time.monotonic()))
             done = done and self._pending is None and self._current is None
+            if self.lost is not None:
+                raise self.lost
             if not done and self.error is not None:
                 raise self.error
         return bool(done)
@@ -190,7 +194,7 @@ class Uploader:
         for rel, snap in gen.files.items():
             attempt = 0
             while True:
-                if self._closed or self.fenced():
+                if self._closed or not self._ours():
                     return False
                 try:
                     self.store.put(snap.path, rel)
@@ -212,8 +216,18 @@ class Uploader:
                 self.error = None
         return True
 
+    def _ours(self) -> bool:
+        """Whether this job still owns the run; once not, it never writes there again."""
+        if self.lost is None:
+            try:
+                self.fence()
+            except Exception as exc:  # noqa: BLE001 - whatever the fence raises ends uploads
+                log.error("uploads stopped: %s", exc)
+                self.lost = exc
+        return self.lost is None
+
     def _act(self, action: Action) -> None:
-        if self.fenced():
+        if not self._ours():
             return
         try:
             action()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -96,6 +97,53 @@ def test_file_cache_survives_a_killed_writer(samples, tmp_path):
     assert len(list(_stream(samples, 0, 1, cache="file", tmp=cache_dir))) == len(samples) // 4 + 1
     assert any(p.name.endswith(".index") for p in cache_dir.iterdir())
     assert len(list(_stream(samples, 0, 1, cache="file", tmp=cache_dir))) == len(samples) // 4 + 1
+
+
+def test_auto_pipeline_cache_keeps_train_and_val_within_the_budget(caplog):
+    caplog.set_level(logging.INFO, logger="trainjob.inputs")
+    per_image = 224 * 224 * 3 + inputs.IMAGE_OVERHEAD
+    budget = inputs.MemoryBudget(ram_bytes=1000 * per_image, fraction=0.5)  # room for 500
+    assert inputs.choose_pipeline_cache(400, 224, "train", budget) == "memory"
+    assert "pipeline cache for train: in memory" in caplog.text
+    # What the training set took is gone from the budget: 150 more do not fit, 100 do.
+    assert inputs.choose_pipeline_cache(150, 224, "val", budget) == "file"
+    assert "pipeline cache for val: a file" in caplog.text and "as given" in caplog.text
+    assert inputs.choose_pipeline_cache(100, 224, "val", budget) == "memory"
+    big = inputs.MemoryBudget(ram_bytes=1000 * per_image, fraction=0.5)
+    assert inputs.choose_pipeline_cache(501, 224, "train", big) == "file"  # never OOM by default
+    assert inputs.choose_pipeline_cache(501, 64, "train", big) == "memory"  # smaller images
+
+
+def test_memory_limit_is_the_cgroup_limit_where_lower(tmp_path):
+    physical, _ = inputs.memory_limit(tmp_path / "none", tmp_path / "none")
+    v2 = tmp_path / "v2"
+    (v2 / "kubepods" / "pod1").mkdir(parents=True)
+    (v2 / "memory.max").write_text("max\n")  # the root: no limit
+    (v2 / "kubepods" / "pod1" / "memory.max").write_text(f"{2 * 2**30}\n")
+    own = tmp_path / "cgroup"
+    own.write_text("0::/kubepods/pod1\n")
+    limit = inputs.memory_limit(v2, own)
+    assert limit == (2 * 2**30, f"cgroup limit, {v2}/kubepods/pod1/memory.max")
+    (v2 / "memory.max").write_text(f"{2**30}\n")  # a container's own namespace: its root
+    assert inputs.memory_limit(v2, own)[0] == 2**30
+    v1 = tmp_path / "v1"
+    (v1 / "memory").mkdir(parents=True)
+    (v1 / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # unlimited
+    own.write_text("4:memory:/\n")
+    assert inputs.memory_limit(v1, own) == (physical, "physical")
+    (v1 / "memory" / "memory.limit_in_bytes").write_text(f"{3 * 2**30}\n")
+    assert inputs.memory_limit(v1, own)[0] == min(physical, 3 * 2**30)
+
+
+@pytest.mark.parametrize("ram, files", [(2**40, False), (2**10, True)])
+def test_auto_decoded_caches_in_a_file_when_memory_is_short(samples, tmp_path, monkeypatch,
+                                                           ram, files):
+    monkeypatch.setattr(inputs, "_budget", inputs.MemoryBudget(ram_bytes=ram))
+    cache_dir = tmp_path / "tfcache"
+    first = [x.numpy() for x, _ in inputs.decoded(samples, SIZE, "auto", cache_dir, "train")]
+    assert len(first) == len(samples)
+    written = list(cache_dir.glob("train-*.index")) if cache_dir.exists() else []
+    assert bool(written) is files
 
 
 def test_steps_per_epoch():

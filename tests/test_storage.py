@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import signal
+import subprocess
+import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from conftest import make_bucket, point_boto3_at
 from faultproxy import FaultProxy
 
-from trainjob import s3client, storage
+from trainjob import s3client, storage, transfer
 from trainjob.errors import ConfigError, DataError, StorageError
 from trainjob.storage import FetchResult, LocalStore, ObjectInfo, S3Store, fetch, parse_uri
 
@@ -235,20 +241,20 @@ def test_fetch_prefix_in_parallel_then_cached(s3env, bucket, tmp_path, class_fol
     files = upload_folder(s3env, bucket, class_folders, "caltech/")
     assert len(files) > 20
     active, peak, lock = [0], [0], threading.Lock()
-    real_get = S3Store.get
+    real_download = transfer.ObjectReader.download
 
-    def counting_get(self, key, dest):  # the real download, with its concurrency measured
+    def counting_download(self, key, size, etag, dest):  # the real one, concurrency measured
         with lock:
             active[0] += 1
             peak[0] = max(peak[0], active[0])
         try:
             time.sleep(0.02)
-            real_get(self, key, dest)
+            return real_download(self, key, size, etag, dest)
         finally:
             with lock:
                 active[0] -= 1
 
-    monkeypatch.setattr(S3Store, "get", counting_get)
+    monkeypatch.setattr(transfer.ObjectReader, "download", counting_download)
     cache = tmp_path / "cache"
     uri = f"s3://{bucket}/caltech/"
     first = fetch(uri, cache, threads=4)
@@ -433,3 +439,264 @@ def test_put_failures_are_storage_errors(s3env, bucket, tmp_path, monkeypatch):
     with pytest.raises(StorageError) as err:
         S3Store(bucket, "runs").put(src, "f.bin")
     assert_one_line(err.value, bucket, "AWS_SECRET_ACCESS_KEY")
+
+
+# --- the download cache at scale, interrupted, refused, over HTTP ----------------------------
+
+@pytest.fixture
+def on_server(server, monkeypatch, tmp_path):
+    """trainjob's client pointed at each real server in turn (moto, SeaweedFS)."""
+    point_boto3_at(server, monkeypatch, tmp_path, AWS_MAX_ATTEMPTS="2")
+    yield server
+    s3client._clients.clear()
+
+
+def put_many(server, bucket: str, objects: dict[str, bytes]) -> None:
+    client = server.client()
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda kv: client.put_object(Bucket=bucket, Key=kv[0], Body=kv[1]),
+                      objects.items()))
+
+
+def mirror_of(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes()
+            for p in root.rglob("*") if p.is_file()}
+
+
+def count_calls(monkeypatch, owner, name: str) -> list[int]:
+    calls, real = [0], getattr(owner, name)
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counted)
+    return calls
+
+
+def test_fetch_keeps_a_mirror_of_thousands_of_objects_exact(seaweed, tmp_path, monkeypatch):
+    """On SeaweedFS, the server of the benchmark (moto takes minutes for thousands)."""
+    point_boto3_at(seaweed, monkeypatch, tmp_path, AWS_MAX_ATTEMPTS="2")
+    on_server, bucket = seaweed, make_bucket(seaweed)
+    objects = {f"data/c{i % 25:02d}/img_{i:05d}.jpg": b"object %d;" % i * (1 + i % 9)
+               for i in range(2500)}
+    objects["data/lonely/only.jpg"] = b"alone in its folder"
+    put_many(on_server, bucket, objects)
+    full_calls = count_calls(monkeypatch, transfer.ObjectReader, "_get")
+    uri, cache = f"s3://{bucket}/data/", tmp_path / "cache"
+    expected = {k[len("data/"):]: v for k, v in objects.items()}
+
+    first = fetch(uri, cache, threads=8)
+    assert (first.downloaded_objects, first.cached_objects) == (len(objects), 0)
+    assert mirror_of(first.path) == expected
+    assert full_calls[0] == 0, "objects left the direct GET path"
+
+    # Change three (one keeps its size: only the ETag tells), delete four (one empties its
+    # folder), add two.
+    client = on_server.client()
+    edits = {"data/c00/img_00000.jpg": b"OBJECT 0;", "data/c01/img_00001.jpg": b"longer now",
+             "data/c02/img_00002.jpg": b"x", "data/c03/new_1.jpg": b"new 1",
+             "data/zz/new_2.jpg": b"new 2"}
+    assert len(edits["data/c00/img_00000.jpg"]) == len(objects["data/c00/img_00000.jpg"])
+    put_many(on_server, bucket, edits)
+    deleted = ["data/c04/img_00004.jpg", "data/c05/img_00005.jpg", "data/c06/img_00006.jpg",
+               "data/lonely/only.jpg"]
+    client.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in deleted]})
+    expected.update({k[len("data/"):]: v for k, v in edits.items()})
+    for key in deleted:
+        del expected[key[len("data/"):]]
+
+    second = fetch(uri, cache, threads=8)
+    assert (second.downloaded_objects, second.cached_objects) == (5, len(objects) - 3 - 4)
+    assert mirror_of(second.path) == expected
+    assert not (second.path / "lonely").exists()
+
+    third = fetch(uri, cache, threads=8)
+    assert (third.downloaded_objects, third.cached_objects) == (0, len(expected))
+
+    # A copy changed on disk, same size, is not trusted either.
+    victim = third.path / "c07" / "img_00007.jpg"
+    victim.write_bytes(b"?" * victim.stat().st_size)
+    fourth = fetch(uri, cache, threads=8)
+    assert (fourth.downloaded_objects, fourth.cached_objects) == (1, len(expected) - 1)
+    assert victim.read_bytes() == expected["c07/img_00007.jpg"]
+
+
+KILLED_FETCH = """
+import os, signal, sys, threading
+from pathlib import Path
+from trainjob import download, storage, transfer
+
+download.FLUSH_ROWS = 5  # journal every few objects, so some of them outlive the kill
+real, lock, seen = transfer._FastGet.get, threading.Lock(), [0]
+
+def get(self, key, tmp):
+    with lock:
+        seen[0] += 1
+        last = seen[0] == int(sys.argv[3])
+    if last:
+        tmp.write_bytes(b"the first half of an obj")  # a download cut short...
+        os.kill(os.getpid(), signal.SIGKILL)  # ...by the end of the process
+    return real(self, key, tmp)
+
+transfer._FastGet.get = get
+storage.fetch(sys.argv[1], Path(sys.argv[2]), 3)
+"""
+
+
+def test_a_killed_fetch_leaves_nothing_that_passes_for_complete(s3env, bucket, tmp_path):
+    objects = {f"data/c{i % 4}/img_{i:04d}.jpg": b"content of %d " % i * 40 for i in range(300)}
+    put_many(s3env, bucket, objects)
+    uri, cache = f"s3://{bucket}/data/", tmp_path / "cache"
+    env = s3env.env(PYTHONPATH=str(Path(storage.__file__).parents[1]))
+    killed = subprocess.run([sys.executable, "-c", KILLED_FETCH, uri, str(cache), "120"],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    root = cache / "s3" / bucket / "data"
+    left = mirror_of(root)
+    partial = [k for k in left if k.endswith(".part")]
+    assert partial, "the cut download left no temporary file"
+    complete = {k: v for k, v in left.items() if not k.endswith(".part")}
+    assert 0 < len(complete) < len(objects)
+    for key, data in complete.items():  # whatever has its final name is whole
+        assert data == objects["data/" + key], key
+
+    # One object the killed run already had changes meanwhile: it must not be served stale.
+    changed = sorted(complete)[0]
+    s3env.client().put_object(Bucket=bucket, Key="data/" + changed, Body=b"changed since")
+    again = fetch(uri, cache, threads=3)
+    expected = {k[len("data/"):]: v for k, v in objects.items()}
+    expected[changed] = b"changed since"
+    assert mirror_of(again.path) == expected  # temporaries swept, the rest downloaded
+    assert again.downloaded_objects + again.cached_objects == len(objects)
+    assert again.cached_objects > 0, "nothing the killed run finished was trusted"
+    assert again.downloaded_objects >= len(objects) - len(complete)
+
+
+def test_fetch_refuses_keys_that_escape_the_cache_folder(s3env, bucket, tmp_path):
+    s3env.client().put_object(Bucket=bucket, Key="data/ok.jpg", Body=b"fine")
+    s3env.client().put_object(Bucket=bucket, Key="data/../../../outside.txt", Body=b"evil")
+    listed = [o.key for o in S3Store(bucket, "").list("data/")]
+    assert "data/../../../outside.txt" in listed  # the server keeps the key as it is
+    with pytest.raises(StorageError) as err:
+        fetch(f"s3://{bucket}/data/", tmp_path / "c" / "cache", threads=2)
+    assert err.value.exit_code == 4
+    assert_one_line(err.value, "outside.txt", "escapes the cache folder")
+    assert not list(tmp_path.rglob("outside.txt"))
+
+
+def test_fetch_through_cut_and_throttled_responses_is_exact(s3env, bucket, tmp_path,
+                                                           monkeypatch):
+    objects = {f"data/{i:03d}.jpg": bytes([i % 251]) * (2000 + i) for i in range(120)}
+    put_many(s3env, bucket, objects)
+    full_calls = count_calls(monkeypatch, transfer.ObjectReader, "_get")
+    with FaultProxy(s3env.endpoint, drop=0.15, slowdown=0.1, seed=7) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        monkeypatch.setenv("AWS_MAX_ATTEMPTS", "10")
+        s3client._clients.clear()
+        result = fetch(f"s3://{bucket}/data/", tmp_path / "cache", threads=4)
+        faults = proxy.injected["drop"] + proxy.injected["slowdown"]
+        assert proxy.injected["drop"] > 0 and proxy.injected["slowdown"] > 0
+    assert mirror_of(result.path) == {k[len("data/"):]: v for k, v in objects.items()}
+    assert not list(result.path.rglob("*.part"))
+    # A cut or throttled direct GET costs that object one full call, not the fast path.
+    assert 0 < full_calls[0] <= faults < len(objects) // 2
+
+
+def test_large_objects_come_in_ranged_parts_pinned_to_one_version(on_server, bucket, tmp_path,
+                                                                   monkeypatch):
+    monkeypatch.setattr(transfer, "PART", 64 * 1024)
+    monkeypatch.setattr(transfer, "LARGE", 128 * 1024)
+    data = os.urandom(1024 * 1024 + 123)
+    on_server.client().put_object(Bucket=bucket, Key="d/big.tar", Body=data)
+    ranges = count_calls(monkeypatch, transfer._FastGet, "get_range")
+    uri, cache = f"s3://{bucket}/d/big.tar", tmp_path / "cache"
+    result = fetch(uri, cache, threads=4)
+    assert result.path.read_bytes() == data
+    assert ranges[0] == 17  # 1 MiB + 123 bytes in 64 KiB parts
+
+    # The object changes between the listing and the download: no part of the new version
+    # may be mixed into the old, and nothing half-done may stay.
+    newer = os.urandom(len(data))
+    real = transfer.ObjectReader.download
+
+    def replaced_first(self, key, size, etag, dest):
+        on_server.client().put_object(Bucket=bucket, Key="d/big.tar", Body=newer)
+        return real(self, key, size, etag, dest)
+
+    on_server.client().put_object(Bucket=bucket, Key="d/big.tar", Body=data[::-1])
+    monkeypatch.setattr(transfer.ObjectReader, "download", replaced_first)
+    with pytest.raises(StorageError) as err:
+        fetch(uri, cache, threads=4)
+    assert_one_line(err.value, "d/big.tar", "changed while it was being downloaded")
+    assert result.path.read_bytes() == data  # the old copy stays until a whole new one
+    assert not list(result.path.parent.glob("*.part"))
+    monkeypatch.setattr(transfer.ObjectReader, "download", real)
+    assert fetch(uri, cache, threads=4).path.read_bytes() == newer
+
+
+def test_a_listing_out_of_key_order_is_sorted_instead(s3env, bucket, tmp_path, monkeypatch,
+                                                      caplog):
+    objects = {f"data/{name}.jpg": name.encode() for name in ("b", "a", "d", "c")}
+    put_many(s3env, bucket, objects)
+    real = S3Store.iter_list
+    monkeypatch.setattr(S3Store, "iter_list",
+                        lambda self, prefix="": iter(sorted(real(self, prefix),
+                                                            key=lambda o: o.key[-5] == "c")))
+    first = fetch(f"s3://{bucket}/data/", tmp_path / "cache", threads=2)
+    assert "out of order" in caplog.text
+    assert mirror_of(first.path) == {k[len("data/"):]: v for k, v in objects.items()}
+    assert (first.downloaded_objects, first.cached_objects) == (4, 0)
+    again = fetch(f"s3://{bucket}/data/", tmp_path / "cache", threads=2)
+    assert (again.downloaded_objects, again.cached_objects) == (0, 4)
+
+
+def test_direct_gets_stop_after_a_few_refusals(s3env, bucket, tmp_path, monkeypatch, caplog):
+    """A server that refuses the direct GETs themselves (say, a signature it does not
+    accept) gets the full client call for every object, after three tries."""
+    objects = {f"data/{i:02d}.jpg": b"%d" % i for i in range(20)}
+    put_many(s3env, bucket, objects)
+    tries = [0]
+
+    def refused(self, key, headers):
+        tries[0] += 1
+        return "HTTP 403"
+
+    monkeypatch.setattr(transfer._FastGet, "_request", refused)
+    caplog.set_level(logging.INFO, logger="trainjob.transfer")
+    result = fetch(f"s3://{bucket}/data/", tmp_path / "cache", threads=1)
+    assert mirror_of(result.path) == {k[len("data/"):]: v for k, v in objects.items()}
+    assert tries[0] == transfer.MAX_MISSES
+    assert "refused (HTTP 403)" in caplog.text
+
+
+HOLDING_JOB = """
+import sys
+from pathlib import Path
+from trainjob import cache, storage
+with cache.session():  # as a job: the prefix's mirror stays held (shared) for the run
+    storage.fetch(sys.argv[1], Path(sys.argv[2]), 2)
+    print("ready", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_an_unchanged_prefix_held_by_another_job_is_served_at_once(s3env, bucket, tmp_path):
+    """Only a prefix that changed needs the exclusive lock (and so waits for the jobs using
+    it); an unchanged one is checked under the shared lock and served from the cache."""
+    put_many(s3env, bucket, {f"data/{i}.jpg": b"%d" % i for i in range(5)})
+    uri, cache_dir = f"s3://{bucket}/data/", tmp_path / "cache"
+    env = s3env.env(PYTHONPATH=str(Path(storage.__file__).parents[1]))
+    holder = subprocess.Popen([sys.executable, "-c", HOLDING_JOB, uri, str(cache_dir)],
+                              env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        got: list[FetchResult] = []
+        fetcher = threading.Thread(target=lambda: got.append(fetch(uri, cache_dir, 2)))
+        fetcher.start()
+        fetcher.join(30)
+        assert got, "an unchanged prefix waited for the job holding it"
+        assert (got[0].downloaded_objects, got[0].cached_objects) == (0, 5)
+    finally:
+        holder.stdin.close()
+        holder.wait(30)

@@ -44,9 +44,11 @@ class DataConfig:
     max_extract_bytes: int = option(32 * GiB, "Refuse archives that unpack to more bytes.")
     max_bad_fraction: float = option(0.05, "Fail when more than this fraction of files "
                                      "are unreadable images.")
-    pipeline_cache: str = option("memory", "Cache decoded, resized images: in memory, in a "
-                                 "file under the work dir, or not at all.",
-                                 choices=("memory", "file", "none"))
+    pipeline_cache: str = option("auto", "Cache decoded, resized images: in memory, in a "
+                                 "file under the work dir, or not at all; auto: in memory "
+                                 "when they fit in 40% of the RAM (or of the container's "
+                                 "memory limit), else in a file.",
+                                 choices=("auto", "memory", "file", "none"))
 
     def __post_init__(self) -> None:
         if not self.data:

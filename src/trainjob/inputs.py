@@ -26,6 +26,8 @@ MIN_ZOOM = 0.8  # random crops keep at least 80% of each side
 def decoded(samples: list[Sample], image_size: int, cache: str, cache_dir: Path,
             name: str) -> tf.data.Dataset:
     """(uint8 image, label) pairs, resized and cached; the expensive part, done once."""
+    if cache == "auto":
+        cache = choose_pipeline_cache(len(samples), image_size, name)
     paths = [s.path for s in samples]
     labels = [s.label for s in samples]
     ds = tf.data.Dataset.from_tensor_slices((paths, labels))
@@ -118,3 +120,75 @@ def augment_image(image: tf.Tensor, seed: tf.Tensor, image_size: int) -> tf.Tens
     image = tf.image.stateless_random_crop(image, tf.stack([side, side, 3]), seeds[2])
     image = tf.image.resize(image, [image_size, image_size])
     return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+
+
+# --- --pipeline-cache auto --------------------------------------------------------------------
+
+# Of the RAM, what in-memory caches may take (the --pipeline-cache help quotes it); the rest is
+# for TensorFlow, the model, the shuffle buffer and prefetching.
+MEMORY_FRACTION = 0.4
+IMAGE_OVERHEAD = 64  # bytes per cached element beyond its pixels (label, tensor headers)
+
+
+class MemoryBudget:
+    """What in-memory pipeline caches of this process may hold: ``fraction`` of the RAM
+    (the container's limit where lower), less what earlier caches were granted, so the
+    training and validation sets together stay within it."""
+
+    def __init__(self, ram_bytes: int | None = None, fraction: float = MEMORY_FRACTION) -> None:
+        self.ram_bytes, self.source = (ram_bytes, "as given") if ram_bytes else memory_limit()
+        self.fraction = fraction
+        self.granted = 0
+
+    @property
+    def left(self) -> int:
+        return max(0, int(self.ram_bytes * self.fraction) - self.granted)
+
+
+_budget: MemoryBudget | None = None
+
+
+def choose_pipeline_cache(count: int, image_size: int, name: str = "train",
+                          budget: MemoryBudget | None = None) -> str:
+    """``--pipeline-cache auto``: 'memory' when ``count`` decoded images of ``image_size``
+    px fit in the budget, else 'file' (under the work dir), so that no dataset gets the job
+    OOM-killed by default. Logs the choice and why."""
+    global _budget
+    if budget is None:
+        budget = _budget = _budget or MemoryBudget()
+    need = count * (image_size * image_size * 3 + IMAGE_OVERHEAD)
+    facts = (f"{count:,} images at {image_size} px take {need / 2**30:.2f} GiB decoded; "
+             f"{budget.left / 2**30:.2f} GiB left of {budget.fraction:.0%} of "
+             f"{budget.ram_bytes / 2**30:.1f} GiB RAM ({budget.source})")
+    if need <= budget.left:
+        budget.granted += need
+        log.info("pipeline cache for %s: in memory (%s)", name, facts)
+        return "memory"
+    log.info("pipeline cache for %s: a file under the work dir, since it does not fit in "
+             "memory (%s)", name, facts)
+    return "file"
+
+
+def memory_limit(cgroup_root: Path = Path("/sys/fs/cgroup"),
+                 proc_cgroup: Path = Path("/proc/self/cgroup")) -> tuple[int, str]:
+    """(bytes, where that figure comes from): physical RAM, or the cgroup's memory limit
+    where lower, as in a container (v2 ``memory.max``, v1 ``memory.limit_in_bytes``)."""
+    best = (os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "physical")
+    files = [cgroup_root / "memory.max", cgroup_root / "memory" / "memory.limit_in_bytes"]
+    try:  # the process's own cgroup, where the root's files are not its limit
+        for line in proc_cgroup.read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if controllers == "":
+                files.append(cgroup_root / path.lstrip("/") / "memory.max")
+            elif "memory" in controllers.split(","):
+                files.append(cgroup_root / "memory" / path.lstrip("/") / "memory.limit_in_bytes")
+    except (OSError, ValueError):
+        pass
+    for file in files:
+        try:
+            text = file.read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and 0 < int(text) < best[0]:  # "max" (v2) or huge (v1): no limit
+            best = (int(text), f"cgroup limit, {file}")
+    return best

@@ -4,8 +4,10 @@ likely fix. Everything that talks to S3 goes through ``s3_client`` and ``transla
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import threading
+import weakref
 from collections.abc import Iterator
 from urllib.parse import urlsplit
 
@@ -13,6 +15,8 @@ import boto3
 import boto3.exceptions
 import botocore.config
 import botocore.exceptions
+import botocore.session
+import botocore.utils
 
 from trainjob.errors import StorageError
 
@@ -27,6 +31,7 @@ def redact(uri: str) -> str:
 
 _client_lock = threading.Lock()
 _clients: dict[int, object] = {}
+_credentials: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # client -> its credentials
 
 
 def s3_client(threads: int = 16):  # -> botocore S3 client
@@ -46,11 +51,33 @@ def s3_client(threads: int = 16):  # -> botocore S3 client
             response_checksum_validation="when_required",
             s3={"addressing_style": "path" if endpoint else "auto"},
         )
-        session = boto3.session.Session()
+        core = botocore.session.get_session()
+        core.get_component("response_parser_factory").set_parser_defaults(
+            timestamp_parser=parse_timestamp)
+        session = boto3.session.Session(botocore_session=core)
         region = session.region_name or ("us-east-1" if endpoint else None)
         client = session.client("s3", endpoint_url=endpoint, region_name=region, config=config)
         _clients[threads] = client
+        _credentials[client] = session.get_credentials()
         return client
+
+
+def parse_timestamp(value: object) -> datetime.datetime:
+    """botocore's timestamps, faster: it runs dateutil on each (~80 us, half the CPU of a
+    listing); S3 sends ISO 8601, which the standard library reads in ~1 us."""
+    try:
+        parsed = datetime.datetime.fromisoformat(value)  # type: ignore[arg-type]
+        if parsed.tzinfo is not None:
+            return parsed
+    except (TypeError, ValueError):
+        pass
+    return botocore.utils.parse_timestamp(value)  # HTTP dates, epoch numbers, no zone
+
+
+def signing_credentials(client):  # -> botocore Credentials | None
+    """The credentials ``client`` signs with: the very object, so refreshable ones (IRSA,
+    assumed roles) stay shared. None for a client not made by ``s3_client``."""
+    return _credentials.get(client)
 
 
 def describe_error(exc: Exception, where: str) -> str:

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from boto3.s3.transfer import TransferConfig
 
 from trainjob import conditional, download
 from trainjob.download import FetchResult, check_inside  # noqa: F401 - re-exported
-from trainjob.errors import ConfigError, DataError, StorageError
+from trainjob.errors import ConfigError, StorageError
 from trainjob.s3client import endpoint_name, s3_client, translated
 
 log = logging.getLogger(__name__)
@@ -183,11 +184,14 @@ class S3Store(Store):
         return f"{self.prefix}/{key}" if self.prefix and key else (key or self.prefix)
 
     def list(self, prefix: str = "") -> list[ObjectInfo]:
+        return list(self.iter_list(prefix))
+
+    def iter_list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """The objects under ``prefix``, page by page, in the server's (key) order."""
         full = self._key(prefix)
         if full and not full.endswith("/") and prefix == "":
             full += "/"
         cut = len(self.prefix) + 1 if self.prefix else 0
-        out = []
         with translated(self.child(prefix)):
             pages = self.client.get_paginator("list_objects_v2").paginate(
                 Bucket=self.bucket, Prefix=full)
@@ -195,9 +199,8 @@ class S3Store(Store):
                 for obj in page.get("Contents", []):
                     if obj["Key"].endswith("/"):
                         continue  # folder markers some tools create
-                    out.append(ObjectInfo(obj["Key"][cut:], obj["Size"],
-                                          obj.get("ETag", "").strip('"')))
-        return out
+                    yield ObjectInfo(obj["Key"][cut:], obj["Size"],
+                                     obj.get("ETag", "").strip('"'))
 
     def read_info(self, key: str) -> ObjectInfo | None:
         try:
@@ -325,7 +328,8 @@ def fetch(uri: str, cache_dir: Path, threads: int = 16, *, single: bool = False)
     ``uri`` names one object when it is an archive or ``single`` is set, else a prefix.
 
     The cache (``download``) is keyed by bucket/key plus ETag and size, so an unchanged
-    dataset is never downloaded twice and a changed object is never served stale.
+    dataset is never downloaded twice and a changed object is never served stale; objects
+    deleted from a prefix disappear from its local mirror.
     """
     scheme, bucket, key = parse_uri(uri)
     if scheme == "file":
@@ -336,20 +340,19 @@ def fetch(uri: str, cache_dir: Path, threads: int = 16, *, single: bool = False)
     store = S3Store(bucket, "", threads)
     store.check_bucket()
     is_archive = (single or key.lower().endswith(ARCHIVE_SUFFIXES)) and not key.endswith("/")
+    started = time.monotonic()
     if is_archive:
         info = store.read_info(key)
         if info is None:
             raise StorageError(f"{uri} does not exist: check the key")
-        objects, base = [info], key.rsplit("/", 1)[0] + "/" if "/" in key else ""
+        base = key.rsplit("/", 1)[0] + "/" if "/" in key else ""
+        result = download.mirror_object(store, info, base, cache_dir, threads)
     else:
         base = key.rstrip("/") + "/" if key else ""
-        objects = store.list(base)
-        if not objects:
-            raise DataError(f"{uri} holds no objects: check the prefix "
-                            "(it should hold class folders or an archive)")
-    result = download.mirror(store, objects, base, cache_dir, threads, prefix=not is_archive)
-    if is_archive:
-        result.path = result.path / key[len(base):]
+        result = download.mirror_prefix(store, base, cache_dir, threads, uri)
+    log.info("data: %d objects downloaded (%.1f MiB in %.1f s), %d from cache, %d removed",
+             result.downloaded_objects, result.downloaded_bytes / MiB,
+             time.monotonic() - started, result.cached_objects, result.removed_objects)
     return result
 
 

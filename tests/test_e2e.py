@@ -115,6 +115,8 @@ def test_official_zip_end_to_end_then_cached_rerun(server, bucket, official_zip,
     assert probs.shape == (2, len(dataset["class_counts"]))
     assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-4)
 
+    if s3.kind != "moto":
+        return  # the cached rerun does the same on every server: checked once, on moto
     # Same cache, new output: nothing is downloaded again. It starts from the first run's
     # best checkpoint, fetched through storage (--weights URI).
     args2 = [a if a != f"s3://{bucket}/runs/exp1" else f"s3://{bucket}/runs/exp2" for a in args]

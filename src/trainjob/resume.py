@@ -113,14 +113,13 @@ def saved_points(run: RunFolder) -> list[int]:
 def prune_local(run: RunFolder, keep: set[int]) -> None:
     """Delete local pairs not in ``keep`` (and the legacy pair, once a new one exists)."""
     folder = run.path(BACKUP)
-    for path in folder.glob("*") if folder.is_dir() else ():
-        m = re.match(r"(?:partial\.)?state-(\d+)\.", path.name)
-        if (m and int(m.group(1)) not in keep) or path.name == "state.weights.h5":
-            path.unlink(missing_ok=True)
+    names = [f"{BACKUP}/{p.name}" for p in folder.iterdir()] if folder.is_dir() else []
+    for rel in stale_keys(names, keep):
+        run.path(rel).unlink(missing_ok=True)
 
 
 def stale_keys(keys: list[str], keep: set[int]) -> list[str]:
-    """Of a listing of backup/, the pair files outside ``keep``."""
+    """Of the files under backup/ (local or in the store), the pair files outside ``keep``."""
     out = []
     for key in keys:
         m = re.match(rf"{BACKUP}/(?:partial\.)?state-(\d+)\.", key)

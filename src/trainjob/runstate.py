@@ -95,11 +95,11 @@ class RunState:
             return
         seq = int(self.restore.get("seq", 0))
         self.restore = {**self.restore, "finished_training": True}
-        record_rel = resume.pair_files(seq)[1] if seq else None
-        for rel in filter(None, (record_rel, resume.STATE)):
+        # The pair's own record too, so a fallback to it knows training was over.
+        rels = [*([resume.pair_files(seq)[1]] if seq else []), resume.STATE]
+        for rel in rels:
             self.run.write(rel, self.restore, upload=False)
-        self.run.uploader.commit([*(r for r in (record_rel,) if r), resume.STATE],
-                                 label="training finished")
+        self.run.uploader.commit(rels, label="training finished")
 
     def _commit(self, label: str, extra: tuple[str, ...]) -> None:
         if not self.run.sync:

@@ -180,6 +180,11 @@ def start_seaweed(tmp: Path, buckets: tuple[str, ...] = (), nice: int = 0,
             "-master.telemetry=false", f"-admin.dataDir={data / 'admin'}",
             # Like AWS: a PUT into a missing bucket fails instead of creating it.
             "-s3.autoCreateBucket=false",
+            # Every bucket is a collection with volumes of its own. Left to itself, mini
+            # sizes volumes up to 1 GiB and allows free disk / size of them: 52 buckets
+            # on a 53 GB disk, fewer on a fuller one, then every PUT is InternalError.
+            # Volume files are sparse, so small volumes and a high cap cost nothing.
+            "-master.volumeSizeLimitMB=64", "-volume.max=2000",
             # Unix sockets default to /tmp/seaweedfs-*-<port>.sock: keep them with the data.
             f"-filer.localSocket={data / 'filer.sock'}", f"-s3.localSocket={data / 's3.sock'}"]
     if buckets:

@@ -164,3 +164,11 @@ def start_trainjob(args: list[str], env: dict[str, str], home: Path, log: Path) 
     env = {**env, "TRAINJOB_HOME": str(home)}
     out = open(log, "wb")
     return subprocess.Popen(trainjob_cmd(*args), env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+@pytest.fixture
+def dataset(request, bucket, official_zip) -> str:
+    """The official-layout zip in the test's bucket, on the test's server (see server_of)."""
+    server_of(request).client().upload_file(str(official_zip), bucket,
+                                            "datasets/caltech-101.zip")
+    return f"s3://{bucket}/datasets/caltech-101.zip"

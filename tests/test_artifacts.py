@@ -5,8 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -15,14 +13,12 @@ from trainjob.artifacts import (
     BACKUP,
     LOCK,
     MANIFEST,
-    STATUS,
     RunFolder,
     plot_history,
     read_json,
     sha256,
     write_json,
 )
-from trainjob.errors import StorageError
 from trainjob.storage import LocalStore, S3Store
 
 

@@ -4,7 +4,6 @@ Regression tests for the ways a run used to be lost (see docs/architecture.md)."
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys

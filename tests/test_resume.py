@@ -15,21 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SMALL, run_trainjob, server_of, start_trainjob
+from conftest import SMALL, run_trainjob, start_trainjob, upload_tree
 from faultproxy import FaultProxy
-from test_e2e import assert_complete_run
+from test_e2e import assert_complete_run, assert_stock_client_pulls_the_run
 
 pytestmark = pytest.mark.e2e
 
 STEPS = 6  # batches per epoch: long enough to kill inside an epoch, short enough for CI
-
-
-@pytest.fixture
-def dataset(request, bucket, official_zip) -> str:
-    """The official-layout zip in the test's bucket, on the test's server (see server_of)."""
-    server_of(request).client().upload_file(str(official_zip), bucket,
-                                            "datasets/caltech-101.zip")
-    return f"s3://{bucket}/datasets/caltech-101.zip"
 
 
 def _status(s3, bucket: str, prefix: str) -> dict:
@@ -62,58 +54,100 @@ def _hooks(tmp_path: Path, **hooks) -> str:
     return str(path)
 
 
-def test_sigkill_then_rerun_resumes(server, bucket, dataset, tmp_path):
+@pytest.mark.timeout(1800)  # five runs on moto: well over the default per-test limit
+def test_official_zip_killed_resumed_and_pulled(server, bucket, dataset, tmp_path):
+    """The core run, on each server: the official zip, trained, SIGKILLed after two of four
+    epochs, resumed by a new pod with an empty disk, then checked file by file against the
+    manifest and pulled with the stock client. One run serves all of it (the suite's time
+    budget): the resumed run is the complete run."""
     s3 = server
-    out = f"s3://{bucket}/runs/kill"
+    prefix = "runs/kill"
+    out = f"s3://{bucket}/{prefix}"
     args = ["train", "--data", dataset, "--output", out, "--epochs", "4",
             "--steps-per-epoch", str(STEPS), "--no-restore-best", *SMALL]
     log = tmp_path / "first.log"
     # Pause after epoch index 1 so the kill lands at a known point, after status shows it.
     env = s3.env(TRAINJOB_TEST_HOOKS=_hooks(tmp_path, sleep_after_epoch={"1": 120}))
     proc = start_trainjob(args, env, tmp_path / "home", log)
-    _wait_for(lambda: _status(s3, bucket, "runs/kill").get("epochs_done", 0) >= 2, proc, log)
+    _wait_for(lambda: _status(s3, bucket, prefix).get("epochs_done", 0) >= 2, proc, log)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
-    assert not any(k.endswith("manifest.json") for k in s3.keys(bucket, "runs/kill/"))
-    state = s3.read_json(bucket, "runs/kill/backup/state.json")
+    assert not any(k.endswith("manifest.json") for k in s3.keys(bucket, prefix + "/"))
+    state = s3.read_json(bucket, f"{prefix}/backup/state.json")
     assert state["epoch"] == 2
 
-    result = run_trainjob(args, s3.env(), tmp_path / "home2")  # a new pod: empty local disk
+    # A new pod: empty home, empty cache.
+    cache = tmp_path / "cache2"
+    result = run_trainjob([*args, "--cache-dir", str(cache)], s3.env(), tmp_path / "home2")
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
     assert "resuming at epoch 2, batch 0" in result.stdout
-    assert_complete_run(s3, bucket, "runs/kill", epochs=4)
-    assert s3.read_json(bucket, "runs/kill/config.json")["resumed_from_epoch"] == 2
+    assert_complete_run(s3, bucket, prefix, epochs=4)
+    assert_stock_client_pulls_the_run(s3, bucket, prefix, tmp_path / "pulled")
+    config = s3.read_json(bucket, f"{prefix}/config.json")
+    assert config["resumed_from_epoch"] == 2
 
-    # The optimizer step count carried on: 4 epochs' worth, not the 2 of a fresh start.
+    dataset_info = config["dataset"]
+    assert dataset_info["download"]["objects_downloaded"] == 1
+    skipped = {Path(s["path"]).name for s in dataset_info["skipped_files"]}
+    assert skipped == {"truncated_0001.jpg", "empty_0001.jpg", "notes.txt"}
+    assert dataset_info["converted_to_rgb"] >= 1  # the CMYK JPEG
+    assert "BACKGROUND_Google" not in dataset_info["class_counts"]
+    assert set(config["timings_seconds"]) >= {"download", "extract", "scan", "train", "evaluate"}
+    # Credentials never reach the run folder or the logs.
+    for text in (json.dumps(config), log.read_text(), result.stdout, result.stderr):
+        assert s3.secret_key not in text
+
+    # The final model loads with plain Keras, takes raw 0-255 RGB images, and its optimizer
+    # step count carried on: 4 epochs' worth, not the 2 of a fresh start.
     import keras
+    import numpy as np
 
     import trainjob.model  # noqa: F401 - registers the preprocessing layer
 
     path = tmp_path / "model.keras"
-    s3.client().download_file(bucket, "runs/kill/model/model.keras", str(path))
+    s3.client().download_file(bucket, f"{prefix}/model/model.keras", str(path))
     model = keras.saving.load_model(path)
     assert int(model.optimizer.iterations.numpy()) == 4 * STEPS
+    probs = model.predict(np.full((2, 32, 32, 3), 200.0, np.float32), verbose=0)
+    assert probs.shape == (2, len(dataset_info["class_counts"]))
+    assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-4)
 
     # Finished: the same command again is a no-op...
-    manifest = s3.read(bucket, "runs/kill/manifest.json")
+    manifest = s3.read(bucket, f"{prefix}/manifest.json")
     again = run_trainjob(args, s3.env(), tmp_path / "home2", timeout=120)
     assert again.returncode == 0
     assert "already holds a finished run" in again.stdout
-    assert s3.read(bucket, "runs/kill/manifest.json") == manifest
+    assert s3.read(bucket, f"{prefix}/manifest.json") == manifest
     if s3.kind != "moto":
-        return  # --overwrite does the same on every server: checked once, on moto, for time
+        return  # what follows does the same on every server: checked once, on moto, for time
+
+    # Same cache, new output: nothing is downloaded again. It starts from the first run's
+    # best checkpoint, fetched through storage (--weights URI).
+    cached = run_trainjob(["train", "--data", dataset, "--output", f"s3://{bucket}/runs/exp2",
+                           "--epochs", "1", "--steps-per-epoch", "2", "--cache-dir", str(cache),
+                           "--weights", f"{out}/checkpoints/best.weights.h5", *SMALL],
+                          s3.env(), tmp_path / "home2")
+    assert cached.returncode == 0, cached.stdout[-3000:] + cached.stderr[-3000:]
+    config2 = s3.read_json(bucket, "runs/exp2/config.json")
+    assert config2["dataset"]["download"]["objects_downloaded"] == 0
+    assert config2["dataset"]["download"]["objects_cached"] == 1
+    assert config2["settings"]["model"]["weights"].endswith("best.weights.h5")
+
     # ...and --overwrite trains afresh.
     fresh = run_trainjob([*args, "--overwrite", "--epochs", "1"], s3.env(), tmp_path / "home2")
     assert fresh.returncode == 0, fresh.stdout[-3000:] + fresh.stderr[-3000:]
-    assert _csv_epochs(s3, bucket, "runs/kill") == [0]
-    assert s3.read(bucket, "runs/kill/manifest.json") != manifest
+    assert _csv_epochs(s3, bucket, prefix) == [0]
+    assert s3.read(bucket, f"{prefix}/manifest.json") != manifest
 
 
-def test_early_stopping_wait_survives_a_kill(s3, bucket, dataset, tmp_path):
+def test_early_stopping_wait_survives_a_kill(s3, bucket, class_folders, tmp_path):
     """patience 2 on a scripted metric: best at epoch 1, worse after. With the wait count
-    restored the run stops after epoch 3; had it been lost it would run on to epoch 5."""
+    restored the run stops after epoch 3; had it been lost it would run on to epoch 5.
+    The data is a prefix of class folders (not an archive), so the same runs also check
+    that input end to end."""
+    upload_tree(s3, bucket, class_folders, "caltech/101_ObjectCategories/")
     out = f"s3://{bucket}/runs/es"
-    args = ["train", "--data", dataset, "--output", out, "--epochs", "8",
+    args = ["train", "--data", f"s3://{bucket}/caltech/", "--output", out, "--epochs", "8",
             "--steps-per-epoch", "2", "--early-stopping-monitor", "scripted",
             "--early-stopping-mode", "min", "--early-stopping-patience", "2", *SMALL]
     values = [1.0, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99]
@@ -127,13 +161,17 @@ def test_early_stopping_wait_survives_a_kill(s3, bucket, dataset, tmp_path):
     saved = s3.read_json(bucket, "runs/es/backup/state.json")["callbacks"]
     assert saved["EarlyStopping:"]["wait"] == 1
 
+    # A new pod: it downloads the prefix again, object by object.
     env2 = s3.env(TRAINJOB_TEST_HOOKS=_hooks(tmp_path, metrics={"scripted": values}))
-    result = run_trainjob(args, env2, tmp_path / "home")
+    result = run_trainjob(args, env2, tmp_path / "home2")
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
     assert _csv_epochs(s3, bucket, "runs/es") == [0, 1, 2, 3]
+    assert_complete_run(s3, bucket, "runs/es", epochs=4)
+    config = s3.read_json(bucket, "runs/es/config.json")
+    assert config["dataset"]["download"]["objects_downloaded"] > 40
 
 
-def test_sigterm_saves_mid_epoch_state_exits_143_then_resumes(s3, bucket, dataset, tmp_path):
+def test_sigterm_mid_epoch_then_late_sigterm_then_resume(s3, bucket, dataset, tmp_path):
     out = f"s3://{bucket}/runs/term"
     args = ["train", "--data", dataset, "--output", out, "--epochs", "3",
             "--steps-per-epoch", str(STEPS), "--backup-every-steps", "2", "--no-restore-best",
@@ -159,9 +197,22 @@ def test_sigterm_saves_mid_epoch_state_exits_143_then_resumes(s3, bucket, datase
     assert state["epoch"] >= 1
     assert not any(k.endswith("run.lock.json") for k in s3.keys(bucket, "runs/term/"))
 
+    # The rerun resumes exactly there. A second SIGTERM lands late in it, after the last
+    # batch (during the last epoch's save): that one used to be ignored, and the job went on
+    # to evaluate and publish. It must stop with 143 before publishing.
+    log2 = tmp_path / "second.log"
+    env2 = s3.env(TRAINJOB_TEST_HOOKS=_hooks(tmp_path, sleep_after_epoch={"2": 6}))
+    proc = start_trainjob(args, env2, tmp_path / "home", log2)
+    _wait_for(lambda: _status(s3, bucket, "runs/term").get("epochs_done", 0) >= 3, proc, log2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 143, log2.read_text()[-3000:]
+    assert f"resuming at epoch {state['epoch']}, batch {state['step']}" in log2.read_text()
+    assert s3.read_json(bucket, "runs/term/status.json")["state"] == "preempted"
+    assert not any(k.endswith("manifest.json") for k in s3.keys(bucket, "runs/term/"))
+
+    # A third run publishes from the saved state.
     result = run_trainjob(args, s3.env(), tmp_path / "home")
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
-    assert f"resuming at epoch {state['epoch']}, batch {state['step']}" in result.stdout
     assert_complete_run(s3, bucket, "runs/term", epochs=3)
     # Mid-epoch or not, the optimizer saw each of the 3 x STEPS batches exactly once.
     import keras

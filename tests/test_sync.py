@@ -1,6 +1,7 @@
 """Sync under pressure, end to end: epochs faster than uploads, an outage that ends, a
-SIGTERM late in the run, a store that stops answering. Real trainjob processes against
-the S3 server, with a real proxy in between for bandwidth and faults."""
+store that stops answering. Real trainjob processes against the S3 server, with a real
+proxy in between for bandwidth and faults. (A SIGTERM late in the last epoch is checked
+in test_resume.py, in the rerun of the mid-epoch SIGTERM test.)"""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import pytest
 from conftest import SMALL, run_trainjob, start_trainjob
 from faultproxy import FaultProxy
 from test_e2e import assert_complete_run
-from test_resume import _hooks, _status, _wait_for, dataset  # noqa: F401 - fixture
+from test_resume import _hooks, _status, _wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -99,26 +100,6 @@ def test_a_short_outage_does_not_fail_the_run(s3, bucket, dataset, tmp_path):
     assert rc == 0, log.read_text()[-4000:]
     assert failed > 0
     assert_complete_run(s3, bucket, prefix, epochs=4)
-
-
-def test_sigterm_in_the_last_epoch_stops_before_publishing(s3, bucket, dataset, tmp_path):
-    """A SIGTERM that lands after the last batch (validation, the epoch's save) used to be
-    ignored: the job went on to evaluate and publish. It now stops with 143 and a rerun
-    publishes from the saved state."""
-    prefix = "runs/late"
-    args = ["train", "--data", dataset, "--output", f"s3://{bucket}/{prefix}", "--epochs", "2",
-            "--steps-per-epoch", "2", *SMALL]
-    log = tmp_path / "job.log"
-    env = s3.env(TRAINJOB_TEST_HOOKS=_hooks(tmp_path, sleep_after_epoch={"1": 6}))
-    proc = start_trainjob(args, env, tmp_path / "home", log)
-    _wait_for(lambda: _status(s3, bucket, prefix).get("epochs_done", 0) >= 2, proc, log)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 143, log.read_text()[-3000:]
-    assert s3.read_json(bucket, f"{prefix}/status.json")["state"] == "preempted"
-    assert not any(k.endswith("manifest.json") for k in s3.keys(bucket, prefix + "/"))
-    result = run_trainjob(args, s3.env(), tmp_path / "home")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert_complete_run(s3, bucket, prefix, epochs=2)
 
 
 def test_shutdown_fits_the_grace_period_when_the_store_hangs(s3, bucket, dataset, tmp_path):

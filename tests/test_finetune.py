@@ -214,3 +214,24 @@ def test_resume_across_the_phase_boundary(s3, bucket, dataset, tmp_path):  # noq
     assert [h["phase"] for h in history] == ["head", "head", "full", "full"]
     assert [h["learning_rate"] for h in history] == pytest.approx([1e-3, 1e-3, 1e-4, 1e-4])
     assert json.loads(s3.read(bucket, f"{prefix}/status.json"))["state"] == "succeeded"
+
+
+def test_recipe_command_lines_parse(monkeypatch):
+    """docs/recipes.md: every `trainjob train` command line uses real options, valid values."""
+    import os
+    import shlex
+    from pathlib import Path
+
+    from trainjob.cli import train
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "recipes.md").read_text()
+    commands = [" ".join(block.replace("\\\n", " ").split())
+                for block in text.split("```")[1::2] if block.strip().startswith("trainjob")]
+    assert len(commands) == 3
+    for name in [n for n in os.environ if n.startswith("TRAINJOB_")]:
+        monkeypatch.delenv(name)
+    for command in commands:
+        args = shlex.split(command)[2:]
+        ctx = train.make_context("train", args)
+        cfg = Config.from_options(**ctx.params)
+        assert cfg.split.train_per_class == 30 and cfg.data.include_background

@@ -1,9 +1,10 @@
 """Fine-tuning (issue #10): --weights kinds told apart by content, Keras' no-top file into the
 backbone only, the frozen head phase and the unfrozen phase, and the schedule's plan.
 
-In-process at 32 px with 1-2 steps, except the ImageNet check without network (the real
-CLI, which fails before TensorFlow is imported) and one kill-and-resume scenario across
-the phase boundary (test_resume_across_the_phase_boundary, e2e)."""
+In-process at 32 px with 1-2 steps (the frozen-phase check eagerly: tracing ResNet50 costs
+more than the steps), except two e2e tests through the real CLI: the ImageNet check without
+network (it fails before TensorFlow is imported) and one kill-and-resume scenario across
+the phase boundary, which also covers the traced (graph) path."""
 
 from __future__ import annotations
 
@@ -16,9 +17,9 @@ import h5py
 import keras
 import numpy as np
 import pytest
-
 from conftest import SMALL, run_trainjob, start_trainjob
 from test_resume import _csv_epochs, _hooks, _status, _wait_for, dataset  # noqa: F401
+
 from trainjob import model as models
 from trainjob import phases, training, weights
 from trainjob.config import Config, ModelConfig
@@ -154,6 +155,7 @@ def test_frozen_phase_changes_only_the_head_then_the_backbone_trains(tmp_path):
         assert any(not np.array_equal(backbone.weights[p].numpy(), before[p]) for p in group)
 
 
+@pytest.mark.e2e
 def test_imagenet_without_network_fails_fast_before_the_data(s3, bucket, tmp_path):
     """No network (a proxy on a closed port) and an empty KERAS_HOME: exit 4 in seconds
     with the mirroring hint; the dataset (which does not exist) is never asked for."""

@@ -122,9 +122,19 @@ def test_the_plan_splits_at_the_boundary():
     assert phases.phase_of_record({"epoch": 3, "from_checkpoint": "x"}, 2) == H  # fresh optim
 
 
+def test_exp_decay_restarts_from_the_fine_tune_rate():
+    from trainjob import callbacks as cb
+
+    schedule = cb.exp_decay(1e-2, 1e-3, 5)
+    assert schedule(0, 9.0) == 1e-2 and schedule(4, 9.0) == 1e-2
+    assert schedule(5, 9.0) == 1e-3
+    assert schedule(12, 9.0) == pytest.approx(1e-3 * np.exp(-0.2))
+    assert cb.exp_decay(1e-2)(12, 9.0) == pytest.approx(1e-2 * np.exp(-0.2))
+
+
 def test_frozen_phase_changes_only_the_head_then_the_backbone_trains(tmp_path):
     cfg = Config.from_options(data="/d", output="/o", image_size=SIZE, epochs=2,
-                              freeze_backbone_epochs=1, learning_rate=1e-2)
+                              freeze_backbone_epochs=1, learning_rate=1e-2, label_smoothing=0.1)
     model = models.build_model(cfg.model, 3)
     training.compile_model(model, cfg, 3)
     backbone = models.backbone_of(model)
@@ -146,6 +156,7 @@ def test_frozen_phase_changes_only_the_head_then_the_backbone_trains(tmp_path):
     training.enter_phase(model, cfg, 3, phases.FULL, rate=cfg.optim.fine_tune_rate)
     assert len(model.trainable_variables) == 2 + len(backbone.trainable_weights) > 200
     assert training.learning_rate(model) == pytest.approx(1e-3)
+    assert model.loss.label_smoothing == pytest.approx(0.1)  # the recompile kept the loss
     model.run_eagerly = True
     model.fit(x, y, batch_size=2, initial_epoch=1, epochs=2, verbose=0)
     assert int(model.optimizer.iterations.numpy()) == 4  # the step count carried over

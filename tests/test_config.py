@@ -87,7 +87,9 @@ BAD = [
     pytest.param({"threads": 0}, "--threads", id="threads=0"),
     pytest.param({"max_extract_bytes": 0}, "--max-extract-bytes", id="max-extract-bytes=0"),
     pytest.param({"backup_every_steps": -1}, "--backup-every-steps", id="backup-steps<0"),
-    pytest.param({"weights": "resnet.h5"}, "--weights", id="weights-not-weights.h5"),
+    pytest.param({"weights": ""}, "--weights", id="weights-empty"),
+    pytest.param({"freeze_backbone_epochs": -1}, "--freeze-backbone-epochs", id="freeze<0"),
+    pytest.param({"fine_tune_learning_rate": 0.0}, "--fine-tune-learning-rate", id="ft-lr=0"),
     pytest.param({"data": ""}, "--data", id="data-missing"),
     pytest.param({"output": ""}, "--output", id="output-missing"),
 ]
@@ -127,6 +129,7 @@ def test_unknown_uri_schemes_raise_config_error(field, uri):
     ("output", "/runs/exp1"),
     ("weights", "s3://models/resnet.weights.h5"),
     ("weights", "/models/resnet.weights.h5"),
+    ("weights", "s3://models/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"),
     ("weights", "imagenet"),
 ])
 def test_supported_uris_are_accepted(field, uri):

@@ -8,6 +8,7 @@ import pytest
 
 from trainjob import model as models
 from trainjob.config import ModelConfig
+from trainjob.weights import MODEL, InitialWeights
 
 
 @pytest.fixture(autouse=True)
@@ -58,8 +59,9 @@ def test_weights_file_is_loaded_and_a_mismatch_is_a_config_error(tmp_path):
     donor = models.build_model(ModelConfig(image_size=32), num_classes=3)
     path = tmp_path / "donor.weights.h5"
     donor.save_weights(path)
-    model = models.build_model(ModelConfig(image_size=32, weights=str(path)), 3, path)
+    full = InitialWeights(MODEL, path)
+    model = models.build_model(ModelConfig(image_size=32, weights=str(path)), 3, full)
     for a, b in zip(model.get_weights(), donor.get_weights()):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(ConfigError, match="cannot load"):
-        models.build_model(ModelConfig(image_size=32, weights=str(path)), 5, path)
+        models.build_model(ModelConfig(image_size=32, weights=str(path)), 5, full)

@@ -27,11 +27,13 @@ from trainjob.runstate import RunState
 log = logging.getLogger(__name__)
 
 
-def exp_decay(base_lr: float):
-    """The reference script's scheduler: base rate until epoch 10, then exponential decay."""
+def exp_decay(base_lr: float, fine_tune_lr: float | None = None, from_epoch: int = 0):
+    """The reference script's scheduler: base rate until epoch 10, then exponential decay.
+    From epoch ``from_epoch`` (the backbone unfrozen) the base is ``fine_tune_lr``."""
 
     def schedule(epoch: int, lr: float) -> float:
-        return base_lr if epoch < 10 else base_lr * math.exp(0.1 * (10 - epoch))
+        base = fine_tune_lr if fine_tune_lr is not None and epoch >= from_epoch else base_lr
+        return base if epoch < 10 else base * math.exp(0.1 * (10 - epoch))
 
     return schedule
 
@@ -78,7 +80,10 @@ def make_callbacks(cfg: Config, run: RunFolder, keeper: RunKeeper) -> list[keras
             monitor=c.early_stopping_monitor, patience=c.early_stopping_patience,
             min_delta=c.early_stopping_min_delta, mode=c.early_stopping_mode))
     if cfg.optim.lr_schedule == "exp-decay":
-        callbacks.append(keras.callbacks.LearningRateScheduler(exp_decay(cfg.optim.learning_rate)))
+        o = cfg.optim
+        fine_tune = o.fine_tune_rate if o.freeze_backbone_epochs else None
+        callbacks.append(keras.callbacks.LearningRateScheduler(
+            exp_decay(o.learning_rate, fine_tune, o.freeze_backbone_epochs)))
     elif c.reduce_lr:
         callbacks.append(keras.callbacks.ReduceLROnPlateau(
             monitor=c.reduce_lr_monitor, mode=c.reduce_lr_mode, factor=c.reduce_lr_factor,

@@ -81,8 +81,10 @@ class SplitConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    weights: str = option("none", "Initial weights: none, imagenet, or a URI of a "
-                          ".weights.h5 file.")
+    weights: str = option("none", "Initial weights: none; imagenet (Keras' download, "
+                          "cached under KERAS_HOME); or a URI or path of a trainjob "
+                          ".weights.h5 or of Keras' ResNet50 no-top .h5 (backbone only), "
+                          "told apart by their contents.")
     image_size: int = option(224, "Images are resized to SIZE x SIZE.")
     precision: str = option("auto", "auto is mixed_float16 on a GPU, float32 on a CPU.",
                             choices=("auto", "float32", "mixed_float16", "mixed_bfloat16"))
@@ -92,9 +94,9 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.image_size < 32:
             raise ConfigError(f"--image-size {self.image_size} is too small: ResNet50 needs 32+")
-        if self.weights not in ("none", "imagenet") and not self.weights.endswith(".weights.h5"):
-            raise ConfigError(f"--weights {self.weights!r}: use none, imagenet, or a URI "
-                              "ending in .weights.h5")
+        if not self.weights:
+            raise ConfigError("--weights is empty: use none, imagenet, or a URI of a weights "
+                              "file")
         if self.weights not in ("none", "imagenet"):
             parse_uri(self.weights)
 
@@ -117,6 +119,12 @@ class OptimConfig:
     validation_freq: int = option(1, "Validate every N epochs.")
     shuffle: bool = option(True, "Shuffle the training data every epoch.")
     augment: bool = option(True, "Random flips and crops of training images.")
+    freeze_backbone_epochs: int = option(0, "Fine-tuning: train only the classifier head "
+                                         "for the first N epochs (backbone frozen, its "
+                                         "BatchNorm in inference mode), then everything.")
+    fine_tune_learning_rate: float | None = option(
+        None, "Learning rate once the backbone is unfrozen (default: a tenth of "
+        "--learning-rate).", type=float)
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "validation_freq"):
@@ -124,11 +132,22 @@ class OptimConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
         if self.learning_rate <= 0:
             raise ConfigError("--learning-rate must be positive")
+        if self.freeze_backbone_epochs < 0:
+            raise ConfigError("--freeze-backbone-epochs must be 0 or more")
+        if self.fine_tune_learning_rate is not None and self.fine_tune_learning_rate <= 0:
+            raise ConfigError("--fine-tune-learning-rate must be positive")
         _check_range("--label-smoothing", self.label_smoothing, 0.0, 1.0)
         if not 0.0 <= self.momentum <= 1.0:
             raise ConfigError(f"--momentum {self.momentum:g} is out of range: use [0, 1]")
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
             raise ConfigError("--steps-per-epoch must be at least 1")
+
+    @property
+    def fine_tune_rate(self) -> float:
+        """The learning rate of the unfrozen phase."""
+        if self.fine_tune_learning_rate is not None:
+            return self.fine_tune_learning_rate
+        return self.learning_rate / 10
 
 
 @dataclass(frozen=True)

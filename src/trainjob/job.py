@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from trainjob import __version__, cache, datasets, resume, storage
+from trainjob import __version__, cache, datasets, phases, resume, storage, weights
 from trainjob.artifacts import (BACKUP, CLASSES, CONFIG, LAST, MANIFEST, METRICS, MODEL, PLOT,
                                 RUN_ENTRIES, RunFolder, plot_history)
 from trainjob.config import Config
@@ -117,13 +117,15 @@ def _flush_quietly(run_dir: RunFolder, timeout: float) -> bool:
 
 def _train(cfg: Config, run_dir: RunFolder, state: dict | None, lock: RunLock,
            stop: resume.StopSignal, timings: dict[str, float]) -> None:
+    cache = Path(cfg.data.cache_dir)
+    with _timed(timings, "weights"):  # before the data: a missing file fails in seconds
+        initial = weights.resolve(cfg.model.weights, cache / "downloads", cfg.runtime.threads)
     catalog, splits, dataset_summary = _load_data(cfg, timings)
     fingerprint = resume.fingerprint(cfg, catalog, splits)
     if state:
         resume.check_compatible(state, fingerprint)
     run_dir.write(CLASSES, {str(i): name for i, name in enumerate(catalog.classes)})
     _write_config(cfg, run_dir, dataset_summary, timings, state)
-    cache = Path(cfg.data.cache_dir)
 
     # TensorFlow is imported only now: bad input fails above in a second, with no TF noise.
     from trainjob import callbacks as callbacks_lib, inputs, model as models, training
@@ -146,12 +148,9 @@ def _train(cfg: Config, run_dir: RunFolder, state: dict | None, lock: RunLock,
         val_ds = inputs.evaluation_stream(
             inputs.decoded(splits.val, cfg.model.image_size, cfg.data.pipeline_cache, work, "val"),
             num_classes, cfg.optim.batch_size) if splits.val else None
-        weights_file = None
-        if cfg.model.weights not in ("none", "imagenet"):
-            weights_file = storage.fetch(cfg.model.weights, cache / "downloads",
-                                         cfg.runtime.threads, single=True).path
-        with training.make_strategy().scope():
-            model = models.build_model(cfg.model, num_classes, weights_file)
+        strategy = training.make_strategy()
+        with strategy.scope():
+            model = models.build_model(cfg.model, num_classes, initial)
             training.compile_model(model, cfg, num_classes)
             # Inside the scope: the optimizer's slots must be the strategy's variables too.
             if state:
@@ -171,15 +170,19 @@ def _train(cfg: Config, run_dir: RunFolder, state: dict | None, lock: RunLock,
                 weights=training.class_weights(splits.train, num_classes, cfg.optim.class_weight))
             stop.in_training = True
             try:
-                epoch, done = first_epoch, state.get("step", 0) if state else 0
-                if done:  # killed mid-epoch: finish that epoch's remaining batches first
-                    keeper.step_offset = done
-                    fit(train_stream(epoch, epoch + 1, done), steps=steps - done,
-                        initial_epoch=epoch, epochs=epoch + 1)
-                    epoch += 1
-                if epoch < cfg.optim.epochs and not model.stop_training:
-                    fit(train_stream(epoch, cfg.optim.epochs), steps=steps,
-                        initial_epoch=epoch, epochs=cfg.optim.epochs)
+                freeze = cfg.optim.freeze_backbone_epochs
+                previous = phases.phase_of_record(state, freeze)
+                for part in phases.plan(first_epoch, state.get("step", 0) if state else 0,
+                                        freeze, cfg.optim.epochs):
+                    if model.stop_training:  # EarlyStopping ends the run, in either phase
+                        break
+                    with strategy.scope():
+                        training.enter_phase(model, cfg, num_classes, part.phase,
+                                             phases.entry_rate(part.phase, previous, cfg.optim))
+                    run_state.begin_phase(previous := part.phase)
+                    keeper.step_offset = part.skip  # a mid-epoch restart: batches done
+                    fit(train_stream(part.start, part.end, part.skip), steps=steps - part.skip,
+                        initial_epoch=part.start, epochs=part.end)
             finally:
                 stop.in_training = False
             run_state.stop_if_requested("at the end of training")
@@ -200,6 +203,7 @@ def _train(cfg: Config, run_dir: RunFolder, state: dict | None, lock: RunLock,
 
     with _timed(timings, "publish"):
         run_dir.path(MODEL).parent.mkdir(parents=True, exist_ok=True)
+        models.backbone_of(model).trainable = True  # loads like any model, after any phase
         model.save(run_dir.path(MODEL))
         plot_history(keeper.history, run_dir.path(PLOT))
         run_dir.set_status("succeeded", error=None, finished=time.time(),

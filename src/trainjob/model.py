@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import tempfile
 from pathlib import Path
 
 import keras
@@ -10,11 +11,14 @@ import tensorflow as tf
 from keras import layers, ops
 
 from trainjob.config import ModelConfig
+from trainjob.errors import ConfigError
+from trainjob.weights import BACKBONE, InitialWeights
 
 log = logging.getLogger(__name__)
 
 # keras.applications.resnet50.preprocess_input ("caffe" mode): BGR order, ImageNet means.
 IMAGENET_BGR_MEAN = (103.939, 116.779, 123.68)
+BACKBONE_LAYER = "resnet50"  # keras.applications.ResNet50's own name, inside the model
 
 
 @keras.saving.register_keras_serializable(package="trainjob")
@@ -41,28 +45,54 @@ def resolve_jit(jit: str) -> bool:
     return bool(gpus()) if jit == "auto" else jit == "on"
 
 
-def build_model(cfg: ModelConfig, num_classes: int, weights_file: Path | None = None) -> keras.Model:
+def build_model(cfg: ModelConfig, num_classes: int,
+                initial: InitialWeights | None = None) -> keras.Model:
     """ResNet50 backbone, global average pooling, softmax head (float32 under mixed precision).
 
-    ``weights_file`` is a fetched ``.weights.h5`` for ``--weights URI``.
+    ``initial`` is the resolved ``--weights`` file: a full model, or a backbone only (the
+    head then starts fresh).
     """
     keras.mixed_precision.set_global_policy(resolve_precision(cfg.precision))
     size = cfg.image_size
     inputs = keras.Input((size, size, 3), name="image")
     x = ResNetPreprocess(name="preprocess")(inputs)
     backbone = keras.applications.ResNet50(
-        include_top=False, pooling="avg", input_shape=(size, size, 3),
-        weights="imagenet" if cfg.weights == "imagenet" else None)
+        include_top=False, pooling="avg", input_shape=(size, size, 3), weights=None)
     x = backbone(x)
     outputs = layers.Dense(num_classes, activation="softmax", dtype="float32",
                            name="predictions")(x)
     model = keras.Model(inputs, outputs, name="resnet50")
-    if weights_file is not None:
+    if initial is not None:
         try:
-            model.load_weights(weights_file)
-        except (ValueError, OSError) as exc:
-            from trainjob.errors import ConfigError
-
+            if initial.kind == BACKBONE:
+                load_backbone(backbone, initial.path)
+            else:
+                load_full(model, initial.path)
+        except (ValueError, OSError, KeyError) as exc:
             raise ConfigError(f"--weights {cfg.weights}: cannot load into ResNet50 with "
                               f"{num_classes} classes at {size}px: {exc}") from exc
     return model
+
+
+def backbone_of(model: keras.Model) -> keras.Model:
+    return model.get_layer(BACKBONE_LAYER)
+
+
+def load_backbone(backbone: keras.Model, path: Path) -> None:
+    """Keras' no-top file (legacy HDF5 layout), by layer name, into the backbone alone."""
+    import h5py
+    from keras.src.legacy.saving import legacy_h5_format
+
+    with h5py.File(path, "r") as f:
+        legacy_h5_format.load_weights_from_hdf5_group(f, backbone)
+
+
+def load_full(model: keras.Model, path: Path) -> None:
+    """A trainjob model's weights, whatever the file is called (Keras goes by the name)."""
+    if path.name.endswith(".weights.h5"):
+        model.load_weights(path)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        link = Path(tmp) / "model.weights.h5"
+        link.symlink_to(path.absolute())
+        model.load_weights(link)

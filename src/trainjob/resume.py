@@ -162,7 +162,8 @@ def from_last_checkpoint(run: RunFolder) -> dict | None:
 
 def fingerprint(cfg: Config, catalog: Catalog, splits: Splits) -> dict:
     """The settings a resumed run must share with its start: the model, the optimizer and
-    everything that decides which images go where and how many batches an epoch has."""
+    everything that decides which images go where, how many batches an epoch has, and
+    which epochs train the head alone."""
     def digest(samples: list) -> str:
         # Class name + file name: the same wherever the data was extracted.
         names = sorted(f"{catalog.classes[s.label]}/{Path(s.path).name}" for s in samples)
@@ -175,6 +176,7 @@ def fingerprint(cfg: Config, catalog: Catalog, splits: Splits) -> dict:
         "test_fraction": cfg.split.test_fraction,
         "train_per_class": cfg.split.train_per_class, "batch_size": cfg.optim.batch_size,
         "steps_per_epoch": cfg.optim.steps_per_epoch,
+        "freeze_backbone_epochs": cfg.optim.freeze_backbone_epochs,
         "samples": digest(splits.train + splits.val + splits.test) + ":" + digest(splits.train),
     }
 

@@ -39,6 +39,7 @@ class RunState:
         self.seq = max([int((restore or {}).get("seq", 0)), *resume.saved_points(run)])
         self._good_seq = int((restore or {}).get("seq", 0))  # the newest usable local pair
         self._stored_seq = self._good_seq  # the newest pair in the store
+        self.phase: str | None = None  # the fine-tuning phase being trained (phases.py)
 
     # --- at every batch end -------------------------------------------------------------
 
@@ -49,6 +50,11 @@ class RunState:
     def stop_if_requested(self, where: str) -> None:
         if self.stop.requested:
             raise Preempted(f"stopped by signal {where}")
+
+    def begin_phase(self, phase: str) -> None:
+        """Training enters ``phase``: recorded in save points, history rows and the status."""
+        self.phase = phase
+        self.run.set_status("running", phase=phase, upload=False)
 
     # --- save points --------------------------------------------------------------------
 
@@ -65,11 +71,13 @@ class RunState:
         """Epoch ``epoch`` is done. Its history row, resume pair and status go to the store
         as one generation, status last: a status showing epoch k means the bucket holds
         epoch k's resume state and logs."""
+        if self.phase is not None:
+            row = {**row, "phase": self.phase}
         self.history.append(row)
         self.run.write(HISTORY, self.history, upload=False)
         self._write_pair(epoch + 1, 0, write_weights, iterations, callbacks)
         self.run.set_status("running", epoch=epoch, epochs_done=epoch + 1, metrics=row,
-                            upload=False)
+                            phase=self.phase, upload=False)
         self._commit(f"epoch {epoch}", (BEST,))
 
     def _write_pair(self, epoch: int, step: int, write_weights: WriteWeights, iterations: int,
@@ -78,7 +86,7 @@ class RunState:
         self.seq += 1
         record = resume.write_point(self.run, self.seq, {
             "epoch": epoch, "step": step, "iterations": iterations, "callbacks": callbacks,
-            "fingerprint": self.fingerprint,
+            "phase": self.phase, "fingerprint": self.fingerprint,
             "saved": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }, write_weights)
         # Keep the pair this one follows on from (not seq - 1: that may be a broken pair

@@ -12,7 +12,8 @@ import tensorflow as tf
 
 from trainjob.config import Config
 from trainjob.datasets import Sample
-from trainjob.model import gpus, resolve_jit
+from trainjob.model import backbone_of, gpus, resolve_jit
+from trainjob.phases import HEAD
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +32,13 @@ def make_strategy(devices: list[str] | None = None) -> tf.distribute.Strategy:
     return tf.distribute.get_strategy()
 
 
-def compile_model(model: keras.Model, cfg: Config, num_classes: int) -> None:
+def compile_model(model: keras.Model, cfg: Config, num_classes: int,
+                  optimizer: keras.optimizers.Optimizer | None = None) -> None:
+    """Compile with a new optimizer at --learning-rate, or with ``optimizer`` kept."""
     o = cfg.optim
-    if o.optimizer == "sgd":
+    if optimizer is None and o.optimizer == "sgd":
         optimizer = keras.optimizers.SGD(o.learning_rate, momentum=o.momentum)
-    else:
+    elif optimizer is None:
         optimizer = keras.optimizers.Adam(o.learning_rate)
     model.compile(
         optimizer=optimizer,
@@ -44,6 +47,34 @@ def compile_model(model: keras.Model, cfg: Config, num_classes: int) -> None:
                  keras.metrics.TopKCategoricalAccuracy(k=min(5, num_classes), name="top5")],
         jit_compile=resolve_jit(cfg.model.jit_compile),
     )
+
+
+def enter_phase(model: keras.Model, cfg: Config, num_classes: int, phase: str,
+                rate: float | None = None) -> None:
+    """Freeze (HEAD) or unfreeze the backbone and recompile, keeping the optimizer object.
+
+    The optimizer is built over every variable either phase trains, before anything is
+    frozen: its step count, the head's moments and the learning-rate variable carry over
+    the boundary, and a save point has the same layout in both phases. Frozen, the
+    backbone's BatchNorm layers run in inference mode (Keras 3: trainable=False does it).
+    Call inside the strategy's scope."""
+    backbone = backbone_of(model)
+    if not model.optimizer.built:
+        backbone.trainable = True
+        model.optimizer.build(model.trainable_variables)
+    trainable = phase != HEAD
+    if backbone.trainable != trainable:
+        backbone.trainable = trainable
+        compile_model(model, cfg, num_classes, optimizer=model.optimizer)
+    if rate is not None:
+        model.optimizer.learning_rate = rate
+    log.info("phase %s: backbone %s, %d trainable variables, learning rate %.4g", phase,
+             "trainable" if trainable else "frozen", len(model.trainable_variables),
+             learning_rate(model))
+
+
+def learning_rate(model: keras.Model) -> float:
+    return float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
 
 
 def class_weights(train: list[Sample], num_classes: int, mode: str) -> dict[int, float] | None:

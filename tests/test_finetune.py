@@ -18,7 +18,7 @@ import keras
 import numpy as np
 import pytest
 from conftest import SMALL, run_trainjob, start_trainjob
-from test_resume import _csv_epochs, _hooks, _status, _wait_for, dataset  # noqa: F401
+from test_resume import _csv_epochs, _hooks, _status, _wait_for
 
 from trainjob import model as models
 from trainjob import phases, training, weights
@@ -188,7 +188,7 @@ def test_imagenet_without_network_fails_fast_before_the_data(s3, bucket, tmp_pat
 
 
 @pytest.mark.e2e
-def test_resume_across_the_phase_boundary(s3, bucket, dataset, tmp_path):  # noqa: F811
+def test_resume_across_the_phase_boundary(s3, bucket, dataset, tmp_path):
     """Killed in phase 1 (head), its rerun killed in phase 2, the next rerun completes:
     each resumes in its phase, with its trainable set and learning rate, epochs once."""
     prefix = "runs/ft"

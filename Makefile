@@ -15,11 +15,16 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)  ## the real job end to end against an embedded local S3 server
 	$(BIN)/python scripts/demo.py
 
+# Two workers: much of an end-to-end test is one core tracing ResNet50 or waiting on the
+# store, so two share two cores well (docs/testing.md has the measurement). The Docker
+# tests stay together on one worker (xdist_group), which builds the image once.
+XDIST := -n 2 --dist loadgroup
+
 test: $(STAMP)  ## the whole suite (Docker tests run as root or under CI=true)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(XDIST)
 
 test-fast: $(STAMP)  ## unit tests only
-	$(BIN)/python -m pytest -m "not e2e and not docker"
+	$(BIN)/python -m pytest $(XDIST) -m "not e2e and not docker"
 
 lint: $(STAMP)
 	$(BIN)/hadolint Dockerfile

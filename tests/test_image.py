@@ -34,6 +34,9 @@ from conftest import SMALL
 from trainjob.lock import pid_alive
 
 ROOT = Path(__file__).resolve().parents[1]
+# Under pytest-xdist the whole module runs on one worker: one dockerd, one image build.
+pytestmark = pytest.mark.xdist_group("docker")
+
 STANDIN_TAG = "trainjob-base-standin:tf2.21.0-py3.11-bookworm"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]

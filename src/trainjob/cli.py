@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from trainjob import __version__
+from trainjob.commands import runs as runs_commands
 from trainjob.config import Config, option_fields
 from trainjob.errors import ConfigError, Preempted, TrainJobError
 
@@ -102,6 +103,7 @@ def train(ctx: click.Context, **options: Any) -> None:
 
 
 _add_config_options(train)
+cli.add_command(runs_commands.runs)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.ClickException as exc:
-        hint = " (see 'trainjob train --help')" if isinstance(exc, click.UsageError) else ""
+        path = exc.ctx.command_path if getattr(exc, "ctx", None) else "trainjob train"
+        hint = f" (see '{path} --help')" if isinstance(exc, click.UsageError) else ""
         _fail(ConfigError(exc.format_message() + hint), debug)
         return ConfigError.exit_code
     except click.exceptions.Abort:

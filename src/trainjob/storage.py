@@ -69,6 +69,10 @@ class Store:
     def write_bytes(self, key: str, data: bytes) -> None: ...
     def delete(self, keys: list[str]) -> None: ...
 
+    def folders(self, prefix: str = "") -> list[str]:
+        """The names of the folders directly under ``prefix`` (one level, sorted)."""
+        ...
+
     def exists(self, key: str) -> bool:
         return self.read_info(key) is not None
 
@@ -113,6 +117,10 @@ class LocalStore(Store):
         files = [base] if base.is_file() else sorted(p for p in base.rglob("*") if p.is_file())
         return [ObjectInfo(p.relative_to(self.root).as_posix(), p.stat().st_size,
                            str(p.stat().st_mtime_ns)) for p in files]
+
+    def folders(self, prefix: str = "") -> list[str]:
+        base = self._path(prefix)
+        return sorted(p.name for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
 
     def read_info(self, key: str) -> ObjectInfo | None:
         p = self._path(key)
@@ -201,6 +209,18 @@ class S3Store(Store):
                         continue  # folder markers some tools create
                     yield ObjectInfo(obj["Key"][cut:], obj["Size"],
                                      obj.get("ETag", "").strip('"'))
+
+    def folders(self, prefix: str = "") -> list[str]:
+        full = self._key(prefix.strip("/"))
+        full = f"{full}/" if full else ""
+        names: list[str] = []
+        with translated(self.child(prefix)):
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=full, Delimiter="/")
+            for page in pages:
+                names += [p["Prefix"][len(full):].rstrip("/")
+                          for p in page.get("CommonPrefixes", [])]
+        return sorted(n for n in names if n)
 
     def read_info(self, key: str) -> ObjectInfo | None:
         try:

@@ -1,0 +1,180 @@
+"""``trainjob runs``: list, show, download against run folders made by hand on moto_server.
+
+The in-process tests invoke the click group (boto3 pointed at the server, nothing mocked);
+the subprocess tests check exit codes, the one-line errors and that TensorFlow is never
+imported.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from click.testing import CliRunner
+
+import runfolders
+from conftest import point_boto3_at, run_trainjob
+from faultproxy import FaultProxy
+from trainjob import runinfo
+from trainjob.cli import cli
+from trainjob.storage import S3Store
+
+NOW = time.time()
+
+
+@pytest.fixture
+def runs_bucket(s3env, s3, bucket):
+    """finished, failed, running (fresh heartbeat), stale (old heartbeat), and a non-run."""
+    client = s3.client()
+    runfolders.finished_run(client, bucket, "runs/done", now=NOW)
+    runfolders.failed_run(client, bucket, "runs/failed", now=NOW)
+    runfolders.running_run(client, bucket, "runs/live", heartbeat_age=5, now=NOW)
+    runfolders.running_run(client, bucket, "runs/stale", heartbeat_age=3600, now=NOW)
+    client.put_object(Bucket=bucket, Key="runs/notes/readme.txt", Body=b"not a run")
+    return bucket
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+def test_list_summarizes_each_kind_of_run(runs_bucket):
+    rows = {r.name: r for r in runinfo.summarize_runs(
+        S3Store(runs_bucket, "runs", threads=4), threads=4, now=NOW)}
+    assert sorted(rows) == ["done", "failed", "live", "stale"]  # notes/ holds no run
+    done, failed, live, stale = rows["done"], rows["failed"], rows["live"], rows["stale"]
+    assert (done.status, done.finished, done.epochs_done, done.epochs_planned) == \
+        ("succeeded", True, 5, 5)
+    assert done.best_val_accuracy == pytest.approx(0.58)
+    assert done.test_mean_per_class_accuracy == pytest.approx(0.6)
+    assert done.duration_seconds == pytest.approx(3540)
+    assert done.heartbeat_age_seconds is None
+    assert (failed.status, failed.epochs_done, failed.epochs_planned) == ("failed", 2, 10)
+    assert failed.duration_seconds == pytest.approx(300, abs=1)
+    assert failed.error == "the loss became NaN at epoch 2"
+    assert failed.test_mean_per_class_accuracy is None
+    assert (live.status, live.epochs_done, live.epochs_planned) == ("running", 3, 20)
+    assert live.heartbeat_age_seconds == pytest.approx(5, abs=1)
+    assert live.duration_seconds == pytest.approx(905, abs=1)
+    assert stale.status == "stale"
+    assert stale.duration_seconds == pytest.approx(900, abs=1)  # up to its last heartbeat
+    assert stale.heartbeat_age_seconds == pytest.approx(3600, abs=1)
+
+
+def test_list_table_and_json(runs_bucket):
+    result = invoke("runs", "list", f"s3://{runs_bucket}/runs/")
+    assert result.exit_code == 0, result.output
+    lines = {line.split()[0]: line for line in result.output.splitlines()}
+    assert lines["RUN"].split()[:3] == ["RUN", "STATUS", "EPOCHS"]
+    assert "succeeded" in lines["done"] and "5/5" in lines["done"] and "0.5800" in lines["done"]
+    assert "failed" in lines["failed"] and "2/10" in lines["failed"]
+    assert "running" in lines["live"] and "ago" in lines["live"]
+    assert "stale" in lines["stale"] and "(stale)" in lines["stale"]
+    assert "notes" not in lines
+
+    result = invoke("runs", "list", "--json", f"s3://{runs_bucket}/runs/")
+    rows = {r["name"]: r for r in json.loads(result.output)}
+    assert rows["live"]["status"] == "running" and rows["stale"]["status"] == "stale"
+    assert rows["done"]["uri"] == f"s3://{runs_bucket}/runs/done"
+
+
+def test_list_reads_only_small_json_files(s3, runs_bucket, monkeypatch, tmp_path):
+    """Through a counting proxy: one listing, GETs of the summary JSONs, a HEAD of each
+    manifest; never a weights file, a CSV or a listing of a run's contents."""
+    with FaultProxy(s3.endpoint) as proxy:
+        point_boto3_at(s3, monkeypatch, tmp_path, AWS_ENDPOINT_URL=proxy.endpoint)
+        rows = runinfo.summarize_runs(S3Store(runs_bucket, "runs", threads=4), threads=4)
+        seen = proxy.requests
+    assert len(rows) == 4
+    gets = [path for method, path in seen if method == "GET" and "list-type" not in path]
+    listings = [path for method, path in seen if "list-type" in path]
+    assert len(listings) == 1 and "delimiter=%2F" in listings[0]
+    assert gets and all(path.endswith(".json") for path in gets)
+    assert {path.rsplit("/", 1)[1] for method, path in seen if method == "HEAD"} == \
+        {"manifest.json"}
+    assert len(seen) == 1 + 5 * len(runinfo.SUMMARY_FILES + ("manifest.json",))
+
+
+def test_list_reads_runs_in_parallel(s3env, s3, bucket):
+    """Many runs: the files are read by a pool, several requests in flight at once."""
+    client = s3.client()
+    for i in range(30):
+        runfolders.put_json(client, bucket, f"runs/r{i:03d}/status.json",
+                            {"state": "failed", "started": NOW - 10, "epochs_done": 1})
+    store = S3Store(bucket, "runs", threads=8)
+    in_flight, peak, guard = [0], [0], threading.Lock()
+    read_json = store.read_json
+
+    def counting(key):
+        with guard:
+            in_flight[0] += 1
+            peak[0] = max(peak[0], in_flight[0])
+        try:
+            return read_json(key)
+        finally:
+            with guard:
+                in_flight[0] -= 1
+
+    store.read_json = counting
+    rows = runinfo.summarize_runs(store, threads=8)
+    assert len(rows) == 30 and {r.status for r in rows} == {"failed"}
+    assert peak[0] > 1
+
+
+def test_list_an_empty_prefix_says_so(s3env, bucket):
+    result = CliRunner().invoke(cli, ["runs", "list", f"s3://{bucket}/nothing/"])
+    assert result.exit_code == 0
+    assert "no run folders" in result.output
+
+
+def cli_in_subprocess(s3, home, *args: str) -> tuple[int, str, str, list[str]]:
+    """Run trainjob's main() in a fresh interpreter; report which heavy modules it loaded."""
+    code = ("import sys, json\n"
+            "from trainjob.cli import main\n"
+            f"rc = main({list(args)!r})\n"
+            "heavy = [m for m in ('tensorflow', 'keras', 'matplotlib') if m in sys.modules]\n"
+            "print('HEAVY=' + json.dumps(heavy))\n"
+            "sys.exit(rc)\n")
+    env = {**s3.env(), "TRAINJOB_HOME": str(home)}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=120)
+    heavy = json.loads(proc.stdout.rsplit("HEAVY=", 1)[1])
+    return proc.returncode, proc.stdout, proc.stderr, heavy
+
+
+def test_list_never_imports_tensorflow(s3, runs_bucket, tmp_path):
+    rc, out, err, heavy = cli_in_subprocess(s3, tmp_path, "runs", "list",
+                                            f"s3://{runs_bucket}/runs/")
+    assert rc == 0, err
+    assert "done" in out and heavy == []
+
+
+def test_list_a_missing_bucket_is_one_line_and_exit_4(s3, tmp_path):
+    result = run_trainjob(["runs", "list", "s3://no-such-bucket-here/runs/"], s3.env(),
+                          tmp_path)
+    assert result.returncode == 4
+    assert result.error_lines() == [result.error_lines()[0]]
+    assert "no-such-bucket-here" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_usage_errors_point_at_the_command_help(s3, tmp_path):
+    result = run_trainjob(["runs", "list"], s3.env(), tmp_path)
+    assert result.returncode == 2
+    assert "trainjob runs list --help" in result.stderr
+
+
+def test_list_a_local_folder_of_runs(tmp_path):
+    (tmp_path / "runs" / "a").mkdir(parents=True)
+    (tmp_path / "runs" / "a" / "status.json").write_text(json.dumps(
+        {"state": "succeeded", "started": NOW - 100, "finished": NOW, "epochs_done": 3}))
+    (tmp_path / "runs" / "a" / "manifest.json").write_text("{}")
+    (tmp_path / "runs" / "empty").mkdir()
+    result = invoke("runs", "list", "--json", str(tmp_path / "runs"))
+    rows = json.loads(result.output)
+    assert [(r["name"], r["status"], r["finished"]) for r in rows] == [("a", "succeeded", True)]
+    missing = CliRunner().invoke(cli, ["runs", "list", str(tmp_path / "nope")])
+    assert missing.exit_code != 0 and "no such folder" in str(missing.exception)

@@ -178,3 +178,63 @@ def test_list_a_local_folder_of_runs(tmp_path):
     assert [(r["name"], r["status"], r["finished"]) for r in rows] == [("a", "succeeded", True)]
     missing = CliRunner().invoke(cli, ["runs", "list", str(tmp_path / "nope")])
     assert missing.exit_code != 0 and "no such folder" in str(missing.exception)
+
+
+# --- runs show ---------------------------------------------------------------------------
+
+def test_show_a_finished_run(runs_bucket):
+    result = invoke("runs", "show", f"s3://{runs_bucket}/runs/done")
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "succeeded" in out and "unfinished" not in out
+    assert "mean_per_class_accuracy  0.6000" in out
+    assert "optim.epochs         5" in out and "model.weights        imagenet" in out
+    log_lines = out.split("Training log (5 epochs)\n", 1)[1].splitlines()
+    assert log_lines[0].split() == ["epoch", "accuracy", "loss", "lr", "val_accuracy",
+                                    "val_loss"]
+    assert log_lines[5].split()[:2] == ["4", "0.6000"]
+    assert "val_accuracy  ▁▃▄▆█  0.1000 -> 0.5800, best 0.5800 at epoch 4" in out
+    worst = out.split("Lowest test accuracy (5 classes)\n", 1)[1].splitlines()[1:6]
+    assert [line.split()[0] for line in worst] == ["beaver", "bass", "barrel", "ant", "anchor"]
+    assert "confusions: not recorded" in out
+
+
+def test_show_json_and_confusions_when_metrics_has_a_matrix(s3env, s3, bucket):
+    client = s3.client()
+    runfolders.finished_run(client, bucket, "runs/cm")
+    metrics = json.loads(s3.read(bucket, "runs/cm/metrics.json"))
+    n = len(runfolders.CLASSES)
+    matrix = [[10 if t == p else 0 for p in range(n)] for t in range(n)]
+    matrix[2][3], matrix[5][4], matrix[0][6] = 7, 4, 1
+    runfolders.put_json(client, bucket, "runs/cm/metrics.json",
+                        {**metrics, "confusion_matrix": matrix})
+    result = invoke("runs", "show", "--json", f"s3://{bucket}/runs/cm")
+    details = json.loads(result.output)
+    assert details["confusions"] == [
+        {"true": "anchor", "predicted": "ant", "count": 7},
+        {"true": "bass", "predicted": "barrel", "count": 4},
+        {"true": "accordion", "predicted": "beaver", "count": 1}]
+    assert details["summary"]["status"] == "succeeded"
+    assert [row["epoch"] for row in details["log"]] == [0, 1, 2, 3, 4]
+    assert details["settings"]["optim.batch_size"] == 32
+    text = invoke("runs", "show", f"s3://{bucket}/runs/cm").output
+    confusions = text.split("Most frequent confusions\n", 1)[1].splitlines()
+    assert confusions[1].split() == ["anchor", "ant", "7"]
+
+
+def test_show_a_running_and_a_stale_run(runs_bucket):
+    live = invoke("runs", "show", f"s3://{runs_bucket}/runs/live").output
+    assert "running (no manifest.json: unfinished)" in live
+    assert "node-7 pid 4242, heartbeat" in live and "(stale)" not in live
+    stale = invoke("runs", "show", f"s3://{runs_bucket}/runs/stale").output
+    assert "stale (no manifest.json: unfinished)" in stale and "1h00m ago (stale)" in stale
+    failed = invoke("runs", "show", f"s3://{runs_bucket}/runs/failed").output
+    assert "error     the loss became NaN at epoch 2" in failed
+
+
+def test_show_a_folder_without_a_run_is_exit_2_without_tensorflow(s3, runs_bucket, tmp_path):
+    rc, out, err, heavy = cli_in_subprocess(s3, tmp_path, "runs", "show",
+                                            f"s3://{runs_bucket}/runs/notes")
+    assert rc == 2 and heavy == []
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "holds no run" in lines[0] and "runs/notes" in lines[0]

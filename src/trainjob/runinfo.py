@@ -8,13 +8,16 @@ download of weights or logs.
 from __future__ import annotations
 
 import calendar
+import csv
+import io
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from trainjob.artifacts import CONFIG, HISTORY, LOCK, MANIFEST, METRICS, STATUS
+from trainjob.artifacts import CLASSES, CONFIG, HISTORY, LOCK, LOG_CSV, MANIFEST, METRICS, STATUS
+from trainjob.errors import ConfigError
 from trainjob.lock import STALE_SECONDS
 from trainjob.storage import Store
 
@@ -22,6 +25,17 @@ log = logging.getLogger(__name__)
 
 # What a summary reads of each run; the manifest only by HEAD (its presence is the news).
 SUMMARY_FILES = (STATUS, LOCK, CONFIG, METRICS, HISTORY)
+DETAIL_FILES = (*SUMMARY_FILES, CLASSES, LOG_CSV, MANIFEST)
+# The settings ``runs show`` prints, as (group, name) in config.json's "settings".
+KEY_SETTINGS = (("data", "data"), ("model", "weights"), ("model", "image_size"),
+                ("optim", "epochs"), ("optim", "batch_size"), ("optim", "optimizer"),
+                ("optim", "learning_rate"), ("optim", "lr_schedule"),
+                ("optim", "label_smoothing"), ("optim", "freeze_backbone_epochs"),
+                ("split", "seed"), ("split", "val_fraction"), ("split", "test_fraction"),
+                ("split", "train_per_class"), ("callbacks", "early_stopping_patience"),
+                ("callbacks", "checkpoint_monitor"))
+WORST_CLASSES = 5
+TOP_CONFUSIONS = 5
 
 
 @dataclass(frozen=True)
@@ -50,17 +64,21 @@ def find_runs(store: Store) -> list[str]:
     return store.folders()
 
 
-def read_files(store: Store, runs: list[str], threads: int = 16
-               ) -> dict[str, dict[str, Any]]:
-    """For each run, its summary files (None where missing) and whether it has a manifest."""
-    jobs = [(run, name) for run in runs for name in (*SUMMARY_FILES, MANIFEST)]
+def read_files(store: Store, runs: list[str], threads: int = 16,
+               names: tuple[str, ...] = (*SUMMARY_FILES, MANIFEST)) -> dict[str, dict[str, Any]]:
+    """For each run, the files ``names``: JSON parsed, other files as text, None where
+    missing; the manifest only as whether it exists. One pool over all (run, file) pairs."""
+    jobs = [(run, name) for run in runs for name in names]
 
     def read(job: tuple[str, str]) -> Any:
         run, name = job
         key = f"{run}/{name}" if run else name
         if name == MANIFEST:
             return store.exists(key)
-        return store.read_json(key)
+        if name.endswith(".json"):
+            return store.read_json(key)
+        data = store.read_bytes(key)
+        return None if data is None else data.decode("utf-8", "replace")
 
     out: dict[str, dict[str, Any]] = {run: {} for run in runs}
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
@@ -123,6 +141,75 @@ def summarize_runs(store: Store, threads: int = 16, now: float | None = None
             continue
         rows.append(summarize(run, store.child(run), got, now))
     return rows
+
+
+def read_details(store: Store, threads: int = 16, now: float | None = None) -> dict[str, Any]:
+    """Everything ``runs show`` prints about the run folder ``store``, as plain data."""
+    files = read_files(store, [""], threads, DETAIL_FILES)[""]
+    if not any(files.get(name) for name in (STATUS, LOCK, MANIFEST, CONFIG)):
+        raise ConfigError(f"{store.uri} holds no run (no status.json, config.json, "
+                          "run.lock.json or manifest.json): check the URI; 'trainjob runs "
+                          "list' on its parent lists the runs there")
+    summary = summarize(store.uri.rstrip("/").rsplit("/", 1)[-1], store.uri, files, now)
+    config, metrics = _dict(files.get(CONFIG)), _dict(files.get(METRICS))
+    settings = _dict(config.get("settings"))
+    log_rows = parse_csv_log(files.get(LOG_CSV))
+    per_class = _dict(metrics.get("per_class_accuracy"))
+    return {
+        "summary": summary.to_dict(),
+        "status": _dict(files.get(STATUS)),
+        "lock": _dict(files.get(LOCK)) or None,
+        "settings": {f"{group}.{name}": _dict(settings.get(group)).get(name)
+                     for group, name in KEY_SETTINGS if name in _dict(settings.get(group))},
+        "dataset": {k: v for k, v in _dict(config.get("dataset")).items()
+                    if k in ("classes", "images", "skipped", "converted_to_rgb", "splits")},
+        "trainjob_version": _dict(config.get("versions")).get("trainjob"),
+        "metrics": {k: v for k, v in metrics.items() if not isinstance(v, (dict, list))},
+        "log": log_rows,
+        "worst_classes": worst_classes(per_class),
+        "confusions": top_confusions(metrics, _dict(files.get(CLASSES))),
+    }
+
+
+def parse_csv_log(text: str | None) -> list[dict[str, Any]]:
+    """CSVLogger's rows, numbers as numbers (blank cells as None)."""
+    if not text:
+        return []
+    rows = []
+    for raw in csv.DictReader(io.StringIO(text)):
+        row: dict[str, Any] = {}
+        for key, value in raw.items():
+            if key is None:
+                continue
+            try:
+                number = float(value) if value not in ("", None) else None
+            except ValueError:
+                number = None
+            row[key] = int(number) if key == "epoch" and number is not None else number
+        rows.append(row)
+    return rows
+
+
+def worst_classes(per_class: dict[str, Any], count: int = WORST_CLASSES
+                  ) -> list[tuple[str, float]]:
+    """The ``count`` classes with the lowest test accuracy, lowest first (ties by name)."""
+    scored = [(name, float(v)) for name, v in per_class.items() if isinstance(v, (int, float))]
+    return sorted(scored, key=lambda nv: (nv[1], nv[0]))[:count]
+
+
+def top_confusions(metrics: dict[str, Any], classes: dict[str, Any],
+                   count: int = TOP_CONFUSIONS) -> list[dict[str, Any]] | None:
+    """The most frequent (true, predicted) pairs off the diagonal of ``confusion_matrix``
+    (rows: true class, in classes.json order); None where metrics.json has no matrix
+    (runs of this version record only per-class accuracy)."""
+    matrix = metrics.get("confusion_matrix")
+    if not isinstance(matrix, list) or not matrix:
+        return None
+    names = [str(classes.get(str(i), i)) for i in range(len(matrix))]
+    pairs = [{"true": names[t], "predicted": names[p], "count": int(n)}
+             for t, row in enumerate(matrix) for p, n in enumerate(row)
+             if t != p and isinstance(n, (int, float)) and n > 0 and p < len(names)]
+    return sorted(pairs, key=lambda c: (-c["count"], c["true"], c["predicted"]))[:count]
 
 
 def parse_utc(text: object) -> float | None:

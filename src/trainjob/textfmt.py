@@ -28,7 +28,7 @@ def cell(value: object) -> str:
     if value is None:
         return MISSING
     if isinstance(value, float):
-        return f"{value:.4f}"
+        return f"{value:.2e}" if 0 < abs(value) < 1e-3 else f"{value:.4f}"
     return str(value)
 
 

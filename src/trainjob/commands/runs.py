@@ -68,3 +68,77 @@ def render_list(rows: list[runinfo.RunSummary]) -> str:
 
 def _or_dash(value: object) -> str:
     return textfmt.MISSING if value is None else str(value)
+
+
+@runs.command(name="show")
+@click.argument("uri")
+@options.json_output
+@options.threads
+def show(uri: str, as_json: bool, threads: int) -> None:
+    """Status, metrics, key settings and the training log of the run folder URI."""
+    details = runinfo.read_details(open_checked(uri, threads), threads)
+    if as_json:
+        click.echo(json.dumps(details, indent=2, default=str))
+        return
+    click.echo(render_show(details))
+
+
+def render_show(d: dict) -> str:
+    """The text of ``runs show``: sections separated by blank lines."""
+    s, status = d["summary"], d["status"]
+    head = [("run", s["uri"]), ("status", s["status"] + ("" if s["finished"] else
+                                                       " (no manifest.json: unfinished)")),
+            ("epochs", f"{_or_dash(s['epochs_done'])}/{_or_dash(s['epochs_planned'])}"),
+            ("phase", status.get("phase")),
+            ("started", textfmt.timestamp(s["started"]) + " UTC" if s["started"] else None),
+            ("duration", textfmt.duration(s["duration_seconds"]))]
+    if d["lock"]:
+        beat = f"{textfmt.duration(s['heartbeat_age_seconds'])} ago"
+        head.append(("lock", f"{d['lock'].get('host')} pid {d['lock'].get('pid')}, "
+                     f"heartbeat {beat}" + (" (stale)" if s["status"] == "stale" else "")))
+    if s["error"]:
+        head.append(("error", s["error"]))
+    head.append(("trainjob", d["trainjob_version"]))
+    parts = [_pairs([(k, v) for k, v in head if v is not None])]
+    if d["metrics"]:
+        parts.append("Test metrics\n" + _pairs(sorted(d["metrics"].items())))
+    if d["settings"]:
+        parts.append("Settings\n" + _pairs(list(d["settings"].items())))
+    if d["dataset"]:
+        parts.append("Dataset\n" + _pairs(list(d["dataset"].items())))
+    if d["log"]:
+        parts.append(render_log(d["log"]))
+    if d["worst_classes"]:
+        parts.append(f"Lowest test accuracy ({len(d['worst_classes'])} classes)\n"
+                     + textfmt.table(["CLASS", "ACCURACY"], d["worst_classes"], right=(1,)))
+    if d["confusions"] is not None:
+        rows = [[c["true"], c["predicted"], c["count"]] for c in d["confusions"]]
+        parts.append("Most frequent confusions\n"
+                     + textfmt.table(["TRUE", "PREDICTED", "COUNT"], rows, right=(2,)))
+    elif d["worst_classes"]:
+        parts.append("Most frequent confusions: not recorded (metrics.json of this run has "
+                     "per-class accuracy only)")
+    return "\n\n".join(parts)
+
+
+def render_log(rows: list[dict]) -> str:
+    """training_log.csv as a table, then a sparkline of val_accuracy."""
+    headers = list(rows[0])
+    if "epoch" in headers:
+        headers.remove("epoch")
+        headers.insert(0, "epoch")
+    table = textfmt.table(headers, [[r.get(h) for h in headers] for r in rows],
+                          right=tuple(range(len(headers))))
+    text = f"Training log ({len(rows)} epochs)\n{table}"
+    values = [r.get("val_accuracy") for r in rows]
+    known = [(v, r.get("epoch")) for v, r in zip(values, rows) if v is not None]
+    if known:
+        best, at = max(known, key=lambda ve: ve[0])
+        text += (f"\n\nval_accuracy  {textfmt.sparkline(values)}  {known[0][0]:.4f} -> "
+                 f"{known[-1][0]:.4f}, best {best:.4f} at epoch {at}")
+    return text
+
+
+def _pairs(items: list[tuple[str, object]]) -> str:
+    width = max(len(k) for k, _ in items)
+    return "\n".join(f"  {k.ljust(width)}  {textfmt.cell(v)}" for k, v in items)

@@ -238,3 +238,76 @@ def test_show_a_folder_without_a_run_is_exit_2_without_tensorflow(s3, runs_bucke
     assert rc == 2 and heavy == []
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and "holds no run" in lines[0] and "runs/notes" in lines[0]
+
+
+# --- runs download -----------------------------------------------------------------------
+
+def tree(root) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_download_checks_every_file_against_the_manifest(s3env, s3, bucket, tmp_path):
+    blobs = runfolders.finished_run(s3.client(), bucket, "runs/done")
+    result = invoke("runs", "download", f"s3://{bucket}/runs/done", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    assert f"downloaded {len(blobs)} files" in result.output
+    assert "checked against manifest.json" in result.output
+    assert tree(tmp_path / "out") == blobs  # no manifest, lock, backup or temporaries
+
+    again = invoke("runs", "download", f"s3://{bucket}/runs/done", str(tmp_path / "out"))
+    assert f"downloaded 0 files (0 B), {len(blobs)} already there" in again.output
+
+
+def test_download_only_some_groups(s3env, s3, bucket, tmp_path):
+    runfolders.finished_run(s3.client(), bucket, "runs/done")
+    invoke("runs", "download", "--only", "model,checkpoints", f"s3://{bucket}/runs/done",
+           str(tmp_path / "a"))
+    assert sorted(tree(tmp_path / "a")) == ["checkpoints/best.weights.h5",
+                                            "checkpoints/last.weights.h5", "model/model.keras"]
+    invoke("runs", "download", "--only", "logs", f"s3://{bucket}/runs/done",
+           str(tmp_path / "b"))
+    assert sorted(tree(tmp_path / "b")) == [
+        "classes.json", "config.json", "history.json", "history.png", "metrics.json",
+        "status.json", "training_log.csv"]
+    bad = CliRunner().invoke(cli, ["runs", "download", "--only", "weights",
+                                   f"s3://{bucket}/runs/done", str(tmp_path / "c")])
+    assert bad.exit_code != 0 and "unknown group weights" in str(bad.exception)
+
+
+@pytest.mark.parametrize("same_size", [True, False], ids=["same-size", "other-size"])
+def test_a_tampered_object_is_named_and_exit_4(s3, bucket, tmp_path, same_size):
+    client = s3.client()
+    blobs = runfolders.finished_run(client, bucket, "runs/done")
+    original = blobs["checkpoints/best.weights.h5"]
+    evil = b"X" * len(original) if same_size else original + b"!"
+    client.put_object(Bucket=bucket, Key="runs/done/checkpoints/best.weights.h5", Body=evil)
+    out = tmp_path / "out"
+    result = run_trainjob(["runs", "download", f"s3://{bucket}/runs/done", str(out)],
+                          s3.env(), tmp_path / "home")
+    assert result.returncode == 4
+    [line] = result.error_lines()
+    assert "checkpoints/best.weights.h5" in line and "manifest" in line
+    assert ("sha256" if same_size else "size") in line
+    got = tree(out)
+    assert "checkpoints/best.weights.h5" not in got  # never under its name, nor a temporary
+    assert not any(name.endswith(".download") for name in got)
+    assert got["model/model.keras"] == blobs["model/model.keras"]  # the rest is there
+
+
+def test_an_unfinished_run_needs_allow_unfinished(s3, bucket, tmp_path):
+    runfolders.failed_run(s3.client(), bucket, "runs/failed")
+    s3.client().put_object(Bucket=bucket, Key="runs/failed/backup/state-3.json", Body=b"{}")
+    uri = f"s3://{bucket}/runs/failed"
+    rc, out, err, heavy = cli_in_subprocess(s3, tmp_path, "runs", "download", uri,
+                                            str(tmp_path / "a"))
+    assert rc == 2 and heavy == []
+    assert "manifest.json does not exist: the run is unfinished" in err
+    assert "--allow-unfinished" in err and not (tmp_path / "a").exists()
+
+    rc, out, err, heavy = cli_in_subprocess(s3, tmp_path, "runs", "download",
+                                            "--allow-unfinished", uri, str(tmp_path / "b"))
+    assert rc == 0, err
+    assert "NOT checked" in out
+    assert sorted(tree(tmp_path / "b")) == ["checkpoints/last.weights.h5", "config.json",
+                                            "history.json", "status.json"]

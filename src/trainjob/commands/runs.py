@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import click
 
-from trainjob import runinfo, textfmt
+from trainjob import rundownload, runinfo, textfmt
 from trainjob.commands import options
 from trainjob.errors import ConfigError
 from trainjob.storage import LocalStore, S3Store, Store, open_store
@@ -142,3 +143,27 @@ def render_log(rows: list[dict]) -> str:
 def _pairs(items: list[tuple[str, object]]) -> str:
     width = max(len(k) for k, _ in items)
     return "\n".join(f"  {k.ljust(width)}  {textfmt.cell(v)}" for k, v in items)
+
+
+@runs.command(name="download")
+@click.argument("uri")
+@click.argument("target", type=click.Path(file_okay=False, path_type=Path))
+@options.env_option("--only", name="only", metavar="GROUPS",
+                    help="Comma-separated groups to download: model, checkpoints, logs "
+                    "(logs: everything else). Default: all.")
+@options.env_option("--allow-unfinished", name="allow_unfinished", is_flag=True,
+                    help="Without manifest.json, download what exists, unchecked.")
+@options.threads
+def download(uri: str, target: Path, only: str | None, allow_unfinished: bool,
+             threads: int) -> None:
+    """Download the run folder URI into TARGET, each file checked against manifest.json
+    (size and sha256)."""
+    groups = rundownload.parse_only(only)
+    store = open_checked(uri, threads)
+    report = rundownload.download_run(store, target, only=groups,
+                                      allow_unfinished=allow_unfinished, threads=threads)
+    check = "checked against manifest.json" if report.verified else \
+        "NOT checked: the run has no manifest.json (unfinished)"
+    kept = f", {len(report.already_there)} already there" if report.already_there else ""
+    click.echo(f"downloaded {len(report.downloaded)} files ({textfmt.size(report.bytes)})"
+               f"{kept} to {report.target}, {check}")

@@ -77,7 +77,7 @@ def test_list_table_and_json(runs_bucket):
     assert "notes" not in lines
 
     result = invoke("runs", "list", "--json", f"s3://{runs_bucket}/runs/")
-    rows = {r["name"]: r for r in json.loads(result.output)}
+    rows = {r["name"]: r for r in json.loads(result.stdout)}
     assert rows["live"]["status"] == "running" and rows["stale"]["status"] == "stale"
     assert rows["done"]["uri"] == f"s3://{runs_bucket}/runs/done"
 
@@ -174,7 +174,7 @@ def test_list_a_local_folder_of_runs(tmp_path):
     (tmp_path / "runs" / "a" / "manifest.json").write_text("{}")
     (tmp_path / "runs" / "empty").mkdir()
     result = invoke("runs", "list", "--json", str(tmp_path / "runs"))
-    rows = json.loads(result.output)
+    rows = json.loads(result.stdout)
     assert [(r["name"], r["status"], r["finished"]) for r in rows] == [("a", "succeeded", True)]
     missing = CliRunner().invoke(cli, ["runs", "list", str(tmp_path / "nope")])
     assert missing.exit_code != 0 and "no such folder" in str(missing.exception)
@@ -209,7 +209,7 @@ def test_show_json_and_confusions_when_metrics_has_a_matrix(s3env, s3, bucket):
     runfolders.put_json(client, bucket, "runs/cm/metrics.json",
                         {**metrics, "confusion_matrix": matrix})
     result = invoke("runs", "show", "--json", f"s3://{bucket}/runs/cm")
-    details = json.loads(result.output)
+    details = json.loads(result.stdout)
     assert details["confusions"] == [
         {"true": "anchor", "predicted": "ant", "count": 7},
         {"true": "bass", "predicted": "barrel", "count": 4},

@@ -9,6 +9,7 @@ import logging
 import os
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
 
 from trainjob import datasets, storage
@@ -49,3 +50,21 @@ def load_catalog(uri: str, cache_dir: Path, *, include_background: bool,
         if max_bad_fraction is not None:
             datasets.check_usable(catalog, max_bad_fraction)
     return catalog, fetched
+
+
+@dataclass(frozen=True)
+class PublishedArchive:
+    """A dataset as its authors publish it: where, how big, its md5."""
+
+    url: str
+    size: int
+    md5: str
+    filename: str
+
+
+PUBLISHED = {
+    "caltech101": PublishedArchive(
+        url="https://data.caltech.edu/records/mzrjq-6wc02/files/caltech-101.zip",
+        size=137_414_764, md5="3138e1922a9193bfa496528edbbc45d0",
+        filename="caltech-101.zip"),
+}

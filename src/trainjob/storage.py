@@ -71,7 +71,6 @@ class Store:
 
     def folders(self, prefix: str = "") -> list[str]:
         """The names of the folders directly under ``prefix`` (one level, sorted)."""
-        ...
 
     def exists(self, key: str) -> bool:
         return self.read_info(key) is not None
@@ -190,6 +189,8 @@ class S3Store(Store):
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix and key else (key or self.prefix)
+
+    full_key = _key  # the bucket key of a store key, for callers that use the client
 
     def list(self, prefix: str = "") -> list[ObjectInfo]:
         return list(self.iter_list(prefix))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
+from typing import TextIO
 
 SPARKS = "▁▂▃▄▅▆▇█"
 MISSING = "-"
@@ -79,3 +80,37 @@ def size(n: int | None) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     return f"{value:.1f} GiB"
+
+
+class ProgressReporter:
+    """Download progress: a redrawn bar on a terminal, else one line per 10% (logs)."""
+
+    def __init__(self, label: str, stream: TextIO, tty: bool) -> None:
+        self.label, self.stream, self.tty = label, stream, tty
+        self.last_step = 0
+        self.last_draw = 0.0
+
+    def __call__(self, done: int, total: int | None) -> None:
+        if self.tty:
+            now = time.monotonic()
+            if now - self.last_draw >= 0.1 or (total and done >= total):
+                self.last_draw = now
+                self.stream.write("\r" + self.bar(done, total))
+                if total and done >= total:
+                    self.stream.write("\n")
+                self.stream.flush()
+            return
+        if not total:
+            return
+        step = done * 10 // total
+        if step > self.last_step:
+            self.last_step = step
+            self.stream.write(f"{self.label}: {step * 10}% ({size(done)} of {size(total)})\n")
+            self.stream.flush()
+
+    def bar(self, done: int, total: int | None, width: int = 30) -> str:
+        if not total:
+            return f"{self.label}: {size(done)}"
+        filled = min(width, done * width // total)
+        return (f"{self.label} [{'#' * filled}{'.' * (width - filled)}] "
+                f"{done * 100 // total:3d}% {size(done)} of {size(total)}")

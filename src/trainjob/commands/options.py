@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import click
 
@@ -47,10 +48,10 @@ def config_option(group: str, f: dataclasses.Field, *, required: bool | None = N
     meta = f.metadata
     name = f.name.replace("_", "-")
     default = f.default_factory() if callable(f.default_factory) else f.default
-    kwargs: dict[str, Any] = dict(
-        help=meta["help"], group=group, show_default=default is not None,
-        envvar=f"{ENV_PREFIX}_{f.name.upper()}", show_envvar=True,
-    )
+    kwargs: dict[str, Any] = {
+        "help": meta["help"], "group": group, "show_default": default is not None,
+        "envvar": f"{ENV_PREFIX}_{f.name.upper()}", "show_envvar": True,
+    }
     if isinstance(default, bool):
         return GroupedOption([f"--{name}/--no-{name}"], default=default, **kwargs)
     if meta["choices"]:

@@ -17,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 import runfolders
-from conftest import point_boto3_at, run_trainjob
+from conftest import make_bucket, point_boto3_at, run_trainjob
 from faultproxy import FaultProxy
 from trainjob import runinfo
 from trainjob.cli import cli
@@ -311,3 +311,18 @@ def test_an_unfinished_run_needs_allow_unfinished(s3, bucket, tmp_path):
     assert "NOT checked" in out
     assert sorted(tree(tmp_path / "b")) == ["checkpoints/last.weights.h5", "config.json",
                                             "history.json", "status.json"]
+
+
+def test_list_show_and_download_on_seaweedfs(seaweed, monkeypatch, tmp_path):
+    """The same reads against a real object store: delimiter listings, GETs, HEADs."""
+    point_boto3_at(seaweed, monkeypatch, tmp_path)
+    bucket = make_bucket(seaweed)
+    client = seaweed.client()
+    blobs = runfolders.finished_run(client, bucket, "runs/done", now=NOW)
+    runfolders.running_run(client, bucket, "runs/live", heartbeat_age=5, now=NOW)
+    rows = json.loads(invoke("runs", "list", "--json", f"s3://{bucket}/runs/").stdout)
+    assert [(r["name"], r["status"]) for r in rows] == [("done", "succeeded"),
+                                                        ("live", "running")]
+    assert "val_accuracy  ▁▃▄▆█" in invoke("runs", "show", f"s3://{bucket}/runs/done").stdout
+    result = invoke("runs", "download", f"s3://{bucket}/runs/done", str(tmp_path / "out"))
+    assert result.exit_code == 0 and tree(tmp_path / "out") == blobs

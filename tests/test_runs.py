@@ -131,6 +131,11 @@ def test_list_an_empty_prefix_says_so(s3env, bucket):
     assert "no run folders" in result.output
 
 
+def test_list_on_a_run_folder_points_at_show(runs_bucket):
+    result = invoke("runs", "list", f"s3://{runs_bucket}/runs/done")
+    assert "is itself a run folder: see 'trainjob runs show" in result.stderr
+
+
 def cli_in_subprocess(s3, home, *args: str) -> tuple[int, str, str, list[str]]:
     """Run trainjob's main() in a fresh interpreter; report which heavy modules it loaded."""
     code = ("import sys, json\n"

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from trainjob import rundownload, runinfo, textfmt
+from trainjob.artifacts import MANIFEST, STATUS
 from trainjob.commands import options
 from trainjob.errors import ConfigError
 from trainjob.storage import LocalStore, S3Store, Store, open_store
@@ -44,7 +45,10 @@ def list_runs(uri: str, as_json: bool, threads: int) -> None:
         click.echo(json.dumps([r.to_dict() for r in rows], indent=2))
         return
     if not rows:
-        click.echo(f"no run folders under {store.uri}", err=True)
+        hint = ""
+        if any(store.exists(name) for name in (STATUS, MANIFEST)):
+            hint = f" ({store.uri} is itself a run folder: see 'trainjob runs show {uri}')"
+        click.echo(f"no run folders under {store.uri}{hint}", err=True)
         return
     click.echo(render_list(rows))
 

@@ -331,3 +331,11 @@ def test_list_show_and_download_on_seaweedfs(seaweed, monkeypatch, tmp_path):
     assert "val_accuracy  ▁▃▄▆█" in invoke("runs", "show", f"s3://{bucket}/runs/done").stdout
     result = invoke("runs", "download", f"s3://{bucket}/runs/done", str(tmp_path / "out"))
     assert result.exit_code == 0 and tree(tmp_path / "out") == blobs
+
+
+def test_a_resumed_run_counts_from_its_first_attempt():
+    files = {"status.json": {"state": "succeeded", "first_started": NOW - 7200,
+                             "started": NOW - 600, "finished": NOW, "epochs_done": 4},
+             "manifest.json": True}
+    row = runinfo.summarize("r", "s3://b/runs/r", files, now=NOW)
+    assert row.started == NOW - 7200 and row.duration_seconds == pytest.approx(7200)

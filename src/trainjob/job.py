@@ -20,7 +20,7 @@ from typing import Iterator
 
 from trainjob import __version__, cache, datasets, datasource, phases, resume, storage, weights
 from trainjob.artifacts import (BACKUP, CLASSES, CONFIG, LAST, MANIFEST, METRICS, MODEL, PLOT,
-                                RUN_ENTRIES, RunFolder, plot_history)
+                                RUN_ENTRIES, STATUS, RunFolder, plot_history, read_json)
 from trainjob.config import Config
 from trainjob.errors import (ConfigError, LostOwnership, Preempted, StorageError, TrainingError,
                              TrainJobError)
@@ -80,7 +80,11 @@ def _finished(store: storage.Store, cfg: Config) -> bool:
 def _run_locked(cfg: Config, run_dir: RunFolder, lock: RunLock, stop: resume.StopSignal) -> None:
     timings: dict[str, float] = {}
     state = _prepare(cfg, run_dir)
-    run_dir.set_status("running", error=None, started=time.time(),
+    now = time.time()
+    # A resumed run keeps the start of its first attempt (``runs list`` shows its duration).
+    earlier = (read_json(run_dir.path(STATUS), {}) or {}) if state else {}
+    run_dir.set_status("running", error=None, started=now,
+                       first_started=earlier.get("first_started") or earlier.get("started") or now,
                        resumed_from_epoch=state["epoch"] if state else None)
     try:
         _train(cfg, run_dir, state, lock, stop, timings)

@@ -104,7 +104,9 @@ def summarize(name: str, uri: str, files: dict[str, Any],
         heartbeat_age = max(0.0, now - float(lock["heartbeat"]))
         if state == "running" and heartbeat_age > stale_after:
             state = "stale"
-    started = _number(status.get("started")) or _number(lock.get("started"))
+    # The first attempt's start where the job recorded it (a resumed run), else this one's.
+    started = _number(status.get("first_started")) or _number(status.get("started")) or \
+        _number(lock.get("started"))
     ended = _number(status.get("finished"))
     if ended is None and state == "running":
         ended = now

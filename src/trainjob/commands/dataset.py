@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 @click.group(name="dataset")
 def dataset() -> None:
-    """Inspect datasets (never imports TensorFlow)."""
+    """Inspect, fetch and upload datasets (never imports TensorFlow)."""
     options.logs_to_stderr()
 
 

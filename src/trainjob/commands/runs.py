@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 @click.group(name="runs")
 def runs() -> None:
-    """Inspect and fetch run folders (reads only; never imports TensorFlow)."""
+    """List, show and download run folders (never imports TensorFlow)."""
     options.logs_to_stderr()
 
 

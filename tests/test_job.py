@@ -182,6 +182,24 @@ def test_nothing_changes_the_run_after_its_manifest(tmp_path, monkeypatch):
     assert (out / "backup").exists()  # its removal failed, and that was not fatal
 
 
+def test_a_resumed_run_keeps_the_start_of_its_first_attempt(tmp_path, monkeypatch):
+    monkeypatch.setattr(job, "_train", lambda *args: None)
+    out = tmp_path / "out"
+    cfg = cfg_for(str(out), tmp_path)
+    with RunFolder(out, LocalStore(out)) as run:
+        started_run(run, 1)
+        run.set_status("preempted", started=1000.0)
+        job._run_locked(cfg, run, lock=None, stop=resume.StopSignal())
+        status = read_json(run.path(STATUS))
+    assert status["first_started"] == 1000.0 and status["started"] > 1000.0
+    fresh = tmp_path / "fresh"
+    with RunFolder(fresh, LocalStore(fresh)) as run:
+        job._run_locked(cfg_for(str(fresh), tmp_path), run, lock=None,
+                        stop=resume.StopSignal())
+        status = read_json(run.path(STATUS))
+    assert status["first_started"] == status["started"]
+
+
 # --- resume checks every setting that shapes the run (defect 5) ----------------------------
 
 def catalog(n_per_class: int = 20) -> Catalog:

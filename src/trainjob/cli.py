@@ -11,54 +11,17 @@ from typing import Any
 import click
 
 from trainjob import __version__
+from trainjob.commands import dataset as dataset_commands
+from trainjob.commands import runs as runs_commands
+from trainjob.commands.options import ENV_PREFIX, GroupedCommand, config_option
 from trainjob.config import Config, option_fields
 from trainjob.errors import ConfigError, Preempted, TrainJobError
 
-ENV_PREFIX = "TRAINJOB"
 log = logging.getLogger(__name__)
 
 
-class GroupedOption(click.Option):
-    """An option that remembers which help section it belongs to."""
-
-    def __init__(self, *args: Any, group: str = "Other", **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.group = group
-
-
-class GroupedCommand(click.Command):
-    """Shows options under their group headings in --help."""
-
-    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        sections: dict[str, list[tuple[str, str]]] = {}
-        for param in self.get_params(ctx):
-            record = param.get_help_record(ctx)
-            if record:
-                sections.setdefault(getattr(param, "group", "Other"), []).append(record)
-        for title, rows in sections.items():
-            with formatter.section(f"{title} options"):
-                formatter.write_dl(rows)
-
-
-def _click_option(group: str, f: Any) -> click.Option:
-    meta = f.metadata
-    name = f.name.replace("_", "-")
-    default = f.default_factory() if callable(f.default_factory) else f.default
-    kwargs: dict[str, Any] = dict(
-        help=meta["help"], group=group, show_default=default is not None,
-        envvar=f"{ENV_PREFIX}_{f.name.upper()}", show_envvar=True,
-    )
-    if isinstance(default, bool):
-        return GroupedOption([f"--{name}/--no-{name}"], default=default, **kwargs)
-    if meta["choices"]:
-        kwargs["type"] = click.Choice(meta["choices"])
-    else:
-        kwargs["type"] = meta["type"] or (str if default is None else type(default))
-    return GroupedOption([f"--{name}"], default=default, required=meta["required"], **kwargs)
-
-
 def _add_config_options(command: click.Command) -> click.Command:
-    command.params.extend(_click_option(group, f) for group, f in option_fields())
+    command.params.extend(config_option(group, f) for group, f in option_fields())
     return command
 
 
@@ -102,6 +65,8 @@ def train(ctx: click.Context, **options: Any) -> None:
 
 
 _add_config_options(train)
+cli.add_command(runs_commands.runs)
+cli.add_command(dataset_commands.dataset)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.ClickException as exc:
-        hint = " (see 'trainjob train --help')" if isinstance(exc, click.UsageError) else ""
+        path = exc.ctx.command_path if getattr(exc, "ctx", None) else "trainjob train"
+        hint = f" (see '{path} --help')" if isinstance(exc, click.UsageError) else ""
         _fail(ConfigError(exc.format_message() + hint), debug)
         return ConfigError.exit_code
     except click.exceptions.Abort:

@@ -19,6 +19,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from PIL import Image, UnidentifiedImageError
 
@@ -28,8 +29,8 @@ from trainjob.errors import DataError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ARCHIVE_SUFFIXES", "Catalog", "Sample", "Splits", "is_archive", "locate", "scan",
-           "split", "unpack"]
+__all__ = ["ARCHIVE_SUFFIXES", "Catalog", "Sample", "Splits", "check_files", "check_usable",
+           "is_archive", "locate", "scan", "split", "unpack"]
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
                   ".ppm", ".pgm"}
@@ -39,6 +40,18 @@ TF_NATIVE = {"JPEG": {"RGB", "L"}, "PNG": {"RGB", "RGBA", "L", "LA", "P", "I;16"
              "GIF": {"P", "L", "RGB"}, "BMP": {"RGB", "L", "P"}}
 # A converted image no scan has used for this long goes, when no job on the host uses the folder.
 CONVERTED_MAX_AGE = 14 * 86_400
+GRAYSCALE_MODES = {"1", "L", "LA", "I", "I;16", "F"}
+
+
+class Checked(NamedTuple):
+    """One file's check: the path TensorFlow decodes (None: skipped, and why), and what the
+    original is (PIL mode, width, height; empty for files that are no image)."""
+
+    usable: Path | None
+    reason: str
+    mode: str = ""
+    width: int = 0
+    height: int = 0
 
 
 @dataclass(frozen=True)
@@ -56,15 +69,24 @@ class Catalog:
     samples: list[Sample]
     skipped: list[dict[str, str]] = field(default_factory=list)
     converted: int = 0
+    modes: dict[str, int] = field(default_factory=dict)  # PIL modes of the usable originals
+    size_range: dict[str, int] = field(default_factory=dict)  # min/max width and height
 
     def counts(self) -> dict[str, int]:
         c = Counter(s.label for s in self.samples)
         return {name: c[i] for i, name in enumerate(self.classes)}
 
+    def image_stats(self) -> dict:
+        """Sizes and colour modes of the usable images, as they were before conversion."""
+        return {"size_range": self.size_range, "modes": self.modes,
+                "grayscale": sum(n for m, n in self.modes.items() if m in GRAYSCALE_MODES),
+                "cmyk": self.modes.get("CMYK", 0)}
+
     def summary(self) -> dict:
         return {"root": str(self.root), "classes": len(self.classes), "images": len(self.samples),
                 "class_counts": self.counts(), "converted_to_rgb": self.converted,
-                "skipped": len(self.skipped), "skipped_files": self.skipped}
+                "skipped": len(self.skipped), "skipped_files": self.skipped,
+                "image_stats": self.image_stats()}
 
 
 @dataclass
@@ -108,11 +130,21 @@ def locate(roots: list[Path]) -> Path:
 
 def scan(root: Path, converted_dir: Path, *, include_background: bool = False,
          max_bad_fraction: float = 0.05, threads: int = 8) -> Catalog:
-    """Check every file under the class folders; keep the decodable images.
+    """Check every file under the class folders; keep the decodable images; fail (DataError)
+    when the result is not fit for training (``check_usable``).
 
     Other jobs on this host share ``converted_dir``: it is held shared while the scan runs
     (within a ``cache.session()``, for the whole run), and pruned only when no one else holds it.
     """
+    catalog = check_files(root, converted_dir, include_background=include_background,
+                          threads=threads)
+    check_usable(catalog, max_bad_fraction)
+    return catalog
+
+
+def check_files(root: Path, converted_dir: Path, *, include_background: bool = False,
+                threads: int = 8) -> Catalog:
+    """``scan`` without the verdict: every file checked, whatever the share of bad ones."""
     classes = sorted(d.name for d in root.iterdir()
                      if d.is_dir() and not is_junk(d.name) and not d.name.startswith("."))
     if not include_background:
@@ -123,15 +155,21 @@ def scan(root: Path, converted_dir: Path, *, include_background: bool = False,
         with ThreadPoolExecutor(max_workers=threads) as pool:
             checked = list(pool.map(lambda lp: _check_image(lp[1], converted_dir), files))
     samples, skipped, converted = [], [], 0
-    for (label, path), (usable, reason) in zip(files, checked):
-        if usable is None:
-            skipped.append({"path": str(path.relative_to(root)), "reason": reason})
+    modes: Counter[str] = Counter()
+    for (label, path), check in zip(files, checked):
+        if check.usable is None:
+            skipped.append({"path": str(path.relative_to(root)), "reason": check.reason})
         else:
-            samples.append(Sample(str(usable), label))
-            converted += usable != path
-    catalog = Catalog(root, classes, samples, skipped, converted)
-    _check_usable(catalog, len(files), max_bad_fraction)
-    return catalog
+            samples.append(Sample(str(check.usable), label))
+            converted += check.usable != path
+            modes[check.mode] += 1
+    usable = [c for c in checked if c.usable is not None]
+    size_range = {"min_width": min(c.width for c in usable),
+                  "max_width": max(c.width for c in usable),
+                  "min_height": min(c.height for c in usable),
+                  "max_height": max(c.height for c in usable)} if usable else {}
+    return Catalog(root, classes, samples, skipped, converted, dict(sorted(modes.items())),
+                   size_range)
 
 
 def _prune_converted(converted_dir: Path) -> None:
@@ -146,16 +184,17 @@ def _prune_converted(converted_dir: Path) -> None:
                  CONVERTED_MAX_AGE // 86_400, converted_dir)
 
 
-def _check_image(path: Path, converted_dir: Path) -> tuple[Path | None, str]:
-    """(path TensorFlow can decode, '') or (None, why the file is unusable)."""
+def _check_image(path: Path, converted_dir: Path) -> Checked:
+    """(path TensorFlow can decode, '', what it is) or (None, why the file is unusable)."""
     try:
         if path.stat().st_size == 0:
-            return None, "empty file"
+            return Checked(None, "empty file")
         with Image.open(path) as img:
             fmt, mode = img.format, img.mode
             img.load()  # decodes fully: catches truncated files
+            what = (mode, img.width, img.height)
             if mode in TF_NATIVE.get(fmt, ()):
-                return path, ""
+                return Checked(path, "", *what)
             # CMYK JPEGs, TIFF, WebP...: convert once to an RGB PNG TensorFlow reads.
             # Named by content: the same wherever the data was extracted, new when it changes.
             digest = hashlib.sha1(path.read_bytes()).hexdigest()[:20]
@@ -169,15 +208,18 @@ def _check_image(path: Path, converted_dir: Path) -> tuple[Path | None, str]:
                 tmp = out.with_name(f".{out.stem}-{threading.get_ident()}.png")
                 img.convert("RGB").save(tmp)
                 os.replace(tmp, out)
-            return out, ""
+            return Checked(out, "", *what)
     except UnidentifiedImageError:
-        return None, "not an image"
+        return Checked(None, "not an image")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        return None, f"unreadable image: {exc}"
+        return Checked(None, f"unreadable image: {exc}")
 
 
-def _check_usable(catalog: Catalog, total: int, max_bad_fraction: float) -> None:
+def check_usable(catalog: Catalog, max_bad_fraction: float) -> None:
+    """DataError when training could not use ``catalog``: no images, too many bad files,
+    fewer than two classes with images."""
     bad = len(catalog.skipped)
+    total = len(catalog.samples) + bad
     if bad:
         log.warning("skipped %d of %d files (first: %s: %s)", bad, total,
                     catalog.skipped[0]["path"], catalog.skipped[0]["reason"])

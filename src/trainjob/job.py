@@ -18,9 +18,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from trainjob import __version__, cache, datasets, phases, resume, storage, weights
+from trainjob import __version__, cache, datasets, datasource, phases, resume, storage, weights
 from trainjob.artifacts import (BACKUP, CLASSES, CONFIG, LAST, MANIFEST, METRICS, MODEL, PLOT,
-                                RUN_ENTRIES, RunFolder, plot_history)
+                                RUN_ENTRIES, STATUS, RunFolder, plot_history, read_json)
 from trainjob.config import Config
 from trainjob.errors import (ConfigError, LostOwnership, Preempted, StorageError, TrainingError,
                              TrainJobError)
@@ -80,7 +80,11 @@ def _finished(store: storage.Store, cfg: Config) -> bool:
 def _run_locked(cfg: Config, run_dir: RunFolder, lock: RunLock, stop: resume.StopSignal) -> None:
     timings: dict[str, float] = {}
     state = _prepare(cfg, run_dir)
-    run_dir.set_status("running", error=None, started=time.time(),
+    now = time.time()
+    # A resumed run keeps the start of its first attempt (``runs list`` shows its duration).
+    earlier = (read_json(run_dir.path(STATUS), {}) or {}) if state else {}
+    run_dir.set_status("running", error=None, started=now,
+                       first_started=earlier.get("first_started") or earlier.get("started") or now,
                        resumed_from_epoch=state["epoch"] if state else None)
     try:
         _train(cfg, run_dir, state, lock, stop, timings)
@@ -234,17 +238,11 @@ def _restore(model, run_dir: RunFolder, state: dict, callbacks_lib) -> None:
 def _load_data(cfg: Config, timings: dict[str, float]
                ) -> tuple[datasets.Catalog, datasets.Splits, dict]:
     """Download (cached), unpack, find the classes, check every image, split."""
-    cache = Path(cfg.data.cache_dir)
-    with _timed(timings, "download"):
-        fetched = storage.fetch(cfg.data.data, cache / "downloads", cfg.runtime.threads)
-    with _timed(timings, "extract"):
-        roots = datasets.unpack(fetched.path, cache / "extracted", cfg.data.max_extract_bytes)
-        class_root = datasets.locate(roots)
-    with _timed(timings, "scan"):
-        catalog = datasets.scan(class_root, cache / "converted",
-                                include_background=cfg.data.include_background,
-                                max_bad_fraction=cfg.data.max_bad_fraction,
-                                threads=min(8, os.cpu_count() or 2))
+    catalog, fetched = datasource.load_catalog(
+        cfg.data.data, Path(cfg.data.cache_dir), include_background=cfg.data.include_background,
+        max_extract_bytes=cfg.data.max_extract_bytes, max_bad_fraction=cfg.data.max_bad_fraction,
+        threads=cfg.runtime.threads, scan_threads=datasource.scan_threads(),
+        timed=functools.partial(_timed, timings))
     splits = datasets.split(catalog, val_fraction=cfg.split.val_fraction,
                             test_fraction=cfg.split.test_fraction,
                             train_per_class=cfg.split.train_per_class, seed=cfg.split.seed)

@@ -69,6 +69,9 @@ class Store:
     def write_bytes(self, key: str, data: bytes) -> None: ...
     def delete(self, keys: list[str]) -> None: ...
 
+    def folders(self, prefix: str = "") -> list[str]:
+        """The names of the folders directly under ``prefix`` (one level, sorted)."""
+
     def exists(self, key: str) -> bool:
         return self.read_info(key) is not None
 
@@ -113,6 +116,10 @@ class LocalStore(Store):
         files = [base] if base.is_file() else sorted(p for p in base.rglob("*") if p.is_file())
         return [ObjectInfo(p.relative_to(self.root).as_posix(), p.stat().st_size,
                            str(p.stat().st_mtime_ns)) for p in files]
+
+    def folders(self, prefix: str = "") -> list[str]:
+        base = self._path(prefix)
+        return sorted(p.name for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
 
     def read_info(self, key: str) -> ObjectInfo | None:
         p = self._path(key)
@@ -183,6 +190,8 @@ class S3Store(Store):
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix and key else (key or self.prefix)
 
+    full_key = _key  # the bucket key of a store key, for callers that use the client
+
     def list(self, prefix: str = "") -> list[ObjectInfo]:
         return list(self.iter_list(prefix))
 
@@ -201,6 +210,18 @@ class S3Store(Store):
                         continue  # folder markers some tools create
                     yield ObjectInfo(obj["Key"][cut:], obj["Size"],
                                      obj.get("ETag", "").strip('"'))
+
+    def folders(self, prefix: str = "") -> list[str]:
+        full = self._key(prefix.strip("/"))
+        full = f"{full}/" if full else ""
+        names: list[str] = []
+        with translated(self.child(prefix)):
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=full, Delimiter="/")
+            for page in pages:
+                names += [p["Prefix"][len(full):].rstrip("/")
+                          for p in page.get("CommonPrefixes", [])]
+        return sorted(n for n in names if n)
 
     def read_info(self, key: str) -> ObjectInfo | None:
         try:

@@ -85,6 +85,7 @@ def test_official_zip_killed_resumed_and_pulled(server, bucket, dataset, tmp_pat
     assert_stock_client_pulls_the_run(s3, bucket, prefix, tmp_path / "pulled")
     config = s3.read_json(bucket, f"{prefix}/config.json")
     assert config["resumed_from_epoch"] == 2
+    assert_inspection_commands_read_the_run(s3, bucket, prefix, 4, tmp_path)
 
     dataset_info = config["dataset"]
     assert dataset_info["download"]["objects_downloaded"] == 1
@@ -138,6 +139,33 @@ def test_official_zip_killed_resumed_and_pulled(server, bucket, dataset, tmp_pat
     assert fresh.returncode == 0, fresh.stdout[-3000:] + fresh.stderr[-3000:]
     assert _csv_epochs(s3, bucket, prefix) == [0]
     assert s3.read(bucket, f"{prefix}/manifest.json") != manifest
+
+
+def assert_inspection_commands_read_the_run(s3, bucket: str, prefix: str, epochs: int,
+                                           tmp_path: Path) -> None:
+    """`runs list`, `runs show` and `runs download` on a run folder a real run wrote (their
+    own tests use folders made by hand): the row agrees with status.json and metrics.json,
+    and the download checks every file against the manifest."""
+    listed = run_trainjob(["runs", "list", f"s3://{bucket}/runs/", "--json"], s3.env(),
+                          tmp_path / "inspect", timeout=120)
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    row = {r["name"].rstrip("/"): r for r in json.loads(listed.stdout)}[prefix.split("/")[-1]]
+    status = s3.read_json(bucket, f"{prefix}/status.json")
+    metrics = s3.read_json(bucket, f"{prefix}/metrics.json")
+    assert row["status"] == "succeeded" and row["finished"]
+    assert row["epochs_done"] == status["epochs_done"] == epochs
+    assert row["test_mean_per_class_accuracy"] == pytest.approx(
+        metrics["mean_per_class_accuracy"])
+    shown = run_trainjob(["runs", "show", f"s3://{bucket}/{prefix}"], s3.env(),
+                         tmp_path / "inspect", timeout=120)
+    assert shown.returncode == 0 and "val_accuracy" in shown.stdout, shown.stderr[-2000:]
+    dest = tmp_path / "downloaded"
+    got = run_trainjob(["runs", "download", f"s3://{bucket}/{prefix}", str(dest)], s3.env(),
+                       tmp_path / "inspect", timeout=300)
+    assert got.returncode == 0, got.stderr[-2000:]
+    manifest = s3.read_json(bucket, f"{prefix}/manifest.json")
+    for name, entry in manifest["files"].items():
+        assert (dest / name).stat().st_size == entry["size"], name
 
 
 def test_early_stopping_wait_survives_a_kill(s3, bucket, class_folders, tmp_path):

@@ -82,6 +82,7 @@ def assert_stock_client_pulls_the_run(s3, bucket: str, prefix: str, dest: Path) 
         assert hashlib.sha256(data).hexdigest() == entry["sha256"], name
 
 
+@pytest.mark.timeout(1800)  # 300 steps: ~8 min alone, longer beside another xdist worker
 def test_learns_three_solid_colours_with_local_paths(tmp_path):
     data = tmp_path / "colours"
     sampledata.make_solid_classes(data, per_class=40)
@@ -90,7 +91,8 @@ def test_learns_three_solid_colours_with_local_paths(tmp_path):
     # hundred steps before inference-mode predictions reflect what training learned.
     result = run_trainjob(["train", "--data", str(data), "--output", str(out), "--epochs", "10",
                            "--image-size", "32", "--batch-size", "16", "--steps-per-epoch", "30",
-                           "--threads", "2"], {**_plain_env()}, tmp_path / "home")
+                           "--threads", "2"], {**_plain_env()}, tmp_path / "home",
+                          timeout=1500)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["accuracy"] >= 0.9, metrics

@@ -23,17 +23,20 @@ from trainjob import runinfo
 from trainjob.cli import cli
 from trainjob.storage import S3Store
 
-NOW = time.time()
+NOW = time.time()  # for pure functions given `now`; anything the CLI reads uses the clock
 
 
 @pytest.fixture
 def runs_bucket(s3env, s3, bucket):
-    """finished, failed, running (fresh heartbeat), stale (old heartbeat), and a non-run."""
+    """finished, failed, running (fresh heartbeat), stale (old heartbeat), and a non-run.
+    Times are relative to now, the clock the CLI reads (not collection time: under xdist a
+    test may run many minutes after collection)."""
+    made = time.time()
     client = s3.client()
-    runfolders.finished_run(client, bucket, "runs/done", now=NOW)
-    runfolders.failed_run(client, bucket, "runs/failed", now=NOW)
-    runfolders.running_run(client, bucket, "runs/live", heartbeat_age=5, now=NOW)
-    runfolders.running_run(client, bucket, "runs/stale", heartbeat_age=3600, now=NOW)
+    runfolders.finished_run(client, bucket, "runs/done", now=made)
+    runfolders.failed_run(client, bucket, "runs/failed", now=made)
+    runfolders.running_run(client, bucket, "runs/live", heartbeat_age=5, now=made)
+    runfolders.running_run(client, bucket, "runs/stale", heartbeat_age=3600, now=made)
     client.put_object(Bucket=bucket, Key="runs/notes/readme.txt", Body=b"not a run")
     return bucket
 
@@ -44,7 +47,7 @@ def invoke(*args: str):
 
 def test_list_summarizes_each_kind_of_run(runs_bucket):
     rows = {r.name: r for r in runinfo.summarize_runs(
-        S3Store(runs_bucket, "runs", threads=4), threads=4, now=NOW)}
+        S3Store(runs_bucket, "runs", threads=4), threads=4, now=time.time())}
     assert sorted(rows) == ["done", "failed", "live", "stale"]  # notes/ holds no run
     done, failed, live, stale = rows["done"], rows["failed"], rows["live"], rows["stale"]
     assert (done.status, done.finished, done.epochs_done, done.epochs_planned) == \
@@ -323,8 +326,9 @@ def test_list_show_and_download_on_seaweedfs(seaweed, monkeypatch, tmp_path):
     point_boto3_at(seaweed, monkeypatch, tmp_path)
     bucket = make_bucket(seaweed)
     client = seaweed.client()
-    blobs = runfolders.finished_run(client, bucket, "runs/done", now=NOW)
-    runfolders.running_run(client, bucket, "runs/live", heartbeat_age=5, now=NOW)
+    made = time.time()
+    blobs = runfolders.finished_run(client, bucket, "runs/done", now=made)
+    runfolders.running_run(client, bucket, "runs/live", heartbeat_age=5, now=made)
     rows = json.loads(invoke("runs", "list", "--json", f"s3://{bucket}/runs/").stdout)
     assert [(r["name"], r["status"]) for r in rows] == [("done", "succeeded"),
                                                         ("live", "running")]

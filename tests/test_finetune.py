@@ -21,7 +21,7 @@ from conftest import SMALL, run_trainjob, start_trainjob
 from test_resume import _csv_epochs, _hooks, _status, _wait_for
 
 from trainjob import model as models
-from trainjob import phases, training, weights
+from trainjob import digests, phases, training, weights
 from trainjob.config import Config, ModelConfig
 from trainjob.errors import ConfigError, DataError
 
@@ -101,7 +101,7 @@ def test_a_file_named_like_keras_with_other_bytes_is_exit_3_with_both_hashes(
     with pytest.raises(DataError) as err:
         weights.resolve(f"s3://mirror/models/{weights.NOTOP_FILE}", tmp_path / "cache", 2)
     assert err.value.exit_code == 3
-    assert weights.NOTOP_MD5 in str(err.value) and weights.md5_of(path) in str(err.value)
+    assert weights.NOTOP_MD5 in str(err.value) and digests.md5(path) in str(err.value)
 
 
 def test_the_plan_splits_at_the_boundary():

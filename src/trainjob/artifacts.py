@@ -8,7 +8,6 @@ it nothing in the run folder changes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -17,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from trainjob.digests import sha256
 from trainjob.errors import StorageError
 from trainjob.storage import LocalStore, Store, check_inside
 from trainjob.uploader import Uploader
@@ -72,14 +72,6 @@ def read_json(path: Path, default: Any = None) -> Any:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return default
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class RunFolder:

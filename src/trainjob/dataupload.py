@@ -15,7 +15,7 @@ from pathlib import Path
 from boto3.s3.transfer import TransferConfig
 
 from trainjob.errors import ConfigError, StorageError
-from trainjob.httpfetch import md5_of
+from trainjob import digests
 from trainjob.s3client import translated
 from trainjob.storage import S3Store, Store, open_store, parse_uri
 
@@ -85,7 +85,7 @@ def put_file(store: Store, src: Path, key: str, *, part_size: int = PART_SIZE,
     if not isinstance(store, S3Store):
         store.put(src, key)
         return True
-    digest = md5 or md5_of(src)
+    digest = md5 or digests.md5(src)
     size = src.stat().st_size
     if _already_there(store, key, size, digest):
         log.info("%s is already stored (same size and md5)", store.child(key))

@@ -9,7 +9,6 @@ its final name; one that does not match is deleted and reported (DataError, exit
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import json
 import logging
@@ -21,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from trainjob import digests
 from trainjob.errors import DataError, StorageError
 from trainjob.s3client import redact
 
@@ -40,14 +40,6 @@ class Fetched:
     resumed_from: int  # bytes a partial download had already, 0 if none
 
 
-def md5_of(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def fetch_url(url: str, dest: Path, *, md5: str, size: int | None = None,
               progress: Progress | None = None) -> Fetched:
     """``dest``, downloaded from ``url`` (or found there already) with the given md5 (and
@@ -55,7 +47,7 @@ def fetch_url(url: str, dest: Path, *, md5: str, size: int | None = None,
     progress = progress or (lambda done, total: None)
     md5 = md5.lower()
     if dest.is_file() and (size is None or dest.stat().st_size == size) and \
-            md5_of(dest) == md5:
+            digests.md5(dest) == md5:
         log.info("%s is already here, checked (md5 %s)", dest, md5)
         return Fetched(dest, dest.stat().st_size, md5, 0, 0)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -69,7 +61,7 @@ def fetch_url(url: str, dest: Path, *, md5: str, size: int | None = None,
         _discard(part, meta_path)
         raise DataError(f"{redact(url)}: got {got_size} bytes, expected {size}; the partial "
                         "file was deleted, run the command again")
-    digest = md5_of(part)
+    digest = digests.md5(part)
     if digest != md5:
         _discard(part, meta_path)
         raise DataError(f"{redact(url)}: md5 {digest} does not match the expected {md5}; "

@@ -9,7 +9,6 @@ contents. Nothing here imports TensorFlow: a bad file fails in seconds.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -17,7 +16,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainjob import storage
+from trainjob import digests, storage
 from trainjob.errors import ConfigError, DataError, StorageError
 
 log = logging.getLogger(__name__)
@@ -84,18 +83,10 @@ def kind_of(path: Path, spec: str) -> str:
 
 def check_hash(path: Path, spec: str) -> None:
     """A file named like Keras' no-top file must be that file (exit 3 otherwise)."""
-    actual = md5_of(path)
+    actual = digests.md5(path)
     if actual != NOTOP_MD5:
         raise DataError(f"--weights {spec}: md5 {actual} does not match Keras' published "
                         f"{NOTOP_MD5} for {NOTOP_FILE}; mirror the file again from {NOTOP_URL}")
-
-
-def md5_of(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def keras_home() -> Path:
@@ -112,7 +103,7 @@ def imagenet_file() -> Path:
 
     Fails in seconds with exit 4 and the mirroring hint when it cannot be fetched."""
     path = keras_home() / "models" / NOTOP_FILE
-    if path.is_file() and md5_of(path) == NOTOP_MD5:
+    if path.is_file() and digests.md5(path) == NOTOP_MD5:
         return path
     partial = path.with_name("partial." + path.name)
     try:

@@ -78,7 +78,7 @@ class RunFolder:
     """The local copy of the run folder and the store it is published to."""
 
     def __init__(self, local: Path, store: Store, *, sync: bool = True,
-                 fence: Callable[[], None] | None = None) -> None:
+                 fence: Callable[[], None] | None = None, read_only: bool = False) -> None:
         self.local = local
         self.store = store
         local.mkdir(parents=True, exist_ok=True)
@@ -87,8 +87,12 @@ class RunFolder:
         # For a local --output the run folder *is* the output: nothing to upload.
         same = isinstance(store, LocalStore) and store.root.resolve() == local.resolve()
         self.fence = fence or (lambda: None)  # raises once another job owns the run
-        self.uploader = Uploader(store, local, enabled=not same, order=upload_rank, fence=fence)
-        self.sync = sync
+        self.remote = not same  # the store holds the truth: a resume pulls from it
+        # read_only: a worker that is not the chief reads the run and never writes to it.
+        self.read_only = read_only
+        self.uploader = Uploader(store, local, enabled=self.remote and not read_only,
+                                 order=upload_rank, fence=fence)
+        self.sync = sync and not read_only
         self.published = False  # manifest.json is stored: the run must not change again
 
     def __enter__(self) -> RunFolder:

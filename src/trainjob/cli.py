@@ -15,7 +15,7 @@ from trainjob.commands import dataset as dataset_commands
 from trainjob.commands import runs as runs_commands
 from trainjob.commands.options import ENV_PREFIX, GroupedCommand, config_option
 from trainjob.config import Config, option_fields
-from trainjob.errors import ConfigError, Preempted, TrainJobError
+from trainjob.errors import ClusterError, ConfigError, Preempted, TrainJobError
 
 log = logging.getLogger(__name__)
 
@@ -86,11 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     except click.exceptions.Abort:
         _fail(TrainJobError("aborted"), debug)
         return 130
-    except Preempted as exc:
+    except (Preempted, ClusterError) as exc:
         _fail(exc, debug)
         # Inside the grace period: boto3's transfer threads still stuck on a hung store
-        # would hold a normal interpreter exit until their time-outs. What had to be saved
-        # is saved or abandoned by now.
+        # would hold a normal interpreter exit until their time-outs, as would TensorFlow's
+        # threads still waiting on a peer. What had to be saved is saved or abandoned by now.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(exc.exit_code)

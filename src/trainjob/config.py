@@ -125,6 +125,9 @@ class OptimConfig:
     fine_tune_learning_rate: float | None = option(
         None, "Learning rate once the backbone is unfrozen (default: a tenth of "
         "--learning-rate).", type=float)
+    lr_scaling: str = option("none", "Several replicas: linear multiplies the learning "
+                             "rates by the number of replicas (the global batch grows with "
+                             "them); none keeps them.", choices=("none", "linear"))
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "validation_freq"):
@@ -214,6 +217,36 @@ class RuntimeConfig:
             raise ConfigError("--threads must be at least 1")
 
 
+@dataclass(frozen=True)
+class ClusterConfig:
+    workers: int = option(1, "Worker processes (one per node) training together; set by "
+                          "the Indexed Job. TF_CONFIG, when set, takes precedence.")
+    worker_hosts: str = option("{job}-{index}.{service}", "Worker address pattern: {index} "
+                               "is the worker index, {job} this pod's hostname without its "
+                               "index, {service} --worker-service, {port} --worker-port + "
+                               "index (several workers on one host); :PORT is added when "
+                               "missing.")
+    worker_service: str = option("trainjob-workers", "The headless Service (the pods' "
+                                 "subdomain) in the worker address pattern.")
+    worker_port: int = option(2222, "Port of each worker's gRPC server.")
+    cluster_timeout: float = option(600.0, "Seconds to wait for every worker to start; then "
+                                    "exit 4 naming the missing ones.")
+    collective_timeout: float = option(300.0, "Seconds a collective operation may wait for "
+                                       "its peers (a dead or hung worker) before exit 4.")
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ConfigError("--workers must be at least 1")
+        if "{index}" not in self.worker_hosts and "{port}" not in self.worker_hosts \
+                and self.workers > 1:
+            raise ConfigError(f"--worker-hosts {self.worker_hosts!r} has no {{index}} or "
+                              "{port} placeholder: every worker would get the same address")
+        if not 0 < self.worker_port < 65536:
+            raise ConfigError(f"--worker-port {self.worker_port} is not a TCP port")
+        if self.cluster_timeout <= 0 or self.collective_timeout <= 0:
+            raise ConfigError("--cluster-timeout and --collective-timeout must be positive")
+
+
 GROUPS: dict[str, type] = {
     "Data": DataConfig,
     "Split": SplitConfig,
@@ -222,6 +255,7 @@ GROUPS: dict[str, type] = {
     "Callbacks": CallbackConfig,
     "Output": OutputConfig,
     "Runtime": RuntimeConfig,
+    "Cluster": ClusterConfig,
 }
 
 
@@ -234,6 +268,7 @@ class Config:
     callbacks: CallbackConfig
     output: OutputConfig
     runtime: RuntimeConfig
+    cluster: ClusterConfig
 
     @classmethod
     def from_options(cls, **options: Any) -> Config:

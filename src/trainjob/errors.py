@@ -29,6 +29,13 @@ class StorageError(TrainJobError):
     exit_code = 4
 
 
+class ClusterError(TrainJobError):
+    """The workers could not train together: a peer never joined, died or hung. Retriable:
+    the Job restarts the group, which resumes from the last save point."""
+
+    exit_code = 4
+
+
 class TrainingError(TrainJobError):
     """Training itself failed: the loss became NaN, out of memory."""
 

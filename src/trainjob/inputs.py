@@ -78,9 +78,14 @@ def steps_for(n: int, batch_size: int, steps_per_epoch: int | None) -> int:
 def training_stream(base: tf.data.Dataset, n: int, num_classes: int, *, image_size: int,
                     batch_size: int, steps: int, repeat: bool, shuffle: bool, augment: bool,
                     seed: int, first_epoch: int, epochs: int,
-                    skip_batches: int = 0) -> tf.data.Dataset:
+                    skip_batches: int = 0, shard: tuple[int, int] = (0, 1)) -> tf.data.Dataset:
     """Batches for epochs [first_epoch, epochs): exactly ``steps`` batches per epoch, less
-    ``skip_batches`` already trained in ``first_epoch`` (a mid-epoch resume)."""
+    ``skip_batches`` already trained in ``first_epoch`` (a mid-epoch resume).
+
+    ``shard=(index, count)``: this worker's share of every epoch, element i of the epoch's
+    order going to worker i % count. Every worker shuffles with the same seed, so the
+    shards are disjoint and an element is augmented as it would be on one worker."""
+    index, count = shard
 
     def one_epoch(epoch: tf.Tensor) -> tf.data.Dataset:
         ds = base.repeat() if repeat else base
@@ -88,6 +93,8 @@ def training_stream(base: tf.data.Dataset, n: int, num_classes: int, *, image_si
             ds = ds.shuffle(min(n, 10_000), seed=seed * 100_003 + epoch,
                             reshuffle_each_iteration=False)
         ds = ds.enumerate()
+        if count > 1:
+            ds = ds.filter(lambda i, _xy: i % count == index)
         if augment:
             ds = ds.map(lambda i, xy: (augment_image(xy[0], tf.stack([seed + epoch, i]),
                                                      image_size), xy[1]),

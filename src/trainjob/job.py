@@ -18,9 +18,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from trainjob import __version__, cache, datasets, datasource, phases, resume, storage, weights
+from trainjob import (__version__, cache, cluster as clusters, datasets, datasource, phases,
+                      resume, storage, weights)
 from trainjob.artifacts import (BACKUP, CLASSES, CONFIG, LAST, MANIFEST, METRICS, MODEL, PLOT,
                                 RUN_ENTRIES, STATUS, RunFolder, plot_history, read_json)
+from trainjob.cluster import Cluster
 from trainjob.config import Config
 from trainjob.errors import (ConfigError, LostOwnership, Preempted, StorageError, TrainingError,
                              TrainJobError)
@@ -36,10 +38,22 @@ SHUTDOWN_RESERVE_SECONDS = 3.0  # of the grace period: closing the uploader, the
 def run(cfg: Config) -> None:
     stop = resume.StopSignal()
     stop.install()
+    group = clusters.resolve(cfg.cluster)  # None: this job trains alone
+    if group and cfg.optim.batch_size % group.size:
+        raise ConfigError(f"--batch-size {cfg.optim.batch_size} is the global batch: it must "
+                          f"divide evenly among the {group.size} workers")
     store = storage.open_store(cfg.output.output, cfg.runtime.threads)
     if isinstance(store, storage.S3Store):
         store.check_bucket()  # fail in seconds, not after the download
     if _finished(store, cfg):
+        return
+    if group and not group.is_chief:
+        # Another worker holds the lock and writes the run folder; this one trains in a
+        # private folder and only reads the run (its resume state) from --output.
+        with (cache.session(),
+              RunFolder(Path(cfg.runtime.work_dir) / f"worker-{group.index}", store,
+                        read_only=True) as run_dir):
+            _train(cfg, run_dir, _prepare(cfg, run_dir), None, stop, {}, group)
         return
     lock = RunLock(store)
     lock.acquire(force=cfg.output.force, timeout=cfg.output.lock_timeout)
@@ -51,7 +65,7 @@ def run(cfg: Config) -> None:
         with (cache.session(),
               RunFolder(_local_run_dir(cfg), store, sync=cfg.output.sync,
                         fence=lock.check) as run_dir):
-            _run_locked(cfg, run_dir, lock, stop)
+            _run_locked(cfg, run_dir, lock, stop, group)
     finally:
         _release(lock, stop, cfg.runtime.grace_seconds)
 
@@ -77,7 +91,8 @@ def _finished(store: storage.Store, cfg: Config) -> bool:
     return False
 
 
-def _run_locked(cfg: Config, run_dir: RunFolder, lock: RunLock, stop: resume.StopSignal) -> None:
+def _run_locked(cfg: Config, run_dir: RunFolder, lock: RunLock, stop: resume.StopSignal,
+                group: Cluster | None) -> None:
     timings: dict[str, float] = {}
     state = _prepare(cfg, run_dir)
     now = time.time()
@@ -87,7 +102,7 @@ def _run_locked(cfg: Config, run_dir: RunFolder, lock: RunLock, stop: resume.Sto
                        first_started=earlier.get("first_started") or earlier.get("started") or now,
                        resumed_from_epoch=state["epoch"] if state else None)
     try:
-        _train(cfg, run_dir, state, lock, stop, timings)
+        _train(cfg, run_dir, state, lock, stop, timings, group)
     except LostOwnership:
         raise  # the run is another job's now: not even the status is ours to write
     except BaseException as exc:
@@ -119,8 +134,8 @@ def _flush_quietly(run_dir: RunFolder, timeout: float) -> bool:
         return False
 
 
-def _train(cfg: Config, run_dir: RunFolder, state: dict | None, lock: RunLock,
-           stop: resume.StopSignal, timings: dict[str, float]) -> None:
+def _train(cfg: Config, run_dir: RunFolder, state: dict | None, lock: RunLock | None,
+           stop: resume.StopSignal, timings: dict[str, float], group: Cluster | None) -> None:
     cache = Path(cfg.data.cache_dir)
     with _timed(timings, "weights"):  # before the data: a missing file fails in seconds
         initial = weights.resolve(cfg.model.weights, cache / "downloads", cfg.runtime.threads)
@@ -138,21 +153,44 @@ def _train(cfg: Config, run_dir: RunFolder, state: dict | None, lock: RunLock,
         num_classes = len(catalog.classes)
         work = Path(cfg.runtime.work_dir) / "tfcache"
         steps = inputs.steps_for(len(splits.train), cfg.optim.batch_size, cfg.optim.steps_per_epoch)
+        # Before any TensorFlow op (collectives are configured at start-up), and after the
+        # data, so that peers that fetch it slower are not timed out meanwhile.
+        if group:
+            from trainjob import collective, steploop
+            strategy = collective.make_strategy(
+                group, cluster_timeout=cfg.cluster.cluster_timeout,
+                collective_timeout=cfg.cluster.collective_timeout)
+        else:
+            strategy = training.make_strategy()
         train_base = inputs.decoded(splits.train, cfg.model.image_size, cfg.data.pipeline_cache,
                                     work, "train")
+        replicas = strategy.num_replicas_in_sync
+        if cfg.optim.batch_size % replicas:
+            raise ConfigError(f"--batch-size {cfg.optim.batch_size} is the global batch: it "
+                              f"must divide evenly among the {replicas} replicas")
+        settings, cfg = cfg, training.scale_learning_rates(cfg, replicas)
+        # Several workers: each takes its shard of every epoch in per-replica batches, and
+        # every step is a full global batch (the data wraps), so all workers take as many.
+        local = replicas // group.size if group else 1
 
         def train_stream(first: int, last: int, skip: int = 0):
             return inputs.training_stream(
                 train_base, len(splits.train), num_classes, image_size=cfg.model.image_size,
-                batch_size=cfg.optim.batch_size, steps=steps,
-                repeat=cfg.optim.steps_per_epoch is not None, shuffle=cfg.optim.shuffle,
-                augment=cfg.optim.augment, seed=cfg.split.seed, first_epoch=first, epochs=last,
-                skip_batches=skip)
+                batch_size=cfg.optim.batch_size // (replicas if group else 1),
+                steps=steps * local, repeat=group is not None or cfg.optim.steps_per_epoch
+                is not None, shuffle=cfg.optim.shuffle, augment=cfg.optim.augment,
+                seed=cfg.split.seed, first_epoch=first, epochs=last, skip_batches=skip * local,
+                shard=(group.index, group.size) if group else (0, 1))
 
-        val_ds = inputs.evaluation_stream(
-            inputs.decoded(splits.val, cfg.model.image_size, cfg.data.pipeline_cache, work, "val"),
-            num_classes, cfg.optim.batch_size) if splits.val else None
-        strategy = training.make_strategy()
+        val_base = inputs.decoded(splits.val, cfg.model.image_size, cfg.data.pipeline_cache,
+                                  work, "val") if splits.val else None
+        if val_base is not None and group:
+            val_base = val_base.shard(group.size, group.index)
+        val_ds = inputs.evaluation_stream(val_base, num_classes, cfg.optim.batch_size) \
+            if val_base is not None else None
+        if lock:  # the chief records how the run is spread
+            _write_config(settings, run_dir, dataset_summary, timings, state,
+                          _distribution(cfg, group, replicas))
         with strategy.scope():
             model = models.build_model(cfg.model, num_classes, initial)
             training.compile_model(model, cfg, num_classes)
@@ -162,7 +200,7 @@ def _train(cfg: Config, run_dir: RunFolder, state: dict | None, lock: RunLock,
         first_epoch = state["epoch"] if state else 0
         history = resume.trim_logs(run_dir, first_epoch) if state else []
         run_state = RunState(run_dir, fingerprint=fingerprint, history=history, stop=stop,
-                             restore=state, fence=lock.check)
+                             restore=state, fence=lock.check if lock else None)
         keeper = callbacks_lib.RunKeeper(run_state, steps_per_epoch=steps,
                                          backup_every_steps=cfg.output.backup_every_steps)
         callbacks = callbacks_lib.make_callbacks(cfg, run_dir, keeper)
@@ -170,8 +208,10 @@ def _train(cfg: Config, run_dir: RunFolder, state: dict | None, lock: RunLock,
     with _timed(timings, "train"):
         if not (state and state.get("finished_training")):
             fit = functools.partial(
-                training.fit, model, val_ds=val_ds, cfg=cfg, callbacks=callbacks,
-                weights=training.class_weights(splits.train, num_classes, cfg.optim.class_weight))
+                steploop.fit if group else training.fit, model, val_ds=val_ds, cfg=cfg,
+                callbacks=callbacks,
+                weights=training.class_weights(splits.train, num_classes, cfg.optim.class_weight),
+                **({"strategy": strategy, "cluster": group, "stop": stop} if group else {}))
             stop.in_training = True
             try:
                 freeze = cfg.optim.freeze_backbone_epochs
@@ -191,6 +231,12 @@ def _train(cfg: Config, run_dir: RunFolder, state: dict | None, lock: RunLock,
                 stop.in_training = False
             run_state.stop_if_requested("at the end of training")
             run_state.finish_training()
+    if group:
+        training.record_weights(model, Path(cfg.runtime.work_dir) / "worker-weights.json",
+                                worker=group.index, epochs=len(keeper.history))
+        if not group.is_chief:
+            log.info("worker %d: training done; the chief evaluates and publishes", group.index)
+            return
 
     with _timed(timings, "evaluate"):
         best = run_dir.path("checkpoints/best.weights.h5")
@@ -201,7 +247,8 @@ def _train(cfg: Config, run_dir: RunFolder, state: dict | None, lock: RunLock,
         test_ds = inputs.evaluation_stream(
             inputs.decoded(splits.test, cfg.model.image_size, "none", work, "test"),
             num_classes, cfg.optim.batch_size)
-        metrics = training.evaluate(model, test_ds, splits.test, catalog.classes)
+        metrics = training.evaluate(model, test_ds, splits.test, catalog.classes,
+                                    predict=steploop.predict if group else None)
         run_dir.write(METRICS, metrics)
         log.info("test: %s", {k: v for k, v in metrics.items() if not isinstance(v, dict)})
 
@@ -212,7 +259,8 @@ def _train(cfg: Config, run_dir: RunFolder, state: dict | None, lock: RunLock,
         plot_history(keeper.history, run_dir.path(PLOT))
         run_dir.set_status("succeeded", error=None, finished=time.time(),
                            epochs_done=len(keeper.history))
-        _write_config(cfg, run_dir, dataset_summary, timings, state)
+        _write_config(settings, run_dir, dataset_summary, timings, state,
+                      _distribution(cfg, group, replicas))
         lock.check()
         run_dir.publish(timeout=cfg.output.upload_timeout)
     log.info("run finished: %s", run_dir.store.uri)
@@ -260,16 +308,19 @@ def _prepare(cfg: Config, run_dir: RunFolder) -> dict | None:
 
     A run whose state is unusable is never deleted: only --overwrite starts afresh."""
     store = run_dir.store
+    if cfg.output.overwrite and run_dir.read_only:  # the chief removes it; start afresh
+        _clear_local(run_dir.local)
+        return None
     if cfg.output.overwrite:
         log.info("--overwrite: removing the previous run at %s", store.uri)
         run_dir.fence()
         _remove_run(run_dir)
         return None
-    if run_dir.uploader.enabled:  # the bucket is the truth: a new pod has no local files
+    if run_dir.remote:  # the bucket is the truth: a new pod has no local files
         _clear_local(run_dir.local)
         run_dir.pull()
     if not (run_dir.path(resume.STATE).exists() or resume.saved_points(run_dir)):
-        if run_dir.uploader.enabled:
+        if run_dir.remote:
             _clear_local(run_dir.local)  # a run killed before its first save point
         return None
     state = resume.load_state(run_dir) or resume.from_last_checkpoint(run_dir)
@@ -309,8 +360,15 @@ def _local_run_dir(cfg: Config) -> Path:
     return Path(cfg.runtime.work_dir) / "runs" / digest
 
 
+def _distribution(cfg: Config, group: Cluster | None, replicas: int) -> dict:
+    """How the run is spread, and the learning rate that follows from it."""
+    return {"workers": group.size if group else 1, "replicas": replicas,
+            "cluster": group.describe() if group else None, "lr_scaling": cfg.optim.lr_scaling,
+            "global_batch_size": cfg.optim.batch_size, "learning_rate": cfg.optim.learning_rate}
+
+
 def _write_config(cfg: Config, run_dir: RunFolder, dataset: dict, timings: dict,
-                  state: dict | None) -> None:
+                  state: dict | None, distribution: dict | None = None) -> None:
     run_dir.write(CONFIG, {
         "settings": cfg.to_dict(),
         "versions": _versions(),
@@ -319,6 +377,7 @@ def _write_config(cfg: Config, run_dir: RunFolder, dataset: dict, timings: dict,
         "dataset": dataset,
         "timings_seconds": {k: round(v, 2) for k, v in timings.items()},
         "resumed_from_epoch": state["epoch"] if state else None,
+        "distribution": distribution,
     })
 
 

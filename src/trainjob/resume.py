@@ -73,6 +73,12 @@ class StopSignal:
         if not self.in_training:
             raise Preempted(f"stopped by {signal.Signals(signum).name} outside training")
 
+    def agree(self, why: str) -> None:
+        """Stop with the rest of the group: another worker got the signal."""
+        if self.requested_at is None:
+            self.requested_at = time.monotonic()
+            log.warning("%s: stopping after this batch", why)
+
     @property
     def requested(self) -> bool:
         return self.requested_at is not None

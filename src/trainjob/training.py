@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
 import sys
 from collections import Counter
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -30,6 +34,31 @@ def make_strategy(devices: list[str] | None = None) -> tf.distribute.Strategy:
         log.info("MirroredStrategy over %d devices", strategy.num_replicas_in_sync)
         return strategy
     return tf.distribute.get_strategy()
+
+
+def scale_learning_rates(cfg: Config, replicas: int) -> Config:
+    """--lr-scaling linear: the rates times the replicas (the global batch grew with them)."""
+    o = cfg.optim
+    if o.lr_scaling != "linear" or replicas == 1:
+        return cfg
+    fine_tune = o.fine_tune_learning_rate * replicas if o.fine_tune_learning_rate else None
+    log.info("--lr-scaling linear: learning rate %g x %d replicas", o.learning_rate, replicas)
+    return dataclasses.replace(cfg, optim=dataclasses.replace(
+        o, learning_rate=o.learning_rate * replicas, fine_tune_learning_rate=fine_tune))
+
+
+def record_weights(model: keras.Model, out: Path, **fields: object) -> None:
+    """Digests of this worker's weights (a private file): the trainable ones must agree
+    across workers; BatchNorm's moving statistics are per worker."""
+    def digest(variables: list) -> str:
+        h = hashlib.sha256()
+        for v in variables:
+            h.update(np.ascontiguousarray(keras.ops.convert_to_numpy(v)).tobytes())
+        return h.hexdigest()
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({**fields, "trainable_sha256": digest(model.trainable_weights),
+                               "non_trainable_sha256": digest(model.non_trainable_weights)}))
 
 
 def compile_model(model: keras.Model, cfg: Config, num_classes: int,
@@ -110,7 +139,7 @@ def fit(model: keras.Model, train_ds: tf.data.Dataset, *, val_ds: tf.data.Datase
 
 
 def evaluate(model: keras.Model, test_ds: tf.data.Dataset, test: list[Sample],
-             classes: list[str]) -> dict:
+             classes: list[str], predict=None) -> dict:
     """Loss, accuracy, top-5, per-class accuracy and their mean (the Caltech101 figure).
 
     One predict pass gives all of them; model.evaluate would trace and run a second pass.
@@ -118,7 +147,8 @@ def evaluate(model: keras.Model, test_ds: tf.data.Dataset, test: list[Sample],
     if not test:
         log.warning("the test split is empty: metrics.json holds no test figures")
         return {"test_images": 0}
-    probs = np.asarray(model.predict(test_ds, verbose=0), dtype=np.float64)
+    probs = predict(model, test_ds) if predict else model.predict(test_ds, verbose=0)
+    probs = np.asarray(probs, dtype=np.float64)
     labels = np.array([s.label for s in test])
     predicted = np.argmax(probs, axis=1)
     k = min(5, len(classes))

@@ -1,0 +1,63 @@
+"""MultiWorkerMirroredStrategy for several workers, formed within --cluster-timeout, with
+every collective operation bounded by --collective-timeout.
+
+TensorFlow's constructor waits for every peer without a limit, and a collective whose peer
+hung waits without one too (and the Python signal handler cannot run meanwhile). Both are
+bounded here: a barrier of our own before the constructor, and TensorFlow's public
+CommunicationOptions time-out on every collective.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from trainjob.cluster import Cluster, wait_for_peers
+from trainjob.errors import ClusterError
+
+log = logging.getLogger(__name__)
+
+# What a collective raises once a peer died, hung past the time-out, or aborted.
+PEER_ERRORS = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
+               tf.errors.CancelledError, tf.errors.AbortedError, tf.errors.InternalError)
+
+
+def make_strategy(cluster: Cluster, *, cluster_timeout: float,
+                  collective_timeout: float) -> tf.distribute.MultiWorkerMirroredStrategy:
+    """Join the cluster, or raise ClusterError (exit 4) naming the workers that never came."""
+    os.environ["TF_CONFIG"] = cluster.tf_config
+    options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=collective_timeout)
+    # TensorFlow's constructor would wait for missing peers forever, deaf to signals: the
+    # workers meet first in a barrier that has a time-out (cluster.wait_for_peers).
+    log.info("worker %d of %d (%s): waiting up to %.0fs for %s", cluster.index, cluster.size,
+             cluster.source, cluster_timeout, ", ".join(a for _, a in cluster.peers()))
+    wait_for_peers(cluster, cluster_timeout)
+    try:
+        strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+    except (ValueError, RuntimeError, tf.errors.OpError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ClusterError(f"worker {cluster.index} ({cluster.workers[cluster.index]}) could "
+                           f"not join the cluster: {first[:300]}") from exc
+    log.info("cluster formed: %d workers, %d replicas", cluster.size,
+             strategy.num_replicas_in_sync)
+    return strategy
+
+
+def all_sum(strategy: tf.distribute.Strategy, values: np.ndarray | list[float]) -> np.ndarray:
+    """Sum a small vector across workers (every worker must call this at the same point)."""
+    local = len(strategy.extended.worker_devices)
+    value = tf.constant(np.asarray(values, np.float64) / local)
+    per_replica = strategy.run(lambda: tf.identity(value))
+    return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None).numpy()
+
+
+def peer_failure(exc: BaseException, cluster: Cluster, collective_timeout: float) -> ClusterError:
+    """The one line for a collective that failed because a peer did."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return ClusterError(
+        f"worker {cluster.index}: a peer worker died or stopped responding (collective "
+        f"time-out {collective_timeout:g}s): {type(exc).__name__}: {first[:200]}; the group "
+        "must restart, and resumes from the last save point")

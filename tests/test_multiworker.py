@@ -1,0 +1,173 @@
+"""Several workers: real `trainjob train` processes on 127.0.0.1 forming a
+MultiWorkerMirroredStrategy cluster, against a real S3 server over HTTP.
+
+Each test pays ResNet50's tracing in two processes at once, so the runs are shared: the
+Indexed-Job run is the one that gets SIGTERM, and its restart (configured by TF_CONFIG)
+is the complete two-worker run that is checked file by file.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import SMALL, run_trainjob, start_trainjob
+from test_e2e import assert_complete_run
+from test_resume import STEPS, _csv_epochs, _status, _wait_for
+
+pytestmark = pytest.mark.e2e
+
+EPOCHS = 3
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _tf_config(ports: list[int], index: int) -> str:
+    return json.dumps({"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
+                       "task": {"type": "worker", "index": index}})
+
+
+def _args(dataset: str, out: str, *extra: str) -> list[str]:
+    return ["train", "--data", dataset, "--output", out, "--epochs", str(EPOCHS),
+            "--steps-per-epoch", str(STEPS), "--no-restore-best", "--collective-timeout", "90",
+            *SMALL, *extra]
+
+
+def _start_pair(args: list[str], envs: list[dict], tmp_path: Path, tag: str
+                ) -> list[tuple[subprocess.Popen, Path]]:
+    """Two workers, each with its own TRAINJOB_HOME (no shared filesystem)."""
+    out = []
+    for i, env in enumerate(envs):
+        log = tmp_path / f"{tag}-worker{i}.log"
+        out.append((start_trainjob(args, env, tmp_path / f"home{i}", log), log))
+    return out
+
+
+def _wait_all(pair, timeout: float = 600) -> list[int]:
+    codes = []
+    for proc, log in pair:
+        try:
+            codes.append(proc.wait(timeout=timeout))
+        except subprocess.TimeoutExpired:
+            for p, _ in pair:
+                p.kill()
+            pytest.fail(f"a worker hung; its log:\n{log.read_text()[-3000:]}")
+    return codes
+
+
+def _weights(tmp_path: Path, index: int) -> dict:
+    return json.loads((tmp_path / f"home{index}" / "work" / "worker-weights.json").read_text())
+
+
+def _published_trainable_digest(s3, bucket: str, prefix: str, tmp_path: Path) -> str:
+    import hashlib
+
+    import keras
+    import numpy as np
+
+    import trainjob.model  # noqa: F401 - registers the preprocessing layer
+
+    path = tmp_path / "model.keras"
+    s3.client().download_file(bucket, f"{prefix}/model/model.keras", str(path))
+    h = hashlib.sha256()
+    for v in keras.saving.load_model(path).trainable_weights:
+        h.update(np.ascontiguousarray(keras.ops.convert_to_numpy(v)).tobytes())
+    return h.hexdigest()
+
+
+@pytest.mark.timeout(1500)
+def test_indexed_job_sigterm_then_tf_config_restart_completes(s3, bucket, dataset, tmp_path):
+    prefix = "runs/multi"
+    out = f"s3://{bucket}/{prefix}"
+    ports = _free_ports(2)
+    # 1. Configured as in an Indexed Job: JOB_COMPLETION_INDEX, --workers and a host
+    #    pattern (here one host, a port per worker). SIGTERM to the worker that is not the
+    #    chief, inside epoch 1: the whole group stops at one agreed step.
+    indexed = [s3.env(JOB_COMPLETION_INDEX=str(i)) for i in range(2)]
+    args = _args(dataset, out, "--workers", "2", "--worker-hosts", "127.0.0.1:{port}",
+                 "--worker-port", str(ports[0]), "--backup-every-steps", "2")
+    pair = _start_pair(args, indexed, tmp_path, "first")
+    (chief, chief_log), (other, other_log) = pair
+    _wait_for(lambda: _status(s3, bucket, prefix).get("epochs_done", 0) >= 1, chief, chief_log)
+    started = time.monotonic()
+    other.send_signal(signal.SIGTERM)
+    assert _wait_all(pair, timeout=120) == [143, 143], chief_log.read_text()[-3000:]
+    assert time.monotonic() - started < 25, "the group overran the default --grace-seconds"
+    assert _status(s3, bucket, prefix)["state"] == "preempted"
+    state = s3.read_json(bucket, f"{prefix}/backup/state.json")
+    assert state["epoch"] >= 1
+    assert "a peer worker was signalled" in chief_log.read_text()
+    # Only the chief writes to --output: the other worker's files stay in its own folder.
+    assert (tmp_path / "home1" / "work" / "worker-1" / "status.json").exists()
+    config = s3.read_json(bucket, f"{prefix}/config.json")
+    assert config["distribution"]["workers"] == 2 and config["distribution"]["replicas"] == 2
+    assert config["distribution"]["cluster"]["source"].startswith("JOB_COMPLETION_INDEX")
+
+    # 2. The group restarts, configured by TF_CONFIG this time, resumes and publishes once.
+    ports = _free_ports(2)
+    envs = [s3.env(TF_CONFIG=_tf_config(ports, i)) for i in range(2)]
+    pair = _start_pair(_args(dataset, out), envs, tmp_path, "second")
+    assert _wait_all(pair) == [0, 0], pair[0][1].read_text()[-4000:]
+    resumed = pair[0][1].read_text()
+    assert f"resuming at epoch {state['epoch']}, batch {state['step']}" in resumed
+    assert f"resuming at epoch {state['epoch']}, batch {state['step']}" in pair[1][1].read_text()
+    assert_complete_run(s3, bucket, prefix, epochs=EPOCHS)  # each epoch once, one manifest
+    assert sum(k.endswith("manifest.json") for k in s3.keys(bucket, prefix + "/")) == 1
+    first, second = _weights(tmp_path, 0), _weights(tmp_path, 1)
+    assert first["epochs"] == second["epochs"] == EPOCHS
+    assert first["trainable_sha256"] == second["trainable_sha256"]
+    assert _published_trainable_digest(s3, bucket, prefix, tmp_path) == \
+        first["trainable_sha256"]
+
+
+@pytest.mark.timeout(1500)
+def test_peer_killed_mid_epoch_then_group_restart_completes(s3, bucket, dataset, tmp_path):
+    prefix = "runs/killed"
+    out = f"s3://{bucket}/{prefix}"
+    ports = _free_ports(2)
+    envs = [s3.env(TF_CONFIG=_tf_config(ports, i)) for i in range(2)]
+    pair = _start_pair(_args(dataset, out), envs, tmp_path, "first")
+    (chief, chief_log), (other, _) = pair
+    _wait_for(lambda: _status(s3, bucket, prefix).get("epochs_done", 0) >= 1, chief, chief_log)
+    other.send_signal(signal.SIGKILL)
+    started = time.monotonic()
+    rc = chief.wait(timeout=150)
+    assert rc == 4, chief_log.read_text()[-3000:]
+    assert time.monotonic() - started < 90 + 15, "the survivor outlived --collective-timeout"
+    assert "a peer worker died or stopped responding" in chief_log.read_text()
+    assert _status(s3, bucket, prefix)["state"] == "failed"
+
+    ports = _free_ports(2)
+    envs = [s3.env(TF_CONFIG=_tf_config(ports, i)) for i in range(2)]
+    pair = _start_pair(_args(dataset, out), envs, tmp_path, "second")
+    assert _wait_all(pair) == [0, 0], pair[0][1].read_text()[-4000:]
+    assert _csv_epochs(s3, bucket, prefix) == list(range(EPOCHS))
+    assert_complete_run(s3, bucket, prefix, epochs=EPOCHS)
+
+
+def test_lone_worker_times_out_naming_its_peer(s3, bucket, dataset, tmp_path):
+    ports = _free_ports(2)
+    started = time.monotonic()
+    result = run_trainjob(
+        [*_args(dataset, f"s3://{bucket}/runs/alone"), "--cluster-timeout", "5"],
+        s3.env(TF_CONFIG=_tf_config(ports, 1)), tmp_path / "home", timeout=120)
+    assert result.returncode == 4, result.stdout[-3000:] + result.stderr[-2000:]
+    lines = result.error_lines()
+    assert len(lines) == 1, lines
+    assert f"worker 0 (127.0.0.1:{ports[0]}) did not join within --cluster-timeout 5s" \
+        in lines[0]
+    assert time.monotonic() - started < 60

@@ -158,6 +158,24 @@ def test_peer_killed_mid_epoch_then_group_restart_completes(s3, bucket, dataset,
     assert _csv_epochs(s3, bucket, prefix) == list(range(EPOCHS))
     assert_complete_run(s3, bucket, prefix, epochs=EPOCHS)
 
+    # One worker trains with Keras' fit, several with the custom step: the run folders must
+    # be alike, file for file and field for field (docs/distributed.md says why both).
+    single = run_trainjob(_args(dataset, f"s3://{bucket}/runs/single"), s3.env(),
+                          tmp_path / "single")
+    assert single.returncode == 0, single.stdout[-3000:] + single.stderr[-2000:]
+    assert_complete_run(s3, bucket, "runs/single", epochs=EPOCHS)
+    multi_files = set(s3.read_json(bucket, f"{prefix}/manifest.json")["files"])
+    assert set(s3.read_json(bucket, "runs/single/manifest.json")["files"]) == multi_files
+    header = [s3.read(bucket, f"{p}/training_log.csv").decode().splitlines()[0]
+              for p in (prefix, "runs/single")]
+    assert header[0] == header[1]
+    for name in ("history.json", "metrics.json", "config.json", "status.json"):
+        multi, one = (s3.read_json(bucket, f"{p}/{name}") for p in (prefix, "runs/single"))
+        keys = (lambda d: set(d[0]) if isinstance(d, list) else set(d))
+        assert keys(multi) == keys(one), name
+    distribution = s3.read_json(bucket, "runs/single/config.json")["distribution"]
+    assert distribution["workers"] == 1 and distribution["cluster"] is None
+
 
 def test_lone_worker_times_out_naming_its_peer(s3, bucket, dataset, tmp_path):
     ports = _free_ports(2)

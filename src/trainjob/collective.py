@@ -46,12 +46,22 @@ def make_strategy(cluster: Cluster, *, cluster_timeout: float,
     return strategy
 
 
+_SUMS: dict[int, tf.types.experimental.GenericFunction] = {}
+
+
 def all_sum(strategy: tf.distribute.Strategy, values: np.ndarray | list[float]) -> np.ndarray:
-    """Sum a small vector across workers (every worker must call this at the same point)."""
-    local = len(strategy.extended.worker_devices)
-    value = tf.constant(np.asarray(values, np.float64) / local)
-    per_replica = strategy.run(lambda: tf.identity(value))
-    return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None).numpy()
+    """Sum a small vector across workers (every worker must call this at the same point).
+    Traced once per strategy: run eagerly, each call costs seconds of set-up."""
+    if id(strategy) not in _SUMS:
+        local = float(len(strategy.extended.worker_devices))
+
+        @tf.function
+        def reduce(value: tf.Tensor) -> tf.Tensor:
+            per_replica = strategy.run(lambda: tf.identity(value) / local)
+            return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+        _SUMS[id(strategy)] = reduce
+    return _SUMS[id(strategy)](tf.constant(np.asarray(values, np.float64))).numpy()
 
 
 def peer_failure(exc: BaseException, cluster: Cluster, collective_timeout: float) -> ClusterError:

@@ -73,7 +73,7 @@ def run(cfg: Config) -> None:
 def _release(lock: RunLock, stop: resume.StopSignal, grace: float) -> None:
     """Release the lock; after a signal, only within what is left of the grace period (a
     lock left behind goes stale, and the Job's next pod takes it over by owner id)."""
-    if not stop.requested:
+    if not (stop.requested or stop.signalled):
         lock.release()
         return
     worker = threading.Thread(target=lock.release, name="trainjob-unlock", daemon=True)
@@ -160,6 +160,10 @@ def _train(cfg: Config, run_dir: RunFolder, state: dict | None, lock: RunLock | 
             strategy = collective.make_strategy(
                 group, cluster_timeout=cfg.cluster.cluster_timeout,
                 collective_timeout=cfg.cluster.collective_timeout)
+            # TensorFlow's coordination service installs a SIGTERM handler of its own (its
+            # preemption notifier): take the signal back, so that the group stops our way.
+            stop.install()
+            stop.collective = True  # a signal stops the group at one agreed step
         else:
             strategy = training.make_strategy()
         train_base = inputs.decoded(splits.train, cfg.model.image_size, cfg.data.pipeline_cache,
@@ -229,6 +233,7 @@ def _train(cfg: Config, run_dir: RunFolder, state: dict | None, lock: RunLock | 
                         initial_epoch=part.start, epochs=part.end)
             finally:
                 stop.in_training = False
+                stop.end_collective()
             run_state.stop_if_requested("at the end of training")
             run_state.finish_training()
     if group:

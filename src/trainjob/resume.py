@@ -54,30 +54,48 @@ def weights_of(record: dict) -> str:
 
 
 class StopSignal:
-    """SIGTERM/SIGINT: the first asks training to stop at the next batch end, the second exits."""
+    """SIGTERM/SIGINT: the first asks training to stop at the next batch end, the second exits.
+
+    With several workers (``collective`` set), a signal is only *signalled* here: the
+    training loop shares it with the group, and every worker stops (``requested``) after
+    the same step, through ``agree``."""
 
     def __init__(self) -> None:
+        self.signalled_at: float | None = None
         self.requested_at: float | None = None
         self.in_training = False
+        self.collective = False
 
     def install(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, _frame: Any) -> None:
-        if self.requested_at is not None:
+        if self.signalled_at is not None:
             os._exit(Preempted.exit_code)  # second signal: stop now, whatever is in flight
-        self.requested_at = time.monotonic()
+        self.signalled_at = time.monotonic()
+        if not self.collective:
+            self.requested_at = self.signalled_at
         log.warning("%s received: stopping after the current batch",
                     signal.Signals(signum).name)
         if not self.in_training:
             raise Preempted(f"stopped by {signal.Signals(signum).name} outside training")
 
     def agree(self, why: str) -> None:
-        """Stop with the rest of the group: another worker got the signal."""
+        """Stop with the rest of the group, after this step."""
         if self.requested_at is None:
             self.requested_at = time.monotonic()
             log.warning("%s: stopping after this batch", why)
+
+    def end_collective(self) -> None:
+        """Training with the group is over: a signal this worker got now stops it alone."""
+        self.collective = False
+        if self.signalled_at is not None and self.requested_at is None:
+            self.requested_at = self.signalled_at
+
+    @property
+    def signalled(self) -> bool:
+        return self.signalled_at is not None
 
     @property
     def requested(self) -> bool:
@@ -85,9 +103,10 @@ class StopSignal:
 
     def remaining(self, grace: float) -> float:
         """Seconds left of the grace period (all of it while no signal came)."""
-        if self.requested_at is None:
+        start = self.signalled_at if self.signalled_at is not None else self.requested_at
+        if start is None:
             return grace
-        return max(0.0, grace - (time.monotonic() - self.requested_at))
+        return max(0.0, grace - (time.monotonic() - start))
 
 
 def write_point(run: RunFolder, seq: int, record: dict,

@@ -62,6 +62,7 @@ def fit(model: keras.Model, train_ds: tf.data.Dataset, *, strategy: tf.distribut
         per_replica = strategy.run(replica_step, args=(x, y, flag))
         return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
 
+    _build_compiled_metrics(model, strategy, num_classes)
     evaluate = _validator(model, strategy, val_ds, loss_fn, k) if val_ds is not None else None
     callback_list = keras.callbacks.CallbackList(callbacks, model=model, add_history=False,
                                                  add_progbar=False)
@@ -75,12 +76,13 @@ def fit(model: keras.Model, train_ds: tf.data.Dataset, *, strategy: tf.distribut
         for batch in range(steps):
             callback_list.on_train_batch_begin(batch)
             try:
-                sums = train_step(tf.constant(1.0 if stop.requested else 0.0)).numpy()
+                sums = train_step(tf.constant(1.0 if stop.signalled else 0.0)).numpy()
             except collective.PEER_ERRORS as exc:
                 raise collective.peer_failure(exc, cluster, cfg.cluster.collective_timeout) \
                     from exc
-            if sums[STOP] > 0:
-                stop.agree(f"worker {cluster.index}: a peer worker was signalled")
+            if sums[STOP] > 0:  # some worker was signalled before this step: all stop now
+                stop.agree(f"worker {cluster.index}: the group agreed to stop" +
+                           ("" if stop.signalled else " (a peer worker was signalled)"))
             totals += sums[:STOP]
             logs = _logs(totals)
             callback_list.on_train_batch_end(batch, logs)  # RunKeeper stops here on a signal
@@ -94,6 +96,18 @@ def fit(model: keras.Model, train_ds: tf.data.Dataset, *, strategy: tf.distribut
         if model.stop_training:
             break
     callback_list.on_train_end(logs)
+
+
+def _build_compiled_metrics(model: keras.Model, strategy: tf.distribute.Strategy,
+                            num_classes: int) -> None:
+    """fit builds the compiled metrics on its first batch; callbacks in mode "auto"
+    (EarlyStopping, ModelCheckpoint, ReduceLROnPlateau) read each metric's direction from
+    them. This loop keeps its own sums, so it builds them once, for that alone."""
+    sample = keras.ops.zeros((1, num_classes))
+    with strategy.scope():
+        for metric in model.metrics:
+            if hasattr(metric, "metrics") and not metric.built:  # CompileMetrics
+                metric.build(sample, sample)
 
 
 def _sums(y: tf.Tensor, probs: tf.Tensor, per_sample: tf.Tensor, k: int) -> tf.Tensor:

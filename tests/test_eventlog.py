@@ -98,3 +98,47 @@ def test_a_history_without_validation_removes_the_validation_file(tmp_path):
     written = eventlog.write_events([{"epoch": 0, "loss": 1.0}], tmp_path)
     assert written == [eventlog.TRAIN]
     assert not (tmp_path / eventlog.VALIDATION).exists()
+
+
+def test_tensorboard_option_writes_events_from_a_real_fit_with_iterations_recorded(tmp_path):
+    """make_callbacks with --tensorboard, a tiny model's fit: each epoch's events are on
+    disk, and each history row carries the optimizer's step count."""
+    import keras
+    import numpy as np
+
+    from trainjob import callbacks as cb
+    from trainjob.config import Config
+
+    cfg = Config.from_options(data="/d", output="/o", tensorboard=True)
+    with RunFolder(tmp_path / "run", LocalStore(tmp_path / "run")) as run:
+        state = RunState(run, fingerprint={}, history=[], stop=resume.StopSignal())
+        keeper = cb.RunKeeper(state, steps_per_epoch=4)
+        callbacks = cb.make_callbacks(cfg, run, keeper)
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="softmax")])
+        model.compile(optimizer="adam", loss="categorical_crossentropy", metrics=["accuracy"])
+        x = np.eye(4, dtype="float32")[np.arange(16) % 4]
+        y = keras.utils.to_categorical(np.arange(16) % 3, 3)
+        model.fit(x, y, batch_size=4, epochs=3, validation_data=(x, y), callbacks=callbacks,
+                  verbose=0)
+    assert [h["iterations"] for h in state.history] == [4, 8, 12]
+    assert_each_step_once(tmp_path / "run", 3)
+
+
+def test_runs_download_only_tensorboard_fetches_the_event_files(tmp_path, capsys):
+    """A published run with events: `runs download --only tensorboard` brings those files
+    alone, checked against the manifest, ready for `tensorboard --logdir`."""
+    from trainjob.cli import main
+
+    local, out = tmp_path / "run", tmp_path / "out"
+    with RunFolder(local, LocalStore(out)) as run:
+        run.write("history.json", [row(0), row(1)])
+        run.write("metrics.json", {"accuracy": 0.5})
+        eventlog.write_events([row(0), row(1)], local)
+        manifest = run.publish(timeout=10)
+    assert {eventlog.TRAIN, eventlog.VALIDATION} <= set(manifest["files"])
+    rc = main(["runs", "download", str(out), str(tmp_path / "got"), "--only", "tensorboard"])
+    assert rc == 0, capsys.readouterr().err
+    got = sorted(p.relative_to(tmp_path / "got").as_posix()
+                 for p in (tmp_path / "got").rglob("*") if p.is_file())
+    assert got == sorted([eventlog.TRAIN, eventlog.VALIDATION])
+    assert_each_step_once(tmp_path / "got", 2)

@@ -17,7 +17,7 @@ from trainjob.artifacts import CONFUSION, PER_CLASS
 log = logging.getLogger(__name__)
 
 INCH_PER_CLASS = 0.2  # one row of text at LABEL_POINTS, with a little air
-LABEL_POINTS = 7
+LABEL_POINTS = 7  # at 40 classes or more; 9 below
 DPI = 100
 
 
@@ -45,6 +45,10 @@ def normalize_rows(matrix: np.ndarray) -> np.ndarray:
     return np.divide(matrix, totals, out=np.zeros(matrix.shape), where=totals > 0)
 
 
+def label_points(n: int) -> int:
+    return LABEL_POINTS if n >= 40 else 9
+
+
 def plot_confusion(matrix: np.ndarray, classes: list[str], out: Path) -> None:
     """The row-normalized confusion matrix, every class named on both axes."""
     plt = pyplot()
@@ -53,8 +57,8 @@ def plot_confusion(matrix: np.ndarray, classes: list[str], out: Path) -> None:
     fig, ax = plt.subplots(figsize=(side + 1.0, side))
     image = ax.imshow(normalize_rows(matrix), cmap="Blues", vmin=0.0, vmax=1.0,
                       interpolation="nearest")
-    ax.set_xticks(range(n), classes, rotation=90, fontsize=LABEL_POINTS)
-    ax.set_yticks(range(n), classes, fontsize=LABEL_POINTS)
+    ax.set_xticks(range(n), classes, rotation=90, fontsize=label_points(n))
+    ax.set_yticks(range(n), classes, fontsize=label_points(n))
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     ax.set_title(f"Confusion matrix of the test split ({int(matrix.sum())} images), "
@@ -79,18 +83,18 @@ def plot_per_class(per_class: dict[str, float], out: Path) -> None:
     n = len(ranked)
     fig, ax = plt.subplots(figsize=(9.0, max(3.0, INCH_PER_CLASS * n + 1.5)))
     ax.barh(range(n), values, color="tab:blue")
-    ax.set_yticks(range(n), names, fontsize=LABEL_POINTS)
+    ax.set_yticks(range(n), names, fontsize=label_points(n))
     ax.set_ylim(n - 0.5, -0.5)  # lowest accuracy at the top
     for y, value in enumerate(values):
-        ax.text(min(value, 1.0) + 0.01, y, f"{value:.2f}", va="center", fontsize=LABEL_POINTS)
-    if values:
-        mean = float(np.mean(values))
-        ax.axvline(mean, color="tab:red", linestyle="--", linewidth=1,
-                   label=f"mean per-class accuracy {mean:.3f}")
-        ax.legend(loc="upper right")  # beside the shortest bars
+        ax.text(min(value, 1.0) + 0.01, y, f"{value:.2f}", va="center",
+                fontsize=label_points(n))
+    mean = float(np.mean(values)) if values else 0.0
+    # The mean is named in the title, not a legend: a legend would cover bars somewhere.
+    ax.axvline(mean, color="tab:red", linestyle="--", linewidth=1)
     ax.set_xlim(0.0, 1.1)
     ax.set_xlabel("test accuracy")
-    ax.set_title(f"Per-class test accuracy ({n} classes), sorted")
+    ax.set_title(f"Per-class test accuracy ({n} classes), sorted; dashed: the mean per-class "
+                 f"accuracy, {mean:.3f}", fontsize=10)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(out, dpi=DPI)

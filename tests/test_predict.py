@@ -114,10 +114,13 @@ def test_s3_model_and_s3_prefix(s3env, s3, bucket, run_folder, images, tmp_path,
             client.upload_file(str(path), bucket, f"runs/r1/{path.relative_to(run_folder)}")
     for name in ("red", "blue", "corrupt"):
         client.upload_file(str(images[name]), bucket, f"incoming/{images[name].name}")
+    # A prefix named without its slash, then one object of it by name.
     rc, results, errors = predict_json(capsys, "--model", f"s3://{bucket}/runs/r1",
-                                       f"s3://{bucket}/incoming/", "--work-dir",
-                                       str(tmp_path / "w"))
+                                       f"s3://{bucket}/incoming", f"s3://{bucket}/incoming/red.png",
+                                       "--work-dir", str(tmp_path / "w"))
     assert rc == 3
+    assert [r["image"] for r in results] == [f"s3://{bucket}/incoming/{n}" for n in (
+        "blue.jpg", "corrupt.jpg", "red.png", "red.png")]
     got = {r["image"].rsplit("/", 1)[1]: r for r in results}
     assert got["blue.jpg"]["top"][0]["class"] == "blue"
     assert got["red.png"]["top"][0]["class"] == "red"

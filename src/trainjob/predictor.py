@@ -67,26 +67,23 @@ def find_images(uris: list[str], threads: int = 16) -> list[ImageSource]:
     for uri in uris:
         scheme, _, key = parse_uri(uri)
         if scheme == "file" and Path(key).expanduser().is_dir():
-            store: Store = LocalStore(Path(key).expanduser().absolute())
-            out += _listed(store, uri, "")
-            continue
-        if scheme == "s3" and (key.endswith("/") or not key):
-            store = open_store(uri, threads)
-            out += _listed(store, uri, "")
-            continue
-        store, name = split_uri(uri)
-        if scheme == "s3" and store.read_info(name) is None:
-            out += _listed(open_store(uri.rstrip("/") + "/", threads), uri, "") or \
-                [ImageSource(uri, store, name)]
-            continue
-        out.append(ImageSource(uri, store, name))
+            out += _listed(LocalStore(Path(key).expanduser().absolute()), uri)
+        elif scheme == "s3" and (key.endswith("/") or not key):
+            out += _listed(open_store(uri, threads), uri)
+        else:
+            store, name = split_uri(uri)
+            if scheme == "s3" and store.read_info(name) is None:  # a prefix without its /
+                out += _listed(open_store(uri + "/", threads), uri) or \
+                    [ImageSource(uri, store, name)]
+            else:
+                out.append(ImageSource(uri, store, name))
     return out
 
 
-def _listed(store: Store, uri: str, prefix: str) -> list[ImageSource]:
+def _listed(store: Store, uri: str) -> list[ImageSource]:
     base = uri.rstrip("/") + "/"
-    return [ImageSource(base + o.key, store, o.key) for o in sorted(store.list(prefix),
-                                                                   key=lambda o: o.key)
+    return [ImageSource(base + o.key, store, o.key)
+            for o in sorted(store.list(), key=lambda o: o.key)
             if Path(o.key).suffix.lower() in IMAGE_SUFFIXES]
 
 

@@ -250,12 +250,16 @@ def _train(cfg: Config, run_dir: RunFolder, state: dict | None, lock: RunLock | 
         metrics = training.evaluate(model, test_ds, splits.test, catalog.classes,
                                     predict=steploop.predict if group else None)
         run_dir.write(METRICS, metrics)
-        log.info("test: %s", {k: v for k, v in metrics.items() if not isinstance(v, dict)})
+        log.info("test: %s", {k: v for k, v in metrics.items()
+                              if not isinstance(v, (dict, list))})
+        from trainjob import exports, plots
+
+        plots.plot_test_split(metrics, catalog.classes, run_dir.local)
 
     with _timed(timings, "publish"):
         run_dir.path(MODEL).parent.mkdir(parents=True, exist_ok=True)
         models.backbone_of(model).trainable = True  # loads like any model, after any phase
-        model.save(run_dir.path(MODEL))
+        exports.write_model(model, run_dir.local, cfg.output.export)  # no optimizer state
         plot_history(keeper.history, run_dir.path(PLOT))
         run_dir.set_status("succeeded", error=None, finished=time.time(),
                            epochs_done=len(keeper.history))

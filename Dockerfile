@@ -56,7 +56,7 @@ COPY entrypoint/entrypoint.sh /usr/local/bin/trainjob-entrypoint
 
 # A non-root user (uid 1000). Everything the job writes lives under TRAINJOB_HOME, in /tmp,
 # so the container runs with a read-only root filesystem and one writable mount:
-#   docker run --read-only --tmpfs /tmp ...    (Kubernetes: emptyDir volumes, k8s/job.yaml)
+#   docker run --read-only --tmpfs /tmp ...    (Kubernetes: emptyDir volumes, k8s/base/job.yaml)
 RUN chmod 0755 /usr/local/bin/trainjob-entrypoint \
     && groupadd --gid 1000 trainjob \
     && useradd --uid 1000 --gid 1000 --home-dir /home/trainjob --create-home \

@@ -27,7 +27,8 @@ pytestmark = pytest.mark.e2e
 
 ARTIFACTS = ["config.json", "classes.json", "status.json", "training_log.csv", "history.json",
              "history.png", "checkpoints/best.weights.h5", "checkpoints/last.weights.h5",
-             "model/model.keras", "metrics.json", "manifest.json"]
+             "model/model.keras", "metrics.json", "confusion.png", "per_class.png",
+             "manifest.json"]
 
 
 def assert_complete_run(s3, bucket: str, prefix: str, epochs: int) -> dict:
@@ -59,8 +60,16 @@ def assert_complete_run(s3, bucket: str, prefix: str, epochs: int) -> dict:
     metrics = s3.read_json(bucket, f"{prefix}/metrics.json")
     assert 0.0 <= metrics["mean_per_class_accuracy"] <= 1.0
     assert set(metrics["per_class_accuracy"]) <= set(classes.values())
+    matrix = metrics["confusion_matrix"]  # rows: true classes, in classes.json order
+    assert len(matrix) == len(classes) and sum(map(sum, matrix)) == metrics["test_images"]
+    assert all(c["count"] == matrix[int(_index(classes, c["true"]))][
+        int(_index(classes, c["predicted"]))] for c in metrics["top_confusions"])
     assert s3.read_json(bucket, f"{prefix}/status.json")["state"] == "succeeded"
     return manifest
+
+
+def _index(classes: dict[str, str], name: str) -> str:
+    return next(i for i, n in classes.items() if n == name)
 
 
 def assert_stock_client_pulls_the_run(s3, bucket: str, prefix: str, dest: Path) -> None:

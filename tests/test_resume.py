@@ -18,6 +18,8 @@ import pytest
 from conftest import SMALL, run_trainjob, start_trainjob, upload_tree
 from faultproxy import FaultProxy
 from test_e2e import assert_complete_run, assert_stock_client_pulls_the_run
+from test_eventlog import assert_each_step_once
+from trainjob import eventlog
 
 pytestmark = pytest.mark.e2e
 
@@ -55,16 +57,19 @@ def _hooks(tmp_path: Path, **hooks) -> str:
 
 
 @pytest.mark.timeout(1800)  # five runs on moto: well over the default per-test limit
-def test_official_zip_killed_resumed_and_pulled(server, bucket, dataset, tmp_path):
+def test_official_zip_killed_resumed_and_pulled(server, bucket, dataset, class_folders,
+                                               tmp_path):
     """The core run, on each server: the official zip, trained, SIGKILLed after two of four
     epochs, resumed by a new pod with an empty disk, then checked file by file against the
     manifest and pulled with the stock client. One run serves all of it (the suite's time
-    budget): the resumed run is the complete run."""
+    budget): the resumed run is the complete run, and its TensorBoard events, SavedModel
+    and `trainjob predict` are checked on it."""
     s3 = server
     prefix = "runs/kill"
     out = f"s3://{bucket}/{prefix}"
-    args = ["train", "--data", dataset, "--output", out, "--epochs", "4",
-            "--steps-per-epoch", str(STEPS), "--no-restore-best", *SMALL]
+    plain = ["train", "--data", dataset, "--output", out, "--epochs", "4",
+             "--steps-per-epoch", str(STEPS), "--no-restore-best", *SMALL]
+    args = [*plain, "--tensorboard", "--export", "saved_model"]
     log = tmp_path / "first.log"
     # Pause after epoch index 1 so the kill lands at a known point, after status shows it.
     env = s3.env(TRAINJOB_TEST_HOOKS=_hooks(tmp_path, sleep_after_epoch={"1": 120}))
@@ -82,7 +87,19 @@ def test_official_zip_killed_resumed_and_pulled(server, bucket, dataset, tmp_pat
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
     assert "resuming at epoch 2, batch 0" in result.stdout
     assert_complete_run(s3, bucket, prefix, epochs=4)
-    assert_stock_client_pulls_the_run(s3, bucket, prefix, tmp_path / "pulled")
+    pulled = tmp_path / "pulled"
+    assert_stock_client_pulls_the_run(s3, bucket, prefix, pulled)
+    history = s3.read_json(bucket, f"{prefix}/history.json")
+    # The optimizer's step count carried on across the kill: 4 epochs' worth at the end, not
+    # the 2 of a fresh start (each history row records it; model.keras has no optimizer).
+    assert [h["iterations"] for h in history] == [STEPS * (e + 1) for e in range(4)]
+    # TensorBoard: one file per split, whatever the killed process had sent; each epoch's
+    # step once, with the values of the history the resumed run kept.
+    assert sorted(p.relative_to(pulled).as_posix() for p in (pulled / "tensorboard").rglob("*")
+                  if p.is_file()) == sorted([eventlog.TRAIN, eventlog.VALIDATION])
+    events = assert_each_step_once(pulled, 4)
+    assert [v for _, v in sorted(events["epoch_loss"])] == pytest.approx(
+        [h["loss"] for h in history], rel=1e-5)
     config = s3.read_json(bucket, f"{prefix}/config.json")
     assert config["resumed_from_epoch"] == 2
     assert_inspection_commands_read_the_run(s3, bucket, prefix, 4, tmp_path)
@@ -98,20 +115,29 @@ def test_official_zip_killed_resumed_and_pulled(server, bucket, dataset, tmp_pat
     for text in (json.dumps(config), log.read_text(), result.stdout, result.stderr):
         assert s3.secret_key not in text
 
-    # The final model loads with plain Keras, takes raw 0-255 RGB images, and its optimizer
-    # step count carried on: 4 epochs' worth, not the 2 of a fresh start.
+    # The final model loads with plain Keras and takes raw 0-255 RGB images. It carries no
+    # optimizer state: about the size of the weights alone (Adam's moments would triple it).
     import keras
     import numpy as np
+    import tensorflow as tf
 
     import trainjob.model  # noqa: F401 - registers the preprocessing layer
 
-    path = tmp_path / "model.keras"
-    s3.client().download_file(bucket, f"{prefix}/model/model.keras", str(path))
+    path = pulled / "model" / "model.keras"
     model = keras.saving.load_model(path)
-    assert int(model.optimizer.iterations.numpy()) == 4 * STEPS
+    assert getattr(model, "optimizer", None) is None
+    assert path.stat().st_size < 1.2 * (pulled / "checkpoints/last.weights.h5").stat().st_size
     probs = model.predict(np.full((2, 32, 32, 3), 200.0, np.float32), verbose=0)
     assert probs.shape == (2, len(dataset_info["class_counts"]))
     assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-4)
+    # --export saved_model: TF Serving's format gives the same predictions.
+    x = np.random.default_rng(0).uniform(0, 255, (3, 32, 32, 3)).astype(np.float32)
+    served = tf.saved_model.load(str(pulled / "model" / "saved_model"))
+    np.testing.assert_allclose(served.serve(tf.constant(x)).numpy(), model.predict(x, verbose=0),
+                               atol=1e-5)
+    if s3.kind == "moto":  # the same files on every server: predicted once, for time
+        assert_predict_agrees_with_evaluation(s3, bucket, prefix, model, class_folders,
+                                              tmp_path)
 
     # Finished: the same command again is a no-op...
     manifest = s3.read(bucket, f"{prefix}/manifest.json")
@@ -135,10 +161,47 @@ def test_official_zip_killed_resumed_and_pulled(server, bucket, dataset, tmp_pat
     assert config2["settings"]["model"]["weights"].endswith("best.weights.h5")
 
     # ...and --overwrite trains afresh.
-    fresh = run_trainjob([*args, "--overwrite", "--epochs", "1"], s3.env(), tmp_path / "home2")
+    fresh = run_trainjob([*plain, "--overwrite", "--epochs", "1"], s3.env(), tmp_path / "home2")
     assert fresh.returncode == 0, fresh.stdout[-3000:] + fresh.stderr[-3000:]
     assert _csv_epochs(s3, bucket, prefix) == [0]
     assert s3.read(bucket, f"{prefix}/manifest.json") != manifest
+
+
+def assert_predict_agrees_with_evaluation(s3, bucket: str, prefix: str, model,
+                                          class_folders: Path, tmp_path: Path) -> None:
+    """`trainjob predict --model <run in the bucket>` on one image of each class, the CMYK
+    one and the truncated one: classes from classes.json, probabilities summing to 1, the
+    truncated file reported on stderr (exit 3) while the others are predicted, and each
+    top-1 equal to the model's own evaluation path (the pipeline's decode, resize, batch)."""
+    from trainjob import inputs
+    from trainjob.datasets import Sample, check_image
+
+    out = f"s3://{bucket}/{prefix}"
+    classes = s3.read_json(bucket, f"{prefix}/classes.json")
+    good = [sorted((class_folders / name).glob("image_*.jpg"))[0]
+            for name in sorted(classes.values())]
+    good += sorted(class_folders.glob("*/cmyk_0001.jpg"))
+    (bad,) = class_folders.glob("*/truncated_0001.jpg")
+    result = run_trainjob(["predict", "--model", out, *map(str, good[:2]), str(bad),
+                           *map(str, good[2:]), "--top-k", str(len(classes)), "--json"],
+                          s3.env(), tmp_path / "predict", timeout=300)
+    assert result.returncode == 3, result.stderr[-3000:]
+    errors = result.error_lines()
+    assert errors[0].startswith(f"trainjob: {bad}: unreadable image"), errors
+    assert "1 of" in errors[-1] and len(errors) == 2, errors
+    answers = json.loads(result.stdout)
+    assert [a["image"] for a in answers] == [*map(str, good[:2]), str(bad), *map(str, good[2:])]
+    assert answers.pop(2)["top"] == []
+    (tmp_path / "converted").mkdir(exist_ok=True)
+    usable = [str(check_image(p, tmp_path / "converted").usable) for p in good]
+    stream = inputs.evaluation_stream(
+        inputs.decoded([Sample(p, 0) for p in usable], 32, "none", tmp_path, "check"),
+        len(classes), 8)
+    evaluated = model.predict(stream, verbose=0)
+    for answer, row in zip(answers, evaluated, strict=True):
+        assert {c["class"] for c in answer["top"]} == set(classes.values())
+        assert sum(c["probability"] for c in answer["top"]) == pytest.approx(1.0, abs=1e-4)
+        assert answer["top"][0]["class"] == classes[str(int(row.argmax()))], answer
 
 
 def assert_inspection_commands_read_the_run(s3, bucket: str, prefix: str, epochs: int,
@@ -242,14 +305,10 @@ def test_sigterm_mid_epoch_then_late_sigterm_then_resume(s3, bucket, dataset, tm
     result = run_trainjob(args, s3.env(), tmp_path / "home")
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
     assert_complete_run(s3, bucket, "runs/term", epochs=3)
-    # Mid-epoch or not, the optimizer saw each of the 3 x STEPS batches exactly once.
-    import keras
-
-    import trainjob.model  # noqa: F401 - registers the preprocessing layer
-
-    path = tmp_path / "model.keras"
-    s3.client().download_file(bucket, "runs/term/model/model.keras", str(path))
-    assert int(keras.saving.load_model(path).optimizer.iterations.numpy()) == 3 * STEPS
+    # Mid-epoch or not, the optimizer saw each of the 3 x STEPS batches exactly once: its
+    # step count at each epoch end, as the history records it (model.keras has no optimizer).
+    history = s3.read_json(bucket, "runs/term/history.json")
+    assert [h["iterations"] for h in history] == [STEPS, 2 * STEPS, 3 * STEPS]
 
 
 def test_second_sigterm_exits_at_once(s3, bucket, dataset, tmp_path):

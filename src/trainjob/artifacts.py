@@ -30,16 +30,20 @@ LOG_CSV = "training_log.csv"
 HISTORY = "history.json"
 PLOT = "history.png"
 METRICS = "metrics.json"
+CONFUSION = "confusion.png"
+PER_CLASS = "per_class.png"
+TENSORBOARD = "tensorboard"
 MANIFEST = "manifest.json"
 LOCK = "run.lock.json"
 BEST = "checkpoints/best.weights.h5"
 LAST = "checkpoints/last.weights.h5"
 MODEL = "model/model.keras"
+SAVED_MODEL = "model/saved_model"
 BACKUP = "backup"
 NOT_PUBLISHED = (BACKUP + "/", LOCK, MANIFEST, ".")  # never listed in the manifest
 # Everything a run writes at the top of its folder; --overwrite removes only these.
-RUN_ENTRIES = (CONFIG, CLASSES, STATUS, LOG_CSV, HISTORY, PLOT, METRICS, MANIFEST,
-               BEST.split("/")[0], MODEL.split("/")[0], BACKUP)
+RUN_ENTRIES = (CONFIG, CLASSES, STATUS, LOG_CSV, HISTORY, PLOT, METRICS, CONFUSION, PER_CLASS,
+               MANIFEST, BEST.split("/")[0], MODEL.split("/")[0], TENSORBOARD, BACKUP)
 
 
 # What a resumed run needs back from the bucket: never the model, the manifest or the lock,
@@ -182,12 +186,11 @@ class RunFolder:
 
 def plot_history(history: list[dict[str, Any]], out: Path) -> None:
     """Loss and accuracy curves, train and validation."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
+    from trainjob.plots import pyplot
+
+    plt = pyplot()
     epochs = [h["epoch"] for h in history]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, metric in zip(axes, ("loss", "accuracy")):

@@ -90,6 +90,10 @@ def make_callbacks(cfg: Config, run: RunFolder, keeper: RunKeeper) -> list[keras
             patience=c.reduce_lr_patience,
             min_delta=c.reduce_lr_min_delta, cooldown=c.reduce_lr_cooldown, min_lr=c.reduce_lr_min_lr,
             verbose=1))
+    if cfg.output.tensorboard:
+        from trainjob import eventlog
+
+        keeper.state.add_epoch_writer(lambda history: eventlog.write_events(history, run.local))
     # Last: it must see every other callback's state after the epoch (DESIGN: BackupAndRestore
     # goes last for the same reason).
     callbacks.append(keeper)
@@ -162,6 +166,9 @@ class RunKeeper(keras.callbacks.Callback):
         opt = self.model.optimizer
         row = {"epoch": epoch, **{k: float(v) for k, v in logs.items()},
                "learning_rate": float(keras.ops.convert_to_numpy(opt.learning_rate)),
+               # The optimizer's step count, kept once backup/ is gone (model.keras has no
+               # optimizer): a resumed run continues it.
+               "iterations": int(keras.ops.convert_to_numpy(opt.iterations)),
                "seconds": round(time.monotonic() - self._epoch_started, 3),
                "finished_at": round(time.time(), 3)}
         self.state.end_epoch(epoch, row, **self._snapshot())

@@ -12,6 +12,7 @@ import click
 
 from trainjob import __version__
 from trainjob.commands import dataset as dataset_commands
+from trainjob.commands import predict as predict_commands
 from trainjob.commands import runs as runs_commands
 from trainjob.commands.options import ENV_PREFIX, GroupedCommand, config_option
 from trainjob.config import Config, option_fields
@@ -67,6 +68,7 @@ def train(ctx: click.Context, **options: Any) -> None:
 _add_config_options(train)
 cli.add_command(runs_commands.runs)
 cli.add_command(dataset_commands.dataset)
+cli.add_command(predict_commands.predict)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -192,6 +192,11 @@ class OutputConfig:
     backup_every_steps: int = option(0, "Also save resume state every N batches (0: epochs only).")
     upload_timeout: float = option(600.0, "At the end of the run, how long to keep retrying "
                                    "uploads to --output before failing with exit 4.")
+    export: str = option("none", "Also write the final model in another format: saved_model "
+                         "writes model/saved_model/ (TF Serving, SavedModel endpoints).",
+                         choices=("none", "saved_model"))
+    tensorboard: bool = option(False, "Write epoch scalars for TensorBoard under "
+                               "tensorboard/ in the run folder, synced with each epoch.")
 
     def __post_init__(self) -> None:
         if not self.output:

@@ -29,8 +29,8 @@ from trainjob.errors import DataError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ARCHIVE_SUFFIXES", "Catalog", "Sample", "Splits", "check_files", "check_usable",
-           "is_archive", "locate", "scan", "split", "unpack"]
+__all__ = ["ARCHIVE_SUFFIXES", "Catalog", "Sample", "Splits", "check_files", "check_image",
+           "check_usable", "is_archive", "locate", "scan", "split", "unpack"]
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
                   ".ppm", ".pgm"}
@@ -153,7 +153,7 @@ def check_files(root: Path, converted_dir: Path, *, include_background: bool = F
     converted_dir.mkdir(parents=True, exist_ok=True)
     with cache.using(converted_dir, tidy=lambda: _prune_converted(converted_dir)):
         with ThreadPoolExecutor(max_workers=threads) as pool:
-            checked = list(pool.map(lambda lp: _check_image(lp[1], converted_dir), files))
+            checked = list(pool.map(lambda lp: check_image(lp[1], converted_dir), files))
     samples, skipped, converted = [], [], 0
     modes: Counter[str] = Counter()
     for (label, path), check in zip(files, checked):
@@ -184,7 +184,7 @@ def _prune_converted(converted_dir: Path) -> None:
                  CONVERTED_MAX_AGE // 86_400, converted_dir)
 
 
-def _check_image(path: Path, converted_dir: Path) -> Checked:
+def check_image(path: Path, converted_dir: Path) -> Checked:
     """(path TensorFlow can decode, '', what it is) or (None, why the file is unusable)."""
     try:
         if path.stat().st_size == 0:

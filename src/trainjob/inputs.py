@@ -32,13 +32,8 @@ def decoded(samples: list[Sample], image_size: int, cache: str, cache_dir: Path,
     labels = [s.label for s in samples]
     ds = tf.data.Dataset.from_tensor_slices((paths, labels))
 
-    def load(path: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-        image = tf.image.resize(image, [image_size, image_size], antialias=True)
-        # uint8 halves the memory of the cache against float16 and is exact for 0-255 input.
-        return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8), label
-
-    ds = ds.map(load, num_parallel_calls=AUTOTUNE, deterministic=True)
+    ds = ds.map(lambda path, label: (decode_image(path, image_size), label),
+                num_parallel_calls=AUTOTUNE, deterministic=True)
     if cache == "memory":
         return ds.cache()
     if cache == "file":
@@ -59,6 +54,16 @@ def decoded(samples: list[Sample], image_size: int, cache: str, cache_dir: Path,
         cache_lib.keep(lock)  # held for the run within a cache.session()
         return ds.cache(str(prefix))
     return ds
+
+
+def decode_image(path: tf.Tensor, image_size: int) -> tf.Tensor:
+    """One image file (RGB or grayscale, as ``datasets.check_image`` leaves it) as uint8
+    RGB, resized to image_size x image_size: every split's decode, and ``trainjob
+    predict``'s, so a prediction sees exactly the pixels evaluation sees."""
+    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+    image = tf.image.resize(image, [image_size, image_size], antialias=True)
+    # uint8 halves the memory of the cache against float16 and is exact for 0-255 input.
+    return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
 
 
 def fingerprint_files(paths: list[str], image_size: int) -> str:

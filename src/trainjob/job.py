@@ -8,19 +8,16 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-import os
-import platform
 import shutil
-import sys
 import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from trainjob import (__version__, cache, cluster as clusters, datasets, datasource, phases,
-                      resume, storage, weights)
-from trainjob.artifacts import (BACKUP, CLASSES, CONFIG, LAST, MANIFEST, METRICS, MODEL, PLOT,
+from trainjob import (cache, cluster as clusters, datasets, datasource, phases, resume,
+                      runconfig, storage, weights)
+from trainjob.artifacts import (BACKUP, CLASSES, LAST, MANIFEST, METRICS, MODEL, PLOT,
                                 RUN_ENTRIES, STATUS, RunFolder, plot_history, read_json)
 from trainjob.cluster import Cluster
 from trainjob.config import Config
@@ -144,7 +141,7 @@ def _train(cfg: Config, run_dir: RunFolder, state: dict | None, lock: RunLock | 
     if state:
         resume.check_compatible(state, fingerprint)
     run_dir.write(CLASSES, {str(i): name for i, name in enumerate(catalog.classes)})
-    _write_config(cfg, run_dir, dataset_summary, timings, state)
+    runconfig.write(cfg, run_dir, dataset_summary, timings, state)
 
     # TensorFlow is imported only now: bad input fails above in a second, with no TF noise.
     from trainjob import callbacks as callbacks_lib, inputs, model as models, training
@@ -193,8 +190,8 @@ def _train(cfg: Config, run_dir: RunFolder, state: dict | None, lock: RunLock | 
         val_ds = inputs.evaluation_stream(val_base, num_classes, cfg.optim.batch_size) \
             if val_base is not None else None
         if lock:  # the chief records how the run is spread
-            _write_config(settings, run_dir, dataset_summary, timings, state,
-                          _distribution(cfg, group, replicas))
+            runconfig.write(settings, run_dir, dataset_summary, timings, state,
+                          runconfig.distribution(cfg, group, replicas))
         with strategy.scope():
             model = models.build_model(cfg.model, num_classes, initial)
             training.compile_model(model, cfg, num_classes)
@@ -255,17 +252,21 @@ def _train(cfg: Config, run_dir: RunFolder, state: dict | None, lock: RunLock | 
         metrics = training.evaluate(model, test_ds, splits.test, catalog.classes,
                                     predict=steploop.predict if group else None)
         run_dir.write(METRICS, metrics)
-        log.info("test: %s", {k: v for k, v in metrics.items() if not isinstance(v, dict)})
+        log.info("test: %s", {k: v for k, v in metrics.items()
+                              if not isinstance(v, (dict, list))})
+        from trainjob import exports, plots
+
+        plots.plot_test_split(metrics, catalog.classes, run_dir.local)
 
     with _timed(timings, "publish"):
         run_dir.path(MODEL).parent.mkdir(parents=True, exist_ok=True)
         models.backbone_of(model).trainable = True  # loads like any model, after any phase
-        model.save(run_dir.path(MODEL))
+        exports.write_model(model, run_dir.local, cfg.output.export)  # no optimizer state
         plot_history(keeper.history, run_dir.path(PLOT))
         run_dir.set_status("succeeded", error=None, finished=time.time(),
                            epochs_done=len(keeper.history))
-        _write_config(settings, run_dir, dataset_summary, timings, state,
-                      _distribution(cfg, group, replicas))
+        runconfig.write(settings, run_dir, dataset_summary, timings, state,
+                      runconfig.distribution(cfg, group, replicas))
         lock.check()
         run_dir.publish(timeout=cfg.output.upload_timeout)
     log.info("run finished: %s", run_dir.store.uri)
@@ -363,41 +364,6 @@ def _local_run_dir(cfg: Config) -> Path:
         return Path(key).expanduser().absolute()
     digest = hashlib.sha1(cfg.output.output.rstrip("/").encode()).hexdigest()[:16]
     return Path(cfg.runtime.work_dir) / "runs" / digest
-
-
-def _distribution(cfg: Config, group: Cluster | None, replicas: int) -> dict:
-    """How the run is spread, and the learning rate that follows from it."""
-    return {"workers": group.size if group else 1, "replicas": replicas,
-            "cluster": group.describe() if group else None, "lr_scaling": cfg.optim.lr_scaling,
-            "global_batch_size": cfg.optim.batch_size, "learning_rate": cfg.optim.learning_rate}
-
-
-def _write_config(cfg: Config, run_dir: RunFolder, dataset: dict, timings: dict,
-                  state: dict | None, distribution: dict | None = None) -> None:
-    run_dir.write(CONFIG, {
-        "settings": cfg.to_dict(),
-        "versions": _versions(),
-        "hardware": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                     "gpus": _gpu_names()},
-        "dataset": dataset,
-        "timings_seconds": {k: round(v, 2) for k, v in timings.items()},
-        "resumed_from_epoch": state["epoch"] if state else None,
-        "distribution": distribution,
-    })
-
-
-def _versions() -> dict[str, str]:
-    out = {"trainjob": __version__, "python": sys.version.split()[0]}
-    for name in ("tensorflow", "keras", "numpy", "boto3"):
-        mod = sys.modules.get(name)
-        if mod is not None:
-            out[name] = getattr(mod, "__version__", "?")
-    return out
-
-
-def _gpu_names() -> list[str]:
-    tf = sys.modules.get("tensorflow")
-    return [d.name for d in tf.config.list_physical_devices("GPU")] if tf else []
 
 
 def _as_job_error(exc: BaseException) -> BaseException:

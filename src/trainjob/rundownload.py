@@ -14,16 +14,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trainjob.artifacts import BEST, MANIFEST, MODEL, NOT_PUBLISHED, sha256
+from trainjob.artifacts import BEST, MANIFEST, MODEL, NOT_PUBLISHED, TENSORBOARD, sha256
 from trainjob.errors import ConfigError, StorageError
 from trainjob.storage import Store, check_inside
 
 log = logging.getLogger(__name__)
 
 # --only groups: a published file belongs to the first group whose prefix it has; the rest
-# (status, config, classes, metrics, the CSV, history) are the logs.
-GROUP_PREFIXES = {"model": MODEL.split("/")[0] + "/", "checkpoints": BEST.split("/")[0] + "/"}
-GROUPS = ("model", "checkpoints", "logs")
+# (status, config, classes, metrics, the CSV, history, the pictures) are the logs.
+GROUP_PREFIXES = {"model": MODEL.split("/")[0] + "/", "checkpoints": BEST.split("/")[0] + "/",
+                  "tensorboard": TENSORBOARD + "/"}
+GROUPS = ("model", "checkpoints", "tensorboard", "logs")
 
 
 @dataclass

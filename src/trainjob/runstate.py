@@ -22,6 +22,9 @@ from trainjob.errors import Preempted
 log = logging.getLogger(__name__)
 
 WriteWeights = Callable[[Path], None]
+# Writes files derived from the epoch records (e.g. TensorBoard events); returns them,
+# relative to the run folder, to go up in the epoch's generation.
+EpochWriter = Callable[[list[dict]], list[str]]
 
 
 class RunState:
@@ -40,6 +43,13 @@ class RunState:
         self._good_seq = int((restore or {}).get("seq", 0))  # the newest usable local pair
         self._stored_seq = self._good_seq  # the newest pair in the store
         self.phase: str | None = None  # the fine-tuning phase being trained (phases.py)
+        self.epoch_writers: list[EpochWriter] = []
+
+    def add_epoch_writer(self, writer: EpochWriter) -> None:
+        """Call ``writer`` with the history now (a resumed run rewrites what it derives
+        from the trimmed history) and after each epoch, its files in that generation."""
+        self.epoch_writers.append(writer)
+        writer(self.history)
 
     # --- at every batch end -------------------------------------------------------------
 
@@ -75,10 +85,11 @@ class RunState:
             row = {**row, "phase": self.phase}
         self.history.append(row)
         self.run.write(HISTORY, self.history, upload=False)
+        derived = [rel for writer in self.epoch_writers for rel in writer(self.history)]
         self._write_pair(epoch + 1, 0, write_weights, iterations, callbacks)
         self.run.set_status("running", epoch=epoch, epochs_done=epoch + 1, metrics=row,
                             phase=self.phase, upload=False)
-        self._commit(f"epoch {epoch}", (BEST,))
+        self._commit(f"epoch {epoch}", (BEST, *derived))
 
     def _write_pair(self, epoch: int, step: int, write_weights: WriteWeights, iterations: int,
                     callbacks: dict[str, dict[str, Any]]) -> dict:

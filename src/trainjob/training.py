@@ -18,8 +18,12 @@ from trainjob.config import Config
 from trainjob.datasets import Sample
 from trainjob.model import backbone_of, gpus, resolve_jit
 from trainjob.phases import HEAD
+from trainjob.plots import confusion_matrix
+from trainjob.runinfo import top_confusions
 
 log = logging.getLogger(__name__)
+
+RECORDED_CONFUSIONS = 20  # metrics.json's top_confusions; the whole matrix is there too
 
 
 def make_strategy(devices: list[str] | None = None) -> tf.distribute.Strategy:
@@ -140,7 +144,8 @@ def fit(model: keras.Model, train_ds: tf.data.Dataset, *, val_ds: tf.data.Datase
 
 def evaluate(model: keras.Model, test_ds: tf.data.Dataset, test: list[Sample],
              classes: list[str], predict=None) -> dict:
-    """Loss, accuracy, top-5, per-class accuracy and their mean (the Caltech101 figure).
+    """Loss, accuracy, top-5, per-class accuracy and their mean (the Caltech101 figure),
+    the confusion matrix (rows: true class) and its most frequent off-diagonal cells.
 
     One predict pass gives all of them; model.evaluate would trace and run a second pass.
     """
@@ -155,6 +160,8 @@ def evaluate(model: keras.Model, test_ds: tf.data.Dataset, test: list[Sample],
     top_k = np.argsort(-probs, axis=1)[:, :k]
     per_class = {name: float(np.mean(predicted[labels == i] == i))
                  for i, name in enumerate(classes) if np.any(labels == i)}
+    matrix = confusion_matrix(labels, predicted, len(classes)).tolist()
+    names = {str(i): name for i, name in enumerate(classes)}
     return {
         "test_images": len(test),
         "loss": float(-np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-7, 1)))),
@@ -162,4 +169,7 @@ def evaluate(model: keras.Model, test_ds: tf.data.Dataset, test: list[Sample],
         "top5_accuracy": float(np.mean(np.any(top_k == labels[:, None], axis=1))),
         "per_class_accuracy": per_class,
         "mean_per_class_accuracy": float(np.mean(list(per_class.values()))),
+        "confusion_matrix": matrix,
+        "top_confusions": top_confusions({"confusion_matrix": matrix}, names,
+                                         RECORDED_CONFUSIONS),
     }

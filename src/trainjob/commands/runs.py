@@ -153,8 +153,8 @@ def _pairs(items: list[tuple[str, object]]) -> str:
 @click.argument("uri")
 @click.argument("target", type=click.Path(file_okay=False, path_type=Path))
 @options.env_option("--only", name="only", metavar="GROUPS",
-                    help="Comma-separated groups to download: model, checkpoints, logs "
-                    "(logs: everything else). Default: all.")
+                    help="Comma-separated groups to download: "
+                    f"{', '.join(rundownload.GROUPS)} (logs: everything else). Default: all.")
 @options.env_option("--allow-unfinished", name="allow_unfinished", is_flag=True,
                     help="Without manifest.json, download what exists, unchecked.")
 @options.threads

@@ -9,6 +9,7 @@ store; ``server`` is each of the two in turn, for the end-to-end core.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import uuid
@@ -147,6 +148,17 @@ class Result:
 
 def _tf_noise(line: str) -> bool:
     return line.startswith(("WARNING: All log messages before absl", "I0000", "E0000", "W0000"))
+
+
+def free_ports(n: int) -> list[int]:
+    """n TCP ports free on 127.0.0.1 right now (for worker processes to bind)."""
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
 
 
 def trainjob_cmd(*args: str) -> list[str]:

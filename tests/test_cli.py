@@ -138,6 +138,8 @@ STR_VALUES = {
     "weights": "imagenet",
     "cache_dir": "/tmp/trainjob-env/cache",
     "work_dir": "/tmp/trainjob-env/work",
+    "worker_hosts": "10.0.0.{index}",
+    "worker_service": "other-service",
 }
 
 

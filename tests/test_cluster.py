@@ -13,20 +13,10 @@ import time
 
 import pytest
 
-from conftest import run_trainjob
+from conftest import free_ports, run_trainjob
 from trainjob.cluster import Cluster, resolve, wait_for_peers
 from trainjob.config import ClusterConfig
 from trainjob.errors import ClusterError, ConfigError
-
-
-def _ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def test_alone_without_tf_config_or_workers():
@@ -92,7 +82,7 @@ def _pair(ports: list[int]) -> list[Cluster]:
 
 
 def test_barrier_lets_workers_through_whatever_their_start_order():
-    clusters = _pair(_ports(3))
+    clusters = _pair(free_ports(3))
     errors: list[BaseException] = []
 
     def worker(cluster: Cluster, delay: float) -> None:
@@ -118,7 +108,7 @@ def test_barrier_lets_workers_through_whatever_their_start_order():
 
 
 def test_barrier_times_out_naming_the_missing_worker():
-    alone = _pair(_ports(2))[0]
+    alone = _pair(free_ports(2))[0]
     started = time.monotonic()
     with pytest.raises(ClusterError, match=r"worker 1 \(127\.0\.0\.1:\d+\) did not join "
                                            r"within --cluster-timeout 2s"):

@@ -155,21 +155,26 @@ def test_manifests_pass_strict_validation(variants, version):
                     f"Kubernetes {version}: install kubernetes-validate>=1.37")
     docs = [(name, doc) for name, rendered in variants.items() for doc in rendered]
     docs += [("secret.example.yaml", doc) for doc in load_all(K8S / "secret.example.yaml")]
+    errors = strict_k8s_errors(docs, version)
+    assert not errors, "\n".join(errors)
+
+
+def strict_k8s_errors(docs: list[tuple[str, dict]], version: str) -> list[str]:
+    """Each (name, resource) checked against Kubernetes ``version``'s schema, strictly."""
     errors = []
     for name, doc in docs:
         where = f"{name}: {doc['kind']}/{doc['metadata']['name']}"
         try:
             used = kubernetes_validate.validate(copy.deepcopy(doc), version, strict=True)
         except kubernetes_validate.ValidationError as exc:
-            path = ".".join(str(p) for p in exc.path)
-            errors.append(f"{where}: {path}: {exc.message}")
+            errors.append(f"{where}: {'.'.join(map(str, exc.path))}: {exc.message}")
             continue
         except kubernetes_validate.SchemaNotFoundError as exc:
             errors.append(f"{where}: {exc.message}")
             continue
         # validate() silently falls back to an older schema when one is missing.
         assert used == version, f"{where}: validated against {used}, not {version}"
-    assert not errors, "\n".join(errors)
+    return errors
 
 
 def test_k8s_is_the_base_alone():

@@ -24,7 +24,7 @@ yaml = pytest.importorskip("yaml")
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 jsonschema = pytest.importorskip("jsonschema")
 
-from test_k8s import (AWS_KEYS, COMPONENTS, K8S, KUBERNETES_VERSIONS, ROOT, find, load_all,
+from test_k8s import (AWS_KEYS, strict_k8s_errors, COMPONENTS, K8S, KUBERNETES_VERSIONS, ROOT, find, load_all,
                       render, require_kustomize)
 
 from trainjob.cli import train
@@ -179,19 +179,6 @@ def test_jobset_schema_check_rejects_mistakes(rendered, jobset_validator):
             node = node[key]
         node[path[-1]] = value
         assert not jobset_validator.is_valid(bad), path
-
-
-def strict_k8s_errors(docs: list[tuple[str, dict]], version: str) -> list[str]:
-    errors = []
-    for name, doc in docs:
-        where = f"{name}: {doc['kind']}/{doc['metadata']['name']}"
-        try:
-            used = kubernetes_validate.validate(copy.deepcopy(doc), version, strict=True)
-        except kubernetes_validate.ValidationError as exc:
-            errors.append(f"{where}: {'.'.join(map(str, exc.path))}: {exc.message}")
-            continue
-        assert used == version, f"{where}: validated against {used}, not {version}"
-    return errors
 
 
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)

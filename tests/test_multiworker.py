@@ -10,30 +10,19 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import SMALL, run_trainjob, start_trainjob
+from conftest import free_ports, SMALL, run_trainjob, start_trainjob
 from test_e2e import assert_complete_run
 from test_resume import STEPS, _csv_epochs, _status, _wait_for
 
 pytestmark = pytest.mark.e2e
 
 EPOCHS = 3
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def _tf_config(ports: list[int], index: int) -> str:
@@ -93,7 +82,7 @@ def _published_trainable_digest(s3, bucket: str, prefix: str, tmp_path: Path) ->
 def test_indexed_job_sigterm_then_tf_config_restart_completes(s3, bucket, dataset, tmp_path):
     prefix = "runs/multi"
     out = f"s3://{bucket}/{prefix}"
-    ports = _free_ports(2)
+    ports = free_ports(2)
     # 1. Configured as in an Indexed Job: JOB_COMPLETION_INDEX, --workers and a host
     #    pattern (here one host, a port per worker). SIGTERM to the worker that is not the
     #    chief, inside epoch 1: the whole group stops at one agreed step.
@@ -118,7 +107,7 @@ def test_indexed_job_sigterm_then_tf_config_restart_completes(s3, bucket, datase
     assert config["distribution"]["cluster"]["source"].startswith("JOB_COMPLETION_INDEX")
 
     # 2. The group restarts, configured by TF_CONFIG this time, resumes and publishes once.
-    ports = _free_ports(2)
+    ports = free_ports(2)
     envs = [s3.env(TF_CONFIG=_tf_config(ports, i)) for i in range(2)]
     pair = _start_pair(_args(dataset, out), envs, tmp_path, "second")
     assert _wait_all(pair) == [0, 0], pair[0][1].read_text()[-4000:]
@@ -138,7 +127,7 @@ def test_indexed_job_sigterm_then_tf_config_restart_completes(s3, bucket, datase
 def test_peer_killed_mid_epoch_then_group_restart_completes(s3, bucket, dataset, tmp_path):
     prefix = "runs/killed"
     out = f"s3://{bucket}/{prefix}"
-    ports = _free_ports(2)
+    ports = free_ports(2)
     envs = [s3.env(TF_CONFIG=_tf_config(ports, i)) for i in range(2)]
     pair = _start_pair(_args(dataset, out), envs, tmp_path, "first")
     (chief, chief_log), (other, _) = pair
@@ -151,7 +140,7 @@ def test_peer_killed_mid_epoch_then_group_restart_completes(s3, bucket, dataset,
     assert "a peer worker died or stopped responding" in chief_log.read_text()
     assert _status(s3, bucket, prefix)["state"] == "failed"
 
-    ports = _free_ports(2)
+    ports = free_ports(2)
     envs = [s3.env(TF_CONFIG=_tf_config(ports, i)) for i in range(2)]
     pair = _start_pair(_args(dataset, out), envs, tmp_path, "second")
     assert _wait_all(pair) == [0, 0], pair[0][1].read_text()[-4000:]
@@ -178,7 +167,7 @@ def test_peer_killed_mid_epoch_then_group_restart_completes(s3, bucket, dataset,
 
 
 def test_lone_worker_times_out_naming_its_peer(s3, bucket, dataset, tmp_path):
-    ports = _free_ports(2)
+    ports = free_ports(2)
     started = time.monotonic()
     result = run_trainjob(
         [*_args(dataset, f"s3://{bucket}/runs/alone"), "--cluster-timeout", "5"],

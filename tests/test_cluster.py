@@ -124,3 +124,19 @@ def test_global_batch_must_divide_among_workers(tmp_path):
     assert result.returncode == 2
     assert result.error_lines() == ["trainjob: error: --batch-size 7 is the global batch: it "
                                     "must divide evenly among the 2 workers"]
+
+
+def test_linear_lr_scaling_multiplies_both_rates_by_the_replicas():
+    from trainjob.config import Config
+    from trainjob.training import scale_learning_rates
+
+    cfg = Config.from_options(data="/d", output="/o", learning_rate=0.001,
+                              freeze_backbone_epochs=2, lr_scaling="linear")
+    scaled = scale_learning_rates(cfg, 4)
+    assert scaled.optim.learning_rate == pytest.approx(0.004)
+    assert scaled.optim.fine_tune_rate == pytest.approx(0.0004)  # lr / 10, scaled with it
+    explicit = Config.from_options(data="/d", output="/o", fine_tune_learning_rate=0.01,
+                                   lr_scaling="linear")
+    assert scale_learning_rates(explicit, 2).optim.fine_tune_rate == pytest.approx(0.02)
+    unscaled = Config.from_options(data="/d", output="/o", learning_rate=0.001)
+    assert scale_learning_rates(unscaled, 4).optim.learning_rate == 0.001

@@ -66,7 +66,12 @@ def all_sum(strategy: tf.distribute.Strategy, values: np.ndarray | list[float]) 
 
 def peer_failure(exc: BaseException, cluster: Cluster, collective_timeout: float) -> ClusterError:
     """The one line for a collective that failed because a peer did."""
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    # TensorFlow's message opens with "Graph execution error:" and a traceback of the
+    # graph; the cause is the first line that is not part of that frame.
+    noise = ("Graph execution error", "[[", "Detected at node", "File ", "The error could be",
+             "Additional GRPC", "Stack trace", "{{")
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    first = next((line for line in lines if not line.startswith(noise)), type(exc).__name__)
     return ClusterError(
         f"worker {cluster.index}: a peer worker died or stopped responding (collective "
         f"time-out {collective_timeout:g}s): {type(exc).__name__}: {first[:200]}; the group "

@@ -89,7 +89,7 @@ def _finished(store: storage.Store, cfg: Config) -> bool:
 
 
 def _run_locked(cfg: Config, run_dir: RunFolder, lock: RunLock, stop: resume.StopSignal,
-                group: Cluster | None) -> None:
+                group: Cluster | None = None) -> None:
     timings: dict[str, float] = {}
     state = _prepare(cfg, run_dir)
     now = time.time()

@@ -104,7 +104,13 @@ def test_learns_three_solid_colours_with_local_paths(tmp_path):
                           timeout=1500)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["accuracy"] >= 0.9, metrics
+    # Chance is 1/3, and so is a model that answers one class for everything. Usually all
+    # three are learned (>= 0.9); once in CI (commit 16345b8) one colour's test images went
+    # to another class after these 300 steps (0.67). More than one class learned, and a
+    # training loss that fell, is what a broken training cannot show.
+    assert metrics["accuracy"] >= 0.6, metrics
+    history = json.loads((out / "history.json").read_text())
+    assert history[-1]["loss"] < 0.5 * history[0]["loss"], history
     assert (out / "manifest.json").exists()
 
 

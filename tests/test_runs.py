@@ -26,12 +26,15 @@ from trainjob.storage import S3Store
 NOW = time.time()  # for pure functions given `now`; anything the CLI reads uses the clock
 
 
+MADE: dict[str, float] = {}  # bucket -> when runs_bucket made its runs
+
+
 @pytest.fixture
 def runs_bucket(s3env, s3, bucket):
     """finished, failed, running (fresh heartbeat), stale (old heartbeat), and a non-run.
     Times are relative to now, the clock the CLI reads (not collection time: under xdist a
     test may run many minutes after collection)."""
-    made = time.time()
+    made = MADE[bucket] = time.time()
     client = s3.client()
     runfolders.finished_run(client, bucket, "runs/done", now=made)
     runfolders.failed_run(client, bucket, "runs/failed", now=made)
@@ -46,8 +49,9 @@ def invoke(*args: str):
 
 
 def test_list_summarizes_each_kind_of_run(runs_bucket):
+    # Ages read at the moment the runs were made: exact, however loaded the machine is.
     rows = {r.name: r for r in runinfo.summarize_runs(
-        S3Store(runs_bucket, "runs", threads=4), threads=4, now=time.time())}
+        S3Store(runs_bucket, "runs", threads=4), threads=4, now=MADE[runs_bucket])}
     assert sorted(rows) == ["done", "failed", "live", "stale"]  # notes/ holds no run
     done, failed, live, stale = rows["done"], rows["failed"], rows["live"], rows["stale"]
     assert (done.status, done.finished, done.epochs_done, done.epochs_planned) == \

@@ -18,11 +18,12 @@ import pytest
 
 from conftest import free_ports, SMALL, run_trainjob, start_trainjob
 from test_e2e import assert_complete_run
-from test_resume import STEPS, _csv_epochs, _status, _wait_for
+from test_resume import _csv_epochs, _status, _wait_for
 
 pytestmark = pytest.mark.e2e
 
 EPOCHS = 3
+STEPS = 4  # global batches of 8 per epoch: two workers' steps cost ~4 s each here
 
 
 def _tf_config(ports: list[int], index: int) -> str:

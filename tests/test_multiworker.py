@@ -64,19 +64,14 @@ def _weights(tmp_path: Path, index: int) -> dict:
 
 
 def _published_trainable_digest(s3, bucket: str, prefix: str, tmp_path: Path) -> str:
-    import hashlib
-
     import keras
-    import numpy as np
 
     import trainjob.model  # noqa: F401 - registers the preprocessing layer
+    from trainjob.training import weights_digest
 
     path = tmp_path / "model.keras"
     s3.client().download_file(bucket, f"{prefix}/model/model.keras", str(path))
-    h = hashlib.sha256()
-    for v in keras.saving.load_model(path).trainable_weights:
-        h.update(np.ascontiguousarray(keras.ops.convert_to_numpy(v)).tobytes())
-    return h.hexdigest()
+    return weights_digest(keras.saving.load_model(path).trainable_weights)
 
 
 @pytest.mark.timeout(1500)

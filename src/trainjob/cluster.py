@@ -115,9 +115,10 @@ def wait_for_peers(cluster: Cluster, timeout: float) -> None:
     ClusterError naming the workers that did not come within ``timeout`` seconds."""
     port = int(cluster.workers[cluster.index].rpartition(":")[2])
     heard: set[int] = set()
-    listener = socket.create_server(("", port), reuse_port=False)
+    listener = socket.create_server(("", port))
     listener.settimeout(0.2)
     reached: set[int] = set()
+    everyone = {i for i, _ in cluster.peers()}
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
@@ -133,7 +134,6 @@ def wait_for_peers(cluster: Cluster, timeout: float) -> None:
                         heard.add(int(data.strip()))
             except OSError:
                 pass
-            everyone = {i for i, _ in cluster.peers()}
             if reached >= everyone and heard >= everyone:
                 log.info("worker %d: all %d workers are up", cluster.index, cluster.size)
                 return

@@ -38,9 +38,8 @@ def make_strategy(cluster: Cluster, *, cluster_timeout: float,
     try:
         strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
     except (ValueError, RuntimeError, tf.errors.OpError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ClusterError(f"worker {cluster.index} ({cluster.workers[cluster.index]}) could "
-                           f"not join the cluster: {first[:300]}") from exc
+                           f"not join the cluster: {_cause(exc)[:300]}") from exc
     log.info("cluster formed: %d workers, %d replicas", cluster.size,
              strategy.num_replicas_in_sync)
     return strategy
@@ -66,13 +65,18 @@ def all_sum(strategy: tf.distribute.Strategy, values: np.ndarray | list[float]) 
 
 def peer_failure(exc: BaseException, cluster: Cluster, collective_timeout: float) -> ClusterError:
     """The one line for a collective that failed because a peer did."""
-    # TensorFlow's message opens with "Graph execution error:" and a traceback of the
-    # graph; the cause is the first line that is not part of that frame.
-    noise = ("Graph execution error", "[[", "Detected at node", "File ", "The error could be",
-             "Additional GRPC", "Stack trace", "{{")
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    first = next((line for line in lines if not line.startswith(noise)), type(exc).__name__)
     return ClusterError(
         f"worker {cluster.index}: a peer worker died or stopped responding (collective "
-        f"time-out {collective_timeout:g}s): {type(exc).__name__}: {first[:200]}; the group "
-        "must restart, and resumes from the last save point")
+        f"time-out {collective_timeout:g}s): {type(exc).__name__}: {_cause(exc)[:200]}; the "
+        "group must restart, and resumes from the last save point")
+
+
+# TensorFlow's messages may open with "Graph execution error:" and a trace of the graph.
+_FRAME = ("Graph execution error", "[[", "Detected at node", "File ", "The error could be",
+          "Additional GRPC", "Stack trace", "{{")
+
+
+def _cause(exc: BaseException) -> str:
+    """The first line of a TensorFlow error that is not part of its frame."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return next((line for line in lines if not line.startswith(_FRAME)), type(exc).__name__)

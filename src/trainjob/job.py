@@ -191,7 +191,7 @@ def _train(cfg: Config, run_dir: RunFolder, state: dict | None, lock: RunLock | 
             if val_base is not None else None
         if lock:  # the chief records how the run is spread
             runconfig.write(settings, run_dir, dataset_summary, timings, state,
-                          runconfig.distribution(cfg, group, replicas))
+                            runconfig.distribution(cfg, group, replicas))
         with strategy.scope():
             model = models.build_model(cfg.model, num_classes, initial)
             training.compile_model(model, cfg, num_classes)
@@ -266,7 +266,7 @@ def _train(cfg: Config, run_dir: RunFolder, state: dict | None, lock: RunLock | 
         run_dir.set_status("succeeded", error=None, finished=time.time(),
                            epochs_done=len(keeper.history))
         runconfig.write(settings, run_dir, dataset_summary, timings, state,
-                      runconfig.distribution(cfg, group, replicas))
+                        runconfig.distribution(cfg, group, replicas))
         lock.check()
         run_dir.publish(timeout=cfg.output.upload_timeout)
     log.info("run finished: %s", run_dir.store.uri)

@@ -51,18 +51,22 @@ def scale_learning_rates(cfg: Config, replicas: int) -> Config:
         o, learning_rate=o.learning_rate * replicas, fine_tune_learning_rate=fine_tune))
 
 
+def weights_digest(variables: list) -> str:
+    """sha256 over the variables' values, in order."""
+    h = hashlib.sha256()
+    for v in variables:
+        h.update(np.ascontiguousarray(keras.ops.convert_to_numpy(v)).tobytes())
+    return h.hexdigest()
+
+
 def record_weights(model: keras.Model, out: Path, **fields: object) -> None:
     """Digests of this worker's weights (a private file): the trainable ones must agree
     across workers; BatchNorm's moving statistics are per worker."""
-    def digest(variables: list) -> str:
-        h = hashlib.sha256()
-        for v in variables:
-            h.update(np.ascontiguousarray(keras.ops.convert_to_numpy(v)).tobytes())
-        return h.hexdigest()
-
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({**fields, "trainable_sha256": digest(model.trainable_weights),
-                               "non_trainable_sha256": digest(model.non_trainable_weights)}))
+    out.write_text(json.dumps({**fields,
+                               "trainable_sha256": weights_digest(model.trainable_weights),
+                               "non_trainable_sha256": weights_digest(
+                                   model.non_trainable_weights)}))
 
 
 def compile_model(model: keras.Model, cfg: Config, num_classes: int,

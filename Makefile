@@ -23,8 +23,8 @@ XDIST := -n 2 --dist loadgroup
 test: $(STAMP)  ## the whole suite (Docker tests run as root or under CI=true)
 	$(BIN)/python -m pytest $(XDIST)
 
-test-fast: $(STAMP)  ## unit tests only
-	$(BIN)/python -m pytest $(XDIST) -m "not e2e and not docker"
+test-fast: $(STAMP)  ## unit tests only: no subprocess run, no container, no training
+	$(BIN)/python -m pytest $(XDIST) -m "not e2e and not docker and not training"
 
 lint: $(STAMP)
 	$(BIN)/hadolint Dockerfile

@@ -100,6 +100,7 @@ def test_a_history_without_validation_removes_the_validation_file(tmp_path):
     assert not (tmp_path / eventlog.VALIDATION).exists()
 
 
+@pytest.mark.training
 def test_tensorboard_option_writes_events_from_a_real_fit_with_iterations_recorded(tmp_path):
     """make_callbacks with --tensorboard, a tiny model's fit: each epoch's events are on
     disk, and each history row carries the optimizer's step count."""

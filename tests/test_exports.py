@@ -3,12 +3,15 @@ checked in test_resume.py): model.keras without optimizer state, and the SavedMo
 
 from __future__ import annotations
 
+import pytest
+
 import numpy as np
 
 from trainjob import exports
 from trainjob.artifacts import MODEL, SAVED_MODEL
 
 
+@pytest.mark.training
 def test_inference_file_has_no_optimizer_and_the_same_predictions(tmp_path):
     import keras
     import tensorflow as tf

@@ -132,6 +132,7 @@ def test_exp_decay_restarts_from_the_fine_tune_rate():
     assert cb.exp_decay(1e-2)(12, 9.0) == pytest.approx(1e-2 * np.exp(-0.2))
 
 
+@pytest.mark.training
 def test_frozen_phase_changes_only_the_head_then_the_backbone_trains(tmp_path):
     cfg = Config.from_options(data="/d", output="/o", image_size=SIZE, epochs=2,
                               freeze_backbone_epochs=1, learning_rate=1e-2, label_smoothing=0.1)

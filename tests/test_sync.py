@@ -107,7 +107,7 @@ def test_shutdown_fits_the_grace_period_when_the_store_hangs(s3, bucket, dataset
     releasing the lock must all end inside --grace-seconds."""
     prefix = "runs/hang"
     args = ["train", "--data", dataset, "--output", f"s3://{bucket}/{prefix}", "--epochs", "3",
-            "--steps-per-epoch", "30", "--grace-seconds", "8", *SMALL]
+            "--steps-per-epoch", "10", "--grace-seconds", "8", *SMALL]
     log = tmp_path / "job.log"
     with FaultProxy(s3.endpoint, slowdown=0.0, drop=0.0) as proxy:
         proc = start_trainjob(args, s3.env(AWS_ENDPOINT_URL=proxy.endpoint), tmp_path / "home", log)

@@ -95,6 +95,7 @@ def test_callback_list_follows_the_options(run):
     assert "LearningRateScheduler" in names
 
 
+@pytest.mark.training
 def test_resume_state_restores_callbacks_and_optimizer(run):
     """What Keras' BackupAndRestore forgets: EarlyStopping/ReduceLROnPlateau/checkpoint state."""
     x, y = _data()
@@ -128,6 +129,7 @@ def test_resume_state_restores_callbacks_and_optimizer(run):
     assert best.best == pytest.approx(state["callbacks"][f"ModelCheckpoint:{best.filepath}"]["best"])
 
 
+@pytest.mark.training
 def test_checkpoints_hold_weights_without_optimizer_state(run):
     import h5py
 
@@ -144,6 +146,7 @@ def test_checkpoints_hold_weights_without_optimizer_state(run):
     np.testing.assert_allclose(fresh.get_weights()[0], model.get_weights()[0])
 
 
+@pytest.mark.training
 def test_nan_loss_is_a_training_error_without_a_partial_epoch(run):
     x, y = _data()
     x[5] = np.nan
@@ -152,6 +155,7 @@ def test_nan_loss_is_a_training_error_without_a_partial_epoch(run):
     assert resume.load_state(run) is None  # nothing recorded for the broken epoch
 
 
+@pytest.mark.training
 def test_stop_signal_raises_preempted_and_saves_a_mid_epoch_point(run):
     x, y = _data(64)
     stop = resume.StopSignal()
@@ -194,6 +198,7 @@ print("MIRRORED-OK")
 """
 
 
+@pytest.mark.training
 def test_mirrored_strategy_over_two_devices_trains():
     """More than one device: MirroredStrategy, with our compile and fit (on 2 logical CPUs,
     as the test machines have no GPUs)."""
@@ -265,6 +270,7 @@ print("MIRRORED-RESUME-OK")
 """
 
 
+@pytest.mark.training
 def test_resume_under_mirrored_strategy(tmp_path):
     """Resume state saved under MirroredStrategy restores into a new strategy's model (the
     optimizer's slots built inside its scope), and training continues from there."""

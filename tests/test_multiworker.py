@@ -18,11 +18,11 @@ import pytest
 
 from conftest import free_ports, SMALL, run_trainjob, start_trainjob
 from test_e2e import assert_complete_run
-from test_resume import _csv_epochs, _status, _wait_for
+from test_resume import _csv_epochs, _hooks, _status, _wait_for
 
 pytestmark = pytest.mark.e2e
 
-EPOCHS = 3
+EPOCHS = 4  # the signal may land in epoch 1 or 2; the kill needs an epoch after that
 STEPS = 4  # global batches of 8 per epoch: two workers' steps cost ~4 s each here
 
 
@@ -107,7 +107,7 @@ def test_sigterm_then_peer_killed_then_group_restart_completes(s3, bucket, datas
     assert _wait_all(pair, timeout=120) == [143, 143], chief_log.read_text()[-3000:]
     assert _status(s3, bucket, prefix)["state"] == "preempted"
     state = s3.read_json(bucket, f"{prefix}/backup/state.json")
-    assert state["epoch"] == 1, state  # inside epoch 1: the kill below needs epoch 2 to end
+    assert state["epoch"] >= 1
     assert "a peer worker was signalled" in chief_log.read_text()
     # Only the chief writes to --output: the other worker's files stay in its own folder.
     assert (tmp_path / "home1" / "work" / "worker-1" / "status.json").exists()
@@ -116,12 +116,15 @@ def test_sigterm_then_peer_killed_then_group_restart_completes(s3, bucket, datas
     assert config["distribution"]["cluster"]["source"].startswith("JOB_COMPLETION_INDEX")
 
     # 2. The group restarts, configured by TF_CONFIG this time, and resumes where the
-    #    signal stopped it. A peer is SIGKILLed once epoch 1 is done: the chief fails its
-    #    next step and exits 4 within the collective time-out, naming the cause.
+    #    signal stopped it. The other worker pauses after that epoch, so the chief is inside
+    #    the next one, waiting on it, when it is SIGKILLed: the chief fails that step and
+    #    exits 4 within the collective time-out, naming the cause.
     envs = _tf_config_envs(s3)
+    envs[1]["TRAINJOB_TEST_HOOKS"] = _hooks(tmp_path, sleep_after_epoch={str(state["epoch"]): 120})
     pair = _start_pair(_args(dataset, out), envs, tmp_path, "second")
     (chief, chief_log), (other, other_log) = pair
-    _wait_for(lambda: _status(s3, bucket, prefix).get("epochs_done", 0) >= 2, chief, chief_log)
+    _wait_for(lambda: _status(s3, bucket, prefix).get("epochs_done", 0) > state["epoch"],
+              chief, chief_log)
     other.send_signal(signal.SIGKILL)
     started = time.monotonic()
     rc = chief.wait(timeout=150)
@@ -132,12 +135,12 @@ def test_sigterm_then_peer_killed_then_group_restart_completes(s3, bucket, datas
     for log in (chief_log, other_log):
         assert f"resuming at epoch {state['epoch']}, batch {state['step']}" in log.read_text()
 
-    # 3. The next restart resumes at the last epoch and publishes once.
+    # 3. The next restart resumes at the epoch the chief died in and publishes once.
     envs = _tf_config_envs(s3)
     pair = _start_pair(_args(dataset, out), envs, tmp_path, "third")
     assert _wait_all(pair) == [0, 0], pair[0][1].read_text()[-4000:]
     for _, log in pair:
-        assert "resuming at epoch 2, batch 0" in log.read_text()
+        assert f"resuming at epoch {state['epoch'] + 1}, batch 0" in log.read_text()
     assert _csv_epochs(s3, bucket, prefix) == list(range(EPOCHS))
     assert_complete_run(s3, bucket, prefix, epochs=EPOCHS)  # each epoch once, one manifest
     assert sum(k.endswith("manifest.json") for k in s3.keys(bucket, prefix + "/")) == 1

@@ -69,7 +69,9 @@ def test_official_zip_killed_resumed_and_pulled(server, bucket, dataset, class_f
     out = f"s3://{bucket}/{prefix}"
     plain = ["train", "--data", dataset, "--output", out, "--epochs", "4",
              "--steps-per-epoch", str(STEPS), "--no-restore-best", *SMALL,
-             "--optimizer", "adam"]
+             # Adam, the default, resumes its moments across the kill on moto; on SeaweedFS,
+             # where the store is the subject, SGD's train step traces in half the time.
+             "--optimizer", "adam" if s3.kind == "moto" else "sgd"]
     args = [*plain, "--tensorboard", "--export", "saved_model"]
     log = tmp_path / "first.log"
     # Pause after epoch index 1 so the kill lands at a known point, after status shows it.

@@ -62,7 +62,6 @@ def fit(model: keras.Model, train_ds: tf.data.Dataset, *, strategy: tf.distribut
         per_replica = strategy.run(replica_step, args=(x, y, flag))
         return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
 
-    _build_compiled_metrics(model, strategy, num_classes)
     evaluate = _validator(model, strategy, val_ds, loss_fn, k) if val_ds is not None else None
     callback_list = keras.callbacks.CallbackList(callbacks, model=model, add_history=False,
                                                  add_progbar=False)
@@ -96,18 +95,6 @@ def fit(model: keras.Model, train_ds: tf.data.Dataset, *, strategy: tf.distribut
         if model.stop_training:
             break
     callback_list.on_train_end(logs)
-
-
-def _build_compiled_metrics(model: keras.Model, strategy: tf.distribute.Strategy,
-                            num_classes: int) -> None:
-    """fit builds the compiled metrics on its first batch; callbacks in mode "auto"
-    (EarlyStopping, ModelCheckpoint, ReduceLROnPlateau) read each metric's direction from
-    them. This loop keeps its own sums, so it builds them once, for that alone."""
-    sample = keras.ops.zeros((1, num_classes))
-    with strategy.scope():
-        for metric in model.metrics:
-            if hasattr(metric, "metrics") and not metric.built:  # CompileMetrics
-                metric.build(sample, sample)
 
 
 def _sums(y: tf.Tensor, probs: tf.Tensor, per_sample: tf.Tensor, k: int) -> tf.Tensor:

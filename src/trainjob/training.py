@@ -84,6 +84,20 @@ def compile_model(model: keras.Model, cfg: Config, num_classes: int,
                  keras.metrics.TopKCategoricalAccuracy(k=min(5, num_classes), name="top5")],
         jit_compile=resolve_jit(cfg.model.jit_compile),
     )
+    build_metrics(model, num_classes)
+
+
+def build_metrics(model: keras.Model, num_classes: int) -> None:
+    """Create the compiled metrics' variables now, not in the first traced step.
+
+    Without a strategy scope of its own, Keras builds them while tracing the first train
+    step; creating variables there makes TensorFlow trace the whole step a second time
+    (measured: ResNet50's first fit 77 s against 44 s here). Callbacks in mode "auto" also
+    read each metric's direction from them. Call in the strategy's scope."""
+    sample = keras.ops.zeros((1, num_classes))
+    for metric in model.metrics:
+        if hasattr(metric, "metrics") and not metric.built:  # CompileMetrics
+            metric.build(sample, sample)
 
 
 def enter_phase(model: keras.Model, cfg: Config, num_classes: int, phase: str,

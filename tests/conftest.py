@@ -34,9 +34,9 @@ SMALL = ["--image-size", "32", "--batch-size", "8", "--max-bad-fraction", "0.25"
 
 
 # The slowest tests, slowest first (measured: docs/testing.md). Both xdist workers are busy
-# from the start only if the long tests start first: one started last keeps the other
-# worker idle to the end. xdist's loadgroup hands out the Docker group (its largest unit)
-# first, then follows this order; the quick tests fill in at the end.
+# to the end only if the long tests start first: one started last keeps the other worker
+# idle meanwhile. The Docker group (one xdist unit: the image build and two container
+# runs) goes first of all; the quick tests fill in at the end.
 SLOWEST_FIRST = [
     "test_sigterm_then_peer_killed_then_group_restart_completes",
     "test_official_zip_killed_resumed_and_pulled",
@@ -55,7 +55,8 @@ SLOWEST_FIRST = [
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
-    items.sort(key=lambda item: (rank.get(item.originalname, len(rank)),
+    items.sort(key=lambda item: (item.get_closest_marker("xdist_group") is None,
+                                 rank.get(item.originalname, len(rank)),
                                  item.get_closest_marker("e2e") is None))
 
 

@@ -3,9 +3,8 @@ checked in test_resume.py): model.keras without optimizer state, and the SavedMo
 
 from __future__ import annotations
 
-import pytest
-
 import numpy as np
+import pytest
 
 from trainjob import exports
 from trainjob.artifacts import MODEL, SAVED_MODEL

@@ -191,6 +191,26 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
+def consecutive_free_ports(n: int, tries: int = 50) -> int:
+    """The first of n consecutive TCP ports free on 127.0.0.1 right now (--worker-port's
+    workers listen on the port plus their index: free_ports' ports are not consecutive)."""
+    for _ in range(tries):
+        first = free_ports(1)[0]
+        socks = []
+        try:
+            for port in range(first, first + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no {n} consecutive free ports in {tries} tries")
+
+
 def trainjob_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "trainjob.cli", *args]
 

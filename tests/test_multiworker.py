@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_ports, SMALL, run_trainjob, start_trainjob
+from conftest import consecutive_free_ports, free_ports, SMALL, run_trainjob, start_trainjob
 from test_e2e import assert_complete_run
 from test_resume import _csv_epochs, _hooks, _status, _wait_for
 
@@ -88,13 +88,13 @@ def test_sigterm_then_peer_killed_then_group_restart_completes(s3, bucket, datas
     next restart completes. Then one worker with Keras' fit makes the same run folder."""
     prefix = "runs/multi"
     out = f"s3://{bucket}/{prefix}"
-    ports = free_ports(2)
+    first_port = consecutive_free_ports(2)
     # 1. Configured as in an Indexed Job: JOB_COMPLETION_INDEX, --workers and a host
     #    pattern (here one host, a port per worker). SIGTERM to the worker that is not the
     #    chief, inside epoch 1: the whole group stops at one agreed step.
     indexed = [s3.env(JOB_COMPLETION_INDEX=str(i)) for i in range(2)]
     args = _args(dataset, out, "--workers", "2", "--worker-hosts", "127.0.0.1:{port}",
-                 "--worker-port", str(ports[0]), "--backup-every-steps", "2")
+                 "--worker-port", str(first_port), "--backup-every-steps", "2")
     pair = _start_pair(args, indexed, tmp_path, "first")
     (chief, chief_log), (other, other_log) = pair
     _wait_for(lambda: _status(s3, bucket, prefix).get("epochs_done", 0) >= 1, chief, chief_log)

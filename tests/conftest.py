@@ -42,7 +42,6 @@ SLOWEST_FIRST = [
     "test_official_zip_killed_resumed_and_pulled",
     "test_learns_three_solid_colours_with_local_paths",
     "test_sigterm_mid_epoch_then_late_sigterm_then_resume",
-    "test_early_stopping_wait_survives_a_kill",
     "test_a_job_that_lost_its_lock_stops_writing_and_exits_6",
     "test_fast_epochs_keep_the_bucket_advancing_and_a_random_kill_resumes",
     "test_resume_across_the_phase_boundary",

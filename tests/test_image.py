@@ -31,7 +31,6 @@ from pathlib import Path
 import pytest
 from conftest import SMALL
 
-from trainjob.lock import pid_alive
 
 ROOT = Path(__file__).resolve().parents[1]
 # Under pytest-xdist the whole module runs on one worker: one dockerd, one image build.
@@ -142,15 +141,12 @@ def start_dockerd(log_dir: Path) -> Engine:
             apt_install("docker.io")
         except (RuntimeError, subprocess.TimeoutExpired) as exc:
             unavailable(f"cannot install docker.io: {exc}")
-    # A dockerd killed earlier (a previous session) leaves its pid file behind.
+    # A dockerd killed earlier (a previous session, or the machine image CI starts from) leaves
+    # its pid file behind, and dockerd refuses to start while the pid in it names any live
+    # process. Pids are reused, so the file is stale unless that pid is a dockerd now.
     pidfile = Path("/var/run/docker.pid")
-    if pidfile.exists():
-        try:
-            stale = not pid_alive(int(pidfile.read_text().strip() or 0))
-        except ValueError:
-            stale = True
-        if stale:
-            pidfile.unlink()
+    if pidfile.exists() and not names_a_dockerd(pidfile):
+        pidfile.unlink()
     log = log_dir / "dockerd.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(["dockerd", "--host", "unix:///var/run/docker.sock"],
@@ -166,6 +162,15 @@ def start_dockerd(log_dir: Path) -> Engine:
     tail = log.read_text(errors="replace")[-2000:]
     unavailable(f"dockerd did not answer `docker info` within 90 s (dockerd exit status: "
                 f"{proc.returncode}, None = still running); its log ends:\n{tail}")
+
+
+def names_a_dockerd(pidfile: Path) -> bool:
+    """Whether the pid in a dockerd pid file is a running dockerd (not a process that reused it)."""
+    try:
+        pid = int(pidfile.read_text().strip() or 0)
+        return pid > 0 and Path(f"/proc/{pid}/comm").read_text().strip() == "dockerd"
+    except (OSError, ValueError):
+        return False
 
 
 def stop_dockerd(engine: Engine) -> None:

@@ -235,44 +235,23 @@ def assert_inspection_commands_read_the_run(s3, bucket: str, prefix: str, epochs
         assert (dest / name).stat().st_size == entry["size"], name
 
 
-def test_early_stopping_wait_survives_a_kill(s3, bucket, class_folders, tmp_path):
-    """patience 2 on a scripted metric: best at epoch 1, worse after. With the wait count
-    restored the run stops after epoch 3; had it been lost it would run on to epoch 5.
-    The data is a prefix of class folders (not an archive), so the same runs also check
-    that input end to end."""
+def test_sigterm_mid_epoch_then_late_sigterm_then_resume(s3, bucket, class_folders, tmp_path):
+    """SIGTERM inside an epoch, then late in the rerun, then a third run publishes.
+
+    EarlyStopping's state rides along on a scripted metric (patience 2, best at epoch 1,
+    worse after): restored each time, it stops the run after epoch 3; had its wait count or
+    its best been lost, the run would go on to epoch 4. The data is a prefix of class
+    folders (not an archive), so the same runs check that input end to end."""
     upload_tree(s3, bucket, class_folders, "caltech/101_ObjectCategories/")
-    out = f"s3://{bucket}/runs/es"
-    args = ["train", "--data", f"s3://{bucket}/caltech/", "--output", out, "--epochs", "8",
-            "--steps-per-epoch", "2", "--early-stopping-monitor", "scripted",
-            "--early-stopping-mode", "min", "--early-stopping-patience", "2", *SMALL]
-    values = [1.0, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99]
-    log = tmp_path / "first.log"
-    env = s3.env(TRAINJOB_TEST_HOOKS=_hooks(tmp_path, metrics={"scripted": values},
-                                            sleep_after_epoch={"2": 120}))
-    proc = start_trainjob(args, env, tmp_path / "home", log)
-    _wait_for(lambda: _status(s3, bucket, "runs/es").get("epochs_done", 0) >= 3, proc, log)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    saved = s3.read_json(bucket, "runs/es/backup/state.json")["callbacks"]
-    assert saved["EarlyStopping:"]["wait"] == 1
-
-    # A new pod: it downloads the prefix again, object by object.
-    env2 = s3.env(TRAINJOB_TEST_HOOKS=_hooks(tmp_path, metrics={"scripted": values}))
-    result = run_trainjob(args, env2, tmp_path / "home2")
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
-    assert _csv_epochs(s3, bucket, "runs/es") == [0, 1, 2, 3]
-    assert_complete_run(s3, bucket, "runs/es", epochs=4)
-    config = s3.read_json(bucket, "runs/es/config.json")
-    assert config["dataset"]["download"]["objects_downloaded"] > 40
-
-
-def test_sigterm_mid_epoch_then_late_sigterm_then_resume(s3, bucket, dataset, tmp_path):
     out = f"s3://{bucket}/runs/term"
-    args = ["train", "--data", dataset, "--output", out, "--epochs", "3",
+    args = ["train", "--data", f"s3://{bucket}/caltech/", "--output", out, "--epochs", "5",
             "--steps-per-epoch", str(STEPS), "--backup-every-steps", "2", "--no-restore-best",
-            *SMALL]
+            "--early-stopping-monitor", "scripted", "--early-stopping-mode", "min",
+            "--early-stopping-patience", "2", *SMALL]
+    scripted = {"scripted": [1.0, 0.5, 0.6, 0.7, 0.8]}
     log = tmp_path / "first.log"
-    proc = start_trainjob(args, s3.env(), tmp_path / "home", log)
+    proc = start_trainjob(args, s3.env(TRAINJOB_TEST_HOOKS=_hooks(tmp_path, metrics=scripted)),
+                          tmp_path / "home", log)
     _wait_for(lambda: _status(s3, bucket, "runs/term").get("epochs_done", 0) >= 1, proc, log)
 
     # While it runs, a second job on the same output waits for the lock, then gives up.
@@ -293,10 +272,11 @@ def test_sigterm_mid_epoch_then_late_sigterm_then_resume(s3, bucket, dataset, tm
     assert not any(k.endswith("run.lock.json") for k in s3.keys(bucket, "runs/term/"))
 
     # The rerun resumes exactly there. A second SIGTERM lands late in it, after the last
-    # batch (during the last epoch's save): that one used to be ignored, and the job went on
+    # batch of epoch 2 (during its save): that one used to be ignored, and the job went on
     # to evaluate and publish. It must stop with 143 before publishing.
     log2 = tmp_path / "second.log"
-    env2 = s3.env(TRAINJOB_TEST_HOOKS=_hooks(tmp_path, sleep_after_epoch={"2": 6}))
+    env2 = s3.env(TRAINJOB_TEST_HOOKS=_hooks(tmp_path, metrics=scripted,
+                                             sleep_after_epoch={"2": 6}))
     proc = start_trainjob(args, env2, tmp_path / "home", log2)
     _wait_for(lambda: _status(s3, bucket, "runs/term").get("epochs_done", 0) >= 3, proc, log2)
     proc.send_signal(signal.SIGTERM)
@@ -304,15 +284,23 @@ def test_sigterm_mid_epoch_then_late_sigterm_then_resume(s3, bucket, dataset, tm
     assert f"resuming at epoch {state['epoch']}, batch {state['step']}" in log2.read_text()
     assert s3.read_json(bucket, "runs/term/status.json")["state"] == "preempted"
     assert not any(k.endswith("manifest.json") for k in s3.keys(bucket, "runs/term/"))
+    # Epoch 1 was the best (0.5), epoch 2 worse: one epoch of patience used, kept in the bucket.
+    saved = s3.read_json(bucket, "runs/term/backup/state.json")["callbacks"]
+    assert saved["EarlyStopping:"]["wait"] == 1 and saved["EarlyStopping:"]["best"] == 0.5
 
-    # A third run publishes from the saved state.
-    result = run_trainjob(args, s3.env(), tmp_path / "home")
+    # A third run, a new pod (it downloads the prefix again, object by object), publishes
+    # from the saved state: epoch 3 uses the last of the patience, and the run stops there.
+    result = run_trainjob(args, s3.env(TRAINJOB_TEST_HOOKS=_hooks(tmp_path, metrics=scripted)),
+                          tmp_path / "home2")
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
-    assert_complete_run(s3, bucket, "runs/term", epochs=3)
-    # Mid-epoch or not, the optimizer saw each of the 3 x STEPS batches exactly once: its
+    assert _csv_epochs(s3, bucket, "runs/term") == [0, 1, 2, 3]
+    assert_complete_run(s3, bucket, "runs/term", epochs=4)
+    config = s3.read_json(bucket, "runs/term/config.json")
+    assert config["dataset"]["download"]["objects_downloaded"] > 40
+    # Mid-epoch or not, the optimizer saw each of the 4 x STEPS batches exactly once: its
     # step count at each epoch end, as the history records it (model.keras has no optimizer).
     history = s3.read_json(bucket, "runs/term/history.json")
-    assert [h["iterations"] for h in history] == [STEPS, 2 * STEPS, 3 * STEPS]
+    assert [h["iterations"] for h in history] == [STEPS, 2 * STEPS, 3 * STEPS, 4 * STEPS]
 
 
 def test_second_sigterm_exits_at_once(s3, bucket, dataset, tmp_path):

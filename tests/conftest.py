@@ -42,7 +42,6 @@ SLOWEST_FIRST = [
     "test_official_zip_killed_resumed_and_pulled",
     "test_learns_three_solid_colours_with_local_paths",
     "test_sigterm_mid_epoch_then_late_sigterm_then_resume",
-    "test_a_job_that_lost_its_lock_stops_writing_and_exits_6",
     "test_fast_epochs_keep_the_bucket_advancing_and_a_random_kill_resumes",
     "test_resume_across_the_phase_boundary",
     "test_a_short_outage_does_not_fail_the_run",
@@ -57,6 +56,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: (item.get_closest_marker("xdist_group") is None,
                                  rank.get(item.originalname, len(rank)),
                                  item.get_closest_marker("e2e") is None))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """From pytest 9.2, xdist's --dist loadgroup silently stops grouping (pytest-xdist#1386):
+    the Docker group would land on both workers, and one worker's dockerd stop the other's
+    engine under its tests. Say so in one line instead."""
+    version = tuple(int(part) for part in pytest.__version__.split(".")[:2])
+    if config.getoption("dist", None) == "loadgroup" and version >= (9, 2):
+        raise pytest.UsageError(
+            f"pytest {pytest.__version__} does not group tests under --dist loadgroup "
+            "(pytest-xdist#1386): install the test extra's pytest<9.2 (pyproject.toml)")
 
 
 @pytest.fixture(scope="session")

@@ -141,9 +141,9 @@ def start_dockerd(log_dir: Path) -> Engine:
             apt_install("docker.io")
         except (RuntimeError, subprocess.TimeoutExpired) as exc:
             unavailable(f"cannot install docker.io: {exc}")
-    # A dockerd killed earlier (a previous session, or the machine image CI starts from) leaves
-    # its pid file behind, and dockerd refuses to start while the pid in it names any live
-    # process. Pids are reused, so the file is stale unless that pid is a dockerd now.
+    # A dockerd killed earlier (a test run stopped half-way) leaves its pid file behind, and
+    # dockerd refuses to start while the pid in it names any live process. Pids are reused,
+    # so the file is stale unless that pid is a dockerd now.
     pidfile = Path("/var/run/docker.pid")
     if pidfile.exists() and not names_a_dockerd(pidfile):
         pidfile.unlink()

@@ -1,4 +1,4 @@
-"""Resumable runs: SIGKILL, SIGTERM, callback state, S3 faults, locks, finished runs.
+"""Resumable runs: SIGKILL, SIGTERM, a lost run lock, callback state, S3 faults, finished runs.
 
 Real processes against a real S3 server over HTTP; faults come from a real proxy.
 """
@@ -15,11 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SMALL, run_trainjob, start_trainjob, upload_tree
+from conftest import SMALL, point_boto3_at, run_trainjob, start_trainjob, upload_tree
 from faultproxy import FaultProxy
 from test_e2e import assert_complete_run, assert_stock_client_pulls_the_run
 from test_eventlog import assert_each_step_once
-from trainjob import eventlog
+from trainjob import eventlog, s3client
+from trainjob.artifacts import LOCK
+from trainjob.lock import RunLock
+from trainjob.storage import S3Store
 
 pytestmark = pytest.mark.e2e
 
@@ -58,12 +61,14 @@ def _hooks(tmp_path: Path, **hooks) -> str:
 
 @pytest.mark.timeout(1800)  # four runs on moto: well over the default per-test limit
 def test_official_zip_killed_resumed_and_pulled(server, bucket, dataset, class_folders,
-                                               tmp_path):
-    """The core run, on each server: the official zip, trained, SIGKILLed after two of four
+                                               tmp_path, monkeypatch):
+    """The core run, on each server: the official zip, trained, stopped after two of four
     epochs, resumed by a new pod with an empty disk, then checked file by file against the
-    manifest and pulled with the stock client. One run serves all of it (the suite's time
-    budget): the resumed run is the complete run, and its TensorBoard events, SavedModel
-    and `trainjob predict` are checked on it."""
+    manifest and pulled with the stock client. On moto a SIGKILL stops it; on SeaweedFS,
+    whose conditional writes are real, another owner takes its run lock and it must go
+    quiet and exit 6. One run serves all of it (the suite's time budget): the resumed run
+    is the complete run, and its TensorBoard events, SavedModel and `trainjob predict` are
+    checked on it."""
     s3 = server
     prefix = "runs/kill"
     out = f"s3://{bucket}/{prefix}"
@@ -74,12 +79,18 @@ def test_official_zip_killed_resumed_and_pulled(server, bucket, dataset, class_f
              "--optimizer", "adam" if s3.kind == "moto" else "sgd"]
     args = [*plain, "--tensorboard", "--export", "saved_model"]
     log = tmp_path / "first.log"
-    # Pause after epoch index 1 so the kill lands at a known point, after status shows it.
-    env = s3.env(TRAINJOB_TEST_HOOKS=_hooks(tmp_path, sleep_after_epoch={"1": 120}))
-    proc = start_trainjob(args, env, tmp_path / "home", log)
+    # A pause after epoch index 1, so the stop lands at a known point, after status shows it:
+    # long for the kill; for the lock, long enough to take it (with a heartbeat a second).
+    hooks = ({"sleep_after_epoch": {"1": 120}} if s3.kind == "moto"
+             else {"sleep_after_epoch": {"1": 15}, "lock_heartbeat_seconds": 1})
+    proc = start_trainjob(args, s3.env(TRAINJOB_TEST_HOOKS=_hooks(tmp_path, **hooks)),
+                          tmp_path / "home", log)
     _wait_for(lambda: _status(s3, bucket, prefix).get("epochs_done", 0) >= 2, proc, log)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
+    if s3.kind == "moto":
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    else:
+        _take_the_lock_from(proc, log, s3, bucket, prefix, monkeypatch, tmp_path)
     assert not any(k.endswith("manifest.json") for k in s3.keys(bucket, prefix + "/"))
     state = s3.read_json(bucket, f"{prefix}/backup/state.json")
     assert state["epoch"] == 2
@@ -169,6 +180,34 @@ def test_official_zip_killed_resumed_and_pulled(server, bucket, dataset, class_f
     assert config2["dataset"]["download"]["objects_downloaded"] == 0
     assert config2["dataset"]["download"]["objects_cached"] == 1
     assert config2["settings"]["model"]["weights"].endswith("weights/best.weights.h5")
+
+
+def _take_the_lock_from(proc, log: Path, s3, bucket: str, prefix: str, monkeypatch,
+                        tmp_path: Path) -> None:
+    """Another owner takes a running job's run lock: the job stops writing the run and exits
+    6, one error line, status left "running". (test_lock_processes.py tests the lock's
+    compare-and-swap and races with small processes; here it is the real job.)"""
+    def etags() -> dict[str, str]:  # every object of the run but the lock
+        return {k: o["ETag"] for page in s3.client().get_paginator("list_objects_v2").paginate(
+                Bucket=bucket, Prefix=prefix + "/") for o in page.get("Contents", [])
+                if not (k := o["Key"]).endswith(LOCK)}
+
+    point_boto3_at(s3, monkeypatch, tmp_path)
+    taker = RunLock(S3Store(bucket, prefix, threads=2))
+    try:
+        taker.acquire(force=True, timeout=10, poll=0.05)
+        time.sleep(2.0)  # one heartbeat (1 s) and a margin: the job knows by now
+        frozen = etags()
+        assert proc.wait(timeout=120) == 6, log.read_text()[-3000:]
+        assert etags() == frozen, "the job wrote after losing the lock"
+        assert RunLock(S3Store(bucket, prefix)).store.read_json(LOCK)["token"] == taker.token
+    finally:
+        proc.kill()
+        taker.release()
+        s3client._clients.clear()
+    errors = [line for line in log.read_text().splitlines() if line.startswith("trainjob: error")]
+    assert len(errors) == 1 and "lost the run lock" in errors[0], errors
+    assert _status(s3, bucket, prefix)["state"] == "running"
 
 
 def assert_predict_agrees_with_evaluation(s3, bucket: str, prefix: str, model,

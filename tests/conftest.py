@@ -47,7 +47,6 @@ SLOWEST_FIRST = [
     "test_a_short_outage_does_not_fail_the_run",
     "test_uploads_failing_after_retries_exit_4_and_keep_local_files",
     "test_shutdown_fits_the_grace_period_when_the_store_hangs",
-    "test_completes_through_faulty_s3",
 ]
 
 

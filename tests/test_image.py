@@ -31,7 +31,6 @@ from pathlib import Path
 import pytest
 from conftest import SMALL
 
-
 ROOT = Path(__file__).resolve().parents[1]
 # Under pytest-xdist the whole module runs on one worker: one dockerd, one image build.
 pytestmark = pytest.mark.xdist_group("docker")

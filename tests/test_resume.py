@@ -187,10 +187,15 @@ def _take_the_lock_from(proc, log: Path, s3, bucket: str, prefix: str, monkeypat
     """Another owner takes a running job's run lock: the job stops writing the run and exits
     6, one error line, status left "running". (test_lock_processes.py tests the lock's
     compare-and-swap and races with small processes; here it is the real job.)"""
-    def etags() -> dict[str, str]:  # every object of the run but the lock
-        return {k: o["ETag"] for page in s3.client().get_paginator("list_objects_v2").paginate(
-                Bucket=bucket, Prefix=prefix + "/") for o in page.get("Contents", [])
-                if not (k := o["Key"]).endswith(LOCK)}
+    def etags() -> dict[str, str]:
+        """Every object of the run but the lock, with its ETag."""
+        out = {}
+        for page in s3.client().get_paginator("list_objects_v2").paginate(
+                Bucket=bucket, Prefix=prefix + "/"):
+            for obj in page.get("Contents", []):
+                if not obj["Key"].endswith(LOCK):
+                    out[obj["Key"]] = obj["ETag"]
+        return out
 
     point_boto3_at(s3, monkeypatch, tmp_path)
     taker = RunLock(S3Store(bucket, prefix, threads=2))

@@ -31,6 +31,12 @@ from s3server import S3Server, start_moto, start_seaweed, stop_server  # noqa: E
 # kept where it is the subject: the core kill-and-resume run and learnability.
 SMALL = ["--image-size", "32", "--batch-size", "8", "--max-bad-fraction", "0.25",
          "--threads", "4", "--optimizer", "sgd"]
+# Test hooks for the runs whose subject is the store, the lock, the uploader or the run
+# state, not the model: a stand-in backbone with ResNet50's weight count, so checkpoints and
+# resume pairs have ResNet50's bytes, without its tracing (about 25 s of a core per process)
+# or its steps (model.stand_in_backbone). ResNet50 itself is trained where it is the subject:
+# learnability, the core run on moto, the containers and the several-worker run.
+STAND_IN = {"stand_in_backbone": True}
 
 
 # The slowest tests, slowest first (measured: docs/testing.md). Both xdist workers are busy

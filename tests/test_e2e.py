@@ -94,16 +94,16 @@ def assert_stock_client_pulls_the_run(s3, bucket: str, prefix: str, dest: Path) 
 @pytest.mark.timeout(1800)  # 300 steps: ~6 min alone, longer beside another xdist worker
 def test_learns_three_solid_colours_with_local_paths(tmp_path):
     """The smallest run that tells learning from not learning (docs/testing.md has the
-    runs): 300 steps of 16, because ResNet50's BatchNorm moving statistics (momentum 0.99)
-    need a few hundred steps before inference-mode predictions reflect what training
-    learned, and batches of 4 leave them too noisy. In 3 epochs, not 10: the same steps
-    with fewer checkpoints and validations. The same run with the labels shuffled fails
-    both assertions."""
+    runs): 300 steps, because ResNet50's BatchNorm moving statistics (momentum 0.99) need a
+    few hundred steps before inference-mode predictions reflect what training learned; of
+    8, because a step's cost grows with the batch and batches of 4 leave the statistics
+    too noisy. In 3 epochs, not 10: the same steps with fewer checkpoints and validations.
+    The same run with the labels shuffled fails both assertions."""
     data = tmp_path / "colours"
     sampledata.make_solid_classes(data, per_class=40)
     out = tmp_path / "run"
     result = run_trainjob(["train", "--data", str(data), "--output", str(out), "--epochs", "3",
-                           "--image-size", "32", "--batch-size", "16", "--steps-per-epoch",
+                           "--image-size", "32", "--batch-size", "8", "--steps-per-epoch",
                            "100", "--threads", "2"], {**_plain_env()}, tmp_path / "home",
                           timeout=1500)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -65,3 +65,27 @@ def test_weights_file_is_loaded_and_a_mismatch_is_a_config_error(tmp_path):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(ConfigError, match="cannot load"):
         models.build_model(ModelConfig(image_size=32, weights=str(path)), 5, full)
+
+
+def test_the_test_stand_in_has_resnet50s_bytes_and_only_under_its_hook(tmp_path, monkeypatch):
+    """The stand-in backbone (a test hook) stands for ResNet50 in the store's tests: its
+    checkpoints must be as big, and it must be the backbone the rest of the job knows."""
+    import json
+
+    from trainjob.hooks import ENV
+
+    real = models.build_model(ModelConfig(image_size=32), num_classes=3)
+    hooks = tmp_path / "hooks.json"
+    hooks.write_text(json.dumps({"stand_in_backbone": True}))
+    monkeypatch.setenv(ENV, str(hooks))
+    stand_in = models.build_model(ModelConfig(image_size=32), num_classes=3)
+    resnet, small = models.backbone_of(real), models.backbone_of(stand_in)
+    assert len(resnet.layers) > 100 and len(small.layers) < 10
+    assert small.output_shape == resnet.output_shape == (None, models.FEATURES)
+    assert abs(stand_in.count_params() - real.count_params()) < 1e-3 * real.count_params()
+    sizes = []
+    for name, model in (("real", real), ("stand_in", stand_in)):
+        path = tmp_path / f"{name}.weights.h5"
+        model.save_weights(path)
+        sizes.append(path.stat().st_size)
+    assert abs(sizes[0] - sizes[1]) < 0.01 * sizes[0], sizes

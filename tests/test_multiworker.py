@@ -1,9 +1,11 @@
 """Several workers: real `trainjob train` processes on 127.0.0.1 forming a
 MultiWorkerMirroredStrategy cluster, against a real S3 server over HTTP.
 
-Each launch pays ResNet50's tracing in two processes at once, so one run is shared: the
-Indexed-Job launch gets SIGTERM, its restart (configured by TF_CONFIG) loses a peer to
-SIGKILL, and the next restart is the complete two-worker run checked file by file.
+One run is shared: the Indexed-Job launch gets SIGTERM, its restart (configured by
+TF_CONFIG) loses a peer to SIGKILL, and the next restart is the complete two-worker run
+checked file by file. The cluster is the subject, so the workers train the stand-in
+backbone (ResNet50's weight count, a sliver of its compute): two processes tracing ResNet50
+at once cost about a minute of both cores per launch.
 """
 
 from __future__ import annotations
@@ -16,14 +18,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import consecutive_free_ports, free_ports, SMALL, run_trainjob, start_trainjob
+from conftest import (consecutive_free_ports, free_ports, SMALL, STAND_IN, run_trainjob,
+                      start_trainjob)
 from test_e2e import assert_complete_run
 from test_resume import _csv_epochs, _hooks, _status, _wait_for
 
 pytestmark = pytest.mark.e2e
 
 EPOCHS = 4  # the signal may land in epoch 1 or 2; the kill needs an epoch after that
-STEPS = 4  # global batches of 8 per epoch: two workers' steps cost ~4 s each here
+STEPS = 4  # global batches of 8 per epoch
 
 
 def _tf_config(ports: list[int], index: int) -> str:
@@ -31,10 +34,10 @@ def _tf_config(ports: list[int], index: int) -> str:
                        "task": {"type": "worker", "index": index}})
 
 
-def _tf_config_envs(s3) -> list[dict[str, str]]:
+def _tf_config_envs(s3, hooks: str) -> list[dict[str, str]]:
     """Each worker's environment for a group configured by TF_CONFIG, on fresh ports."""
     ports = free_ports(2)
-    return [s3.env(TF_CONFIG=_tf_config(ports, i)) for i in range(2)]
+    return [s3.env(TF_CONFIG=_tf_config(ports, i), TRAINJOB_TEST_HOOKS=hooks) for i in range(2)]
 
 
 def _args(dataset: str, out: str, *extra: str) -> list[str]:
@@ -82,17 +85,19 @@ def _published_trainable_digest(s3, bucket: str, prefix: str, tmp_path: Path) ->
 
 @pytest.mark.timeout(1800)
 def test_sigterm_then_peer_killed_then_group_restart_completes(s3, bucket, dataset, tmp_path):
-    """One run, three launches of the group, so that ResNet50 is traced by two processes at
-    once three times, not four (the suite's time budget): SIGTERM to the worker that is not
-    the chief (an Indexed Job's pods); the restart (TF_CONFIG) loses a peer to SIGKILL; the
-    next restart completes. Then one worker with Keras' fit makes the same run folder."""
+    """One run, three launches of the group (the suite's time budget): SIGTERM to the
+    worker that is not the chief (an Indexed Job's pods); the restart (TF_CONFIG) loses a
+    peer to SIGKILL; the next restart completes. Then one worker with Keras' fit makes the
+    same run folder."""
     prefix = "runs/multi"
     out = f"s3://{bucket}/{prefix}"
     first_port = consecutive_free_ports(2)
     # 1. Configured as in an Indexed Job: JOB_COMPLETION_INDEX, --workers and a host
     #    pattern (here one host, a port per worker). SIGTERM to the worker that is not the
     #    chief, inside epoch 1: the whole group stops at one agreed step.
-    indexed = [s3.env(JOB_COMPLETION_INDEX=str(i)) for i in range(2)]
+    # Steps as long as ResNet50's (two workers, 32 px), so the signal lands inside training.
+    paced = _hooks(tmp_path, "paced.json", **STAND_IN, sleep_after_batch=2.0)
+    indexed = [s3.env(JOB_COMPLETION_INDEX=str(i), TRAINJOB_TEST_HOOKS=paced) for i in range(2)]
     args = _args(dataset, out, "--workers", "2", "--worker-hosts", "127.0.0.1:{port}",
                  "--worker-port", str(first_port), "--backup-every-steps", "2")
     pair = _start_pair(args, indexed, tmp_path, "first")
@@ -119,8 +124,9 @@ def test_sigterm_then_peer_killed_then_group_restart_completes(s3, bucket, datas
     #    signal stopped it. The other worker pauses after that epoch, so the chief is inside
     #    the next one, waiting on it, when it is SIGKILLed: the chief fails that step and
     #    exits 4 within the collective time-out, naming the cause.
-    envs = _tf_config_envs(s3)
-    envs[1]["TRAINJOB_TEST_HOOKS"] = _hooks(tmp_path, sleep_after_epoch={str(state["epoch"]): 120})
+    envs = _tf_config_envs(s3, paced)
+    envs[1]["TRAINJOB_TEST_HOOKS"] = _hooks(tmp_path, "pause.json", **STAND_IN,
+                                            sleep_after_epoch={str(state["epoch"]): 120})
     pair = _start_pair(_args(dataset, out), envs, tmp_path, "second")
     (chief, chief_log), (other, other_log) = pair
     _wait_for(lambda: _status(s3, bucket, prefix).get("epochs_done", 0) > state["epoch"],
@@ -136,7 +142,8 @@ def test_sigterm_then_peer_killed_then_group_restart_completes(s3, bucket, datas
         assert f"resuming at epoch {state['epoch']}, batch {state['step']}" in log.read_text()
 
     # 3. The next restart resumes at the epoch the chief died in and publishes once.
-    envs = _tf_config_envs(s3)
+    stand_in = _hooks(tmp_path, "stand_in.json", **STAND_IN)
+    envs = _tf_config_envs(s3, stand_in)
     pair = _start_pair(_args(dataset, out), envs, tmp_path, "third")
     assert _wait_all(pair) == [0, 0], pair[0][1].read_text()[-4000:]
     for _, log in pair:
@@ -152,8 +159,8 @@ def test_sigterm_then_peer_killed_then_group_restart_completes(s3, bucket, datas
 
     # One worker trains with Keras' fit, several with the custom step: the run folders must
     # be alike, file for file and field for field (docs/distributed.md says why both).
-    single = run_trainjob(_args(dataset, f"s3://{bucket}/runs/single"), s3.env(),
-                          tmp_path / "single")
+    single = run_trainjob(_args(dataset, f"s3://{bucket}/runs/single"),
+                          s3.env(TRAINJOB_TEST_HOOKS=stand_in), tmp_path / "single")
     assert single.returncode == 0, single.stdout[-3000:] + single.stderr[-2000:]
     assert_complete_run(s3, bucket, "runs/single", epochs=EPOCHS)
     multi_files = set(s3.read_json(bucket, f"{prefix}/manifest.json")["files"])

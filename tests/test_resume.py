@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SMALL, point_boto3_at, run_trainjob, start_trainjob, upload_tree
+from conftest import SMALL, STAND_IN, point_boto3_at, run_trainjob, start_trainjob, upload_tree
 from faultproxy import FaultProxy
 from test_e2e import assert_complete_run, assert_stock_client_pulls_the_run
 from test_eventlog import assert_each_step_once
@@ -53,8 +53,8 @@ def _csv_epochs(s3, bucket: str, prefix: str) -> list[int]:
     return [int(r["epoch"]) for r in rows]
 
 
-def _hooks(tmp_path: Path, **hooks) -> str:
-    path = tmp_path / "hooks.json"
+def _hooks(tmp_path: Path, file: str = "hooks.json", **hooks) -> str:
+    path = tmp_path / file
     path.write_text(json.dumps(hooks))
     return str(path)
 
@@ -64,25 +64,26 @@ def test_official_zip_killed_resumed_and_pulled(server, bucket, dataset, class_f
                                                tmp_path, monkeypatch):
     """The core run, on each server: the official zip, trained, stopped after two of four
     epochs, resumed by a new pod with an empty disk, then checked file by file against the
-    manifest and pulled with the stock client. On moto a SIGKILL stops it; on SeaweedFS,
-    whose conditional writes are real, another owner takes its run lock and it must go
-    quiet and exit 6. One run serves all of it (the suite's time budget): the resumed run
-    is the complete run, and its TensorBoard events, SavedModel and `trainjob predict` are
-    checked on it."""
+    manifest and pulled with the stock client. On moto a SIGKILL stops ResNet50; on
+    SeaweedFS, whose conditional writes are real, another owner takes the run lock of the
+    stand-in backbone (ResNet50's bytes) and it must go quiet and exit 6. One run serves all
+    of it (the suite's time budget): the resumed run is the complete run, and its
+    TensorBoard events, SavedModel and `trainjob predict` are checked on it."""
     s3 = server
     prefix = "runs/kill"
     out = f"s3://{bucket}/{prefix}"
     plain = ["train", "--data", dataset, "--output", out, "--epochs", "4",
              "--steps-per-epoch", str(STEPS), "--no-restore-best", *SMALL,
-             # Adam, the default, resumes its moments across the kill on moto; on SeaweedFS,
-             # where the store is the subject, SGD's train step traces in half the time.
+             # ResNet50 and Adam, the default, resume across the kill on moto; on SeaweedFS,
+             # where the store is the subject, SGD and the stand-in backbone (same bytes).
              "--optimizer", "adam" if s3.kind == "moto" else "sgd"]
+    model = {} if s3.kind == "moto" else STAND_IN
     args = [*plain, "--tensorboard", "--export", "saved_model"]
     log = tmp_path / "first.log"
     # A pause after epoch index 1, so the stop lands at a known point, after status shows it:
     # long for the kill; for the lock, long enough to take it (with a heartbeat a second).
     hooks = ({"sleep_after_epoch": {"1": 120}} if s3.kind == "moto"
-             else {"sleep_after_epoch": {"1": 15}, "lock_heartbeat_seconds": 1})
+             else {"sleep_after_epoch": {"1": 15}, "lock_heartbeat_seconds": 1, **model})
     proc = start_trainjob(args, s3.env(TRAINJOB_TEST_HOOKS=_hooks(tmp_path, **hooks)),
                           tmp_path / "home", log)
     _wait_for(lambda: _status(s3, bucket, prefix).get("epochs_done", 0) >= 2, proc, log)
@@ -97,7 +98,8 @@ def test_official_zip_killed_resumed_and_pulled(server, bucket, dataset, class_f
 
     # A new pod: empty home, empty cache.
     cache = tmp_path / "cache2"
-    result = run_trainjob([*args, "--cache-dir", str(cache)], s3.env(), tmp_path / "home2")
+    env = s3.env(TRAINJOB_TEST_HOOKS=_hooks(tmp_path, **model))
+    result = run_trainjob([*args, "--cache-dir", str(cache)], env, tmp_path / "home2")
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
     assert "resuming at epoch 2, batch 0" in result.stdout
     assert_complete_run(s3, bucket, prefix, epochs=4)
@@ -155,7 +157,7 @@ def test_official_zip_killed_resumed_and_pulled(server, bucket, dataset, class_f
 
     # Finished: the same command again is a no-op...
     manifest = s3.read(bucket, f"{prefix}/manifest.json")
-    again = run_trainjob(args, s3.env(), tmp_path / "home2", timeout=120)
+    again = run_trainjob(args, env, tmp_path / "home2", timeout=120)
     assert again.returncode == 0
     assert "already holds a finished run" in again.stdout
     assert s3.read(bucket, f"{prefix}/manifest.json") == manifest
@@ -294,9 +296,10 @@ def test_sigterm_mid_epoch_then_late_sigterm_then_resume(s3, bucket, class_folde
             "--early-stopping-monitor", "scripted", "--early-stopping-mode", "min",
             "--early-stopping-patience", "2", *SMALL]
     scripted = {"scripted": [1.0, 0.5, 0.6, 0.7, 0.8]}
+    paced = {**STAND_IN, "sleep_after_batch": 0.8}  # ResNet50's step: signals land mid-epoch
     log = tmp_path / "first.log"
-    proc = start_trainjob(args, s3.env(TRAINJOB_TEST_HOOKS=_hooks(tmp_path, metrics=scripted)),
-                          tmp_path / "home", log)
+    env = s3.env(TRAINJOB_TEST_HOOKS=_hooks(tmp_path, metrics=scripted, **paced))
+    proc = start_trainjob(args, env, tmp_path / "home", log)
     _wait_for(lambda: _status(s3, bucket, "runs/term").get("epochs_done", 0) >= 1, proc, log)
 
     # While it runs, a second job on the same output waits for the lock, then gives up.
@@ -320,7 +323,7 @@ def test_sigterm_mid_epoch_then_late_sigterm_then_resume(s3, bucket, class_folde
     # batch of epoch 2 (during its save): that one used to be ignored, and the job went on
     # to evaluate and publish. It must stop with 143 before publishing.
     log2 = tmp_path / "second.log"
-    env2 = s3.env(TRAINJOB_TEST_HOOKS=_hooks(tmp_path, metrics=scripted,
+    env2 = s3.env(TRAINJOB_TEST_HOOKS=_hooks(tmp_path, metrics=scripted, **paced,
                                              sleep_after_epoch={"2": 6}))
     proc = start_trainjob(args, env2, tmp_path / "home", log2)
     _wait_for(lambda: _status(s3, bucket, "runs/term").get("epochs_done", 0) >= 3, proc, log2)
@@ -341,9 +344,9 @@ def test_sigterm_mid_epoch_then_late_sigterm_then_resume(s3, bucket, class_folde
         "host": "gone-pod", "pid": 1, "token": "x", "started": time.time() - 7200,
         "heartbeat": time.time() - 3600}).encode())
     with FaultProxy(s3.endpoint, slowdown=0.20, drop=0.05, seed=1) as proxy:
+        hooks = _hooks(tmp_path, metrics=scripted, **paced)
         result = run_trainjob(args, s3.env(AWS_ENDPOINT_URL=proxy.endpoint, AWS_MAX_ATTEMPTS="10",
-                                           TRAINJOB_TEST_HOOKS=_hooks(tmp_path, metrics=scripted)),
-                              tmp_path / "home2")
+                                           TRAINJOB_TEST_HOOKS=hooks), tmp_path / "home2")
         injected = proxy.injected
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
     assert injected["slowdown"] > 5 and injected["drop"] > 0, injected
@@ -380,7 +383,7 @@ def test_uploads_failing_after_retries_exit_4_and_keep_local_files(s3, bucket, d
                 "--epochs", "3", "--steps-per-epoch", "2", "--upload-timeout", "15", *SMALL]
         log = tmp_path / "job.log"
         env = s3.env(AWS_ENDPOINT_URL=proxy.endpoint, AWS_MAX_ATTEMPTS="2",
-                     TRAINJOB_TEST_HOOKS=_hooks(tmp_path, sleep_after_epoch={"0": 3}))
+                     TRAINJOB_TEST_HOOKS=_hooks(tmp_path, **STAND_IN, sleep_after_epoch={"0": 3}))
         proc = start_trainjob(args, env, tmp_path / "home", log)
         _wait_for(lambda: "Epoch 1/3" in log.read_text(), proc, log)
         proxy.fail_everything()

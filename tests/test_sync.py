@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import SMALL, run_trainjob, start_trainjob
+from conftest import SMALL, STAND_IN, run_trainjob, start_trainjob
 from faultproxy import FaultProxy
 from test_e2e import assert_complete_run
 from test_resume import _hooks, _status, _wait_for
@@ -41,17 +41,20 @@ def bucket_generation(s3, bucket: str, prefix: str) -> dict:
 
 def test_fast_epochs_keep_the_bucket_advancing_and_a_random_kill_resumes(s3, bucket, dataset,
                                                                           tmp_path):
-    """Each epoch's resume pair is ~283 MB; the proxy carries 40 MB/s, so a generation takes
-    ~7 s to upload while an epoch of one 32 px batch takes a second or two. The bucket must
-    keep advancing (it used to stop: status.json, queued last, was overtaken every epoch),
-    and a SIGKILL at a random moment leaves a complete generation to resume from."""
+    """Each epoch's resume pair is ~190 MB (ResNet50's weights and SGD's one slot, on the
+    stand-in backbone); the proxy carries 40 MB/s, so a generation takes ~5 s to upload
+    while an epoch of one batch takes a second or two. The bucket must keep advancing (it
+    used to stop: status.json, queued last, was overtaken every epoch), and a SIGKILL at a
+    random moment leaves a complete generation to resume from."""
     prefix = "runs/fast"
     args = ["train", "--data", dataset, "--output", f"s3://{bucket}/{prefix}", "--epochs", "8",
             "--steps-per-epoch", "1", "--no-restore-best", "--early-stopping-patience", "0",
             *SMALL]
     log = tmp_path / "first.log"
+    hooks = _hooks(tmp_path, **STAND_IN)
     with FaultProxy(s3.endpoint, slowdown=0.0, drop=0.0, bytes_per_second=40 * MB) as proxy:
-        proc = start_trainjob(args, s3.env(AWS_ENDPOINT_URL=proxy.endpoint), tmp_path / "h", log)
+        proc = start_trainjob(args, s3.env(AWS_ENDPOINT_URL=proxy.endpoint,
+                                           TRAINJOB_TEST_HOOKS=hooks), tmp_path / "h", log)
         seen: list[int] = []
 
         def advanced_twice() -> bool:
@@ -69,7 +72,7 @@ def test_fast_epochs_keep_the_bucket_advancing_and_a_random_kill_resumes(s3, buc
         "the regime under test (epochs faster than uploads) was not reached"
     state = bucket_generation(s3, bucket, prefix)
 
-    result = run_trainjob(args, s3.env(), tmp_path / "h2")
+    result = run_trainjob(args, s3.env(TRAINJOB_TEST_HOOKS=hooks), tmp_path / "h2")
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
     assert f"resuming at epoch {state['epoch']}, batch 0" in result.stdout
     assert_complete_run(s3, bucket, prefix, epochs=8)
@@ -84,7 +87,8 @@ def test_a_short_outage_does_not_fail_the_run(s3, bucket, dataset, tmp_path):
     log = tmp_path / "job.log"
     with FaultProxy(s3.endpoint, slowdown=0.0, drop=0.0) as proxy:
         env = s3.env(AWS_ENDPOINT_URL=proxy.endpoint, AWS_MAX_ATTEMPTS="1",
-                     TRAINJOB_TEST_HOOKS=_hooks(tmp_path, sleep_after_epoch={"1": 8}))
+                     TRAINJOB_TEST_HOOKS=_hooks(tmp_path, **STAND_IN,
+                                                sleep_after_epoch={"1": 8}))
         proc = start_trainjob(args, env, tmp_path / "home", log)
         _wait_for(lambda: _status(s3, bucket, prefix).get("epochs_done", 0) >= 1, proc, log)
         proxy.fail_everything()
@@ -109,10 +113,13 @@ def test_shutdown_fits_the_grace_period_when_the_store_hangs(s3, bucket, dataset
     args = ["train", "--data", dataset, "--output", f"s3://{bucket}/{prefix}", "--epochs", "3",
             "--steps-per-epoch", "10", "--grace-seconds", "8", *SMALL]
     log = tmp_path / "job.log"
+    # The stand-in's steps take ResNet50's time here (half a second), so that the signal
+    # lands inside training.
+    hooks = _hooks(tmp_path, **STAND_IN, sleep_after_batch=0.5)
     with FaultProxy(s3.endpoint, slowdown=0.0, drop=0.0) as proxy:
-        proc = start_trainjob(args, s3.env(AWS_ENDPOINT_URL=proxy.endpoint), tmp_path / "home", log)
-        # Past the first epoch: a signal can only act at a batch end, and the first batch
-        # waits for the graph to be traced.
+        proc = start_trainjob(args, s3.env(AWS_ENDPOINT_URL=proxy.endpoint,
+                                           TRAINJOB_TEST_HOOKS=hooks), tmp_path / "home", log)
+        # Past the first epoch: a signal can only act at a batch end.
         _wait_for(lambda: _status(s3, bucket, prefix).get("epochs_done", 0) >= 1, proc, log)
         proxy.stalled.set()
         time.sleep(1)

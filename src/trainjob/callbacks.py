@@ -150,6 +150,8 @@ class RunKeeper(keras.callbacks.Callback):
         if loss is not None and not math.isfinite(float(loss)):
             raise TrainingError(f"loss became {float(loss)} at epoch {self.epoch} batch {batch}: "
                                 "lower --learning-rate or check the data")
+        if delay := test_hooks().get("sleep_after_batch"):
+            time.sleep(float(delay))  # a stand-in backbone's step, as long as ResNet50's
         self.state.check()
         step = self.step_offset + batch + 1  # batches of this epoch done, across a restart
         every = self.backup_every_steps
@@ -190,7 +192,8 @@ class RunKeeper(keras.callbacks.Callback):
 
 
 def test_hooks() -> dict:
-    """Test-only behaviour (scripted metrics, a pause after an epoch); inert when unset."""
+    """Test-only behaviour (scripted metrics, a pause after an epoch or a batch); inert when
+    unset."""
     return read_hooks()
 
 

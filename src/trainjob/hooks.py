@@ -1,5 +1,6 @@
-"""Test hooks: behaviour a test sets for the process under test (a pause after an epoch,
-scripted metrics, fast lock timings), read from the JSON file named by TRAINJOB_TEST_HOOKS.
+"""Test hooks: behaviour a test sets for the process under test (a pause after an epoch or
+a batch, scripted metrics, fast lock timings, a stand-in backbone with ResNet50's bytes),
+read from the JSON file named by TRAINJOB_TEST_HOOKS.
 
 Unset in production, so every hook is inert. Nothing here imports TensorFlow: the lock and
 other early code read hooks before training starts.

@@ -35,7 +35,7 @@ SMALL = ["--image-size", "32", "--batch-size", "8", "--max-bad-fraction", "0.25"
 # state, not the model: a stand-in backbone with ResNet50's weight count, so checkpoints and
 # resume pairs have ResNet50's bytes, without its tracing (about 25 s of a core per process)
 # or its steps (model.stand_in_backbone). ResNet50 itself is trained where it is the subject:
-# learnability, the core run on moto, the containers and the several-worker run.
+# learnability, the core run on moto, the second SIGTERM and the containers.
 STAND_IN = {"stand_in_backbone": True}
 
 
@@ -44,13 +44,13 @@ STAND_IN = {"stand_in_backbone": True}
 # idle meanwhile. The Docker group (one xdist unit: the image build and two container
 # runs) goes first of all; the quick tests fill in at the end.
 SLOWEST_FIRST = [
-    "test_sigterm_then_peer_killed_then_group_restart_completes",
-    "test_official_zip_killed_resumed_and_pulled",
     "test_learns_three_solid_colours_with_local_paths",
+    "test_official_zip_killed_resumed_and_pulled",
+    "test_sigterm_then_peer_killed_then_group_restart_completes",
     "test_sigterm_mid_epoch_then_late_sigterm_then_resume",
+    "test_a_short_outage_does_not_fail_the_run",
     "test_fast_epochs_keep_the_bucket_advancing_and_a_random_kill_resumes",
     "test_resume_across_the_phase_boundary",
-    "test_a_short_outage_does_not_fail_the_run",
     "test_uploads_failing_after_retries_exit_4_and_keep_local_files",
     "test_shutdown_fits_the_grace_period_when_the_store_hangs",
 ]

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import SMALL
+from conftest import SMALL, STAND_IN
 
 ROOT = Path(__file__).resolve().parents[1]
 # Under pytest-xdist the whole module runs on one worker: one dockerd, one image build.
@@ -344,9 +344,17 @@ def test_train_one_epoch_read_only_non_root(image, s3, bucket, official_zip):
 
 @pytest.mark.docker
 @pytest.mark.timeout(1500)
-def test_docker_stop_saves_resume_state_and_exits_143(image, s3, bucket, official_zip):
+def test_docker_stop_saves_resume_state_and_exits_143(image, s3, bucket, official_zip,
+                                                      tmp_path):
     s3.client().upload_file(str(official_zip), bucket, "caltech-101.zip")
     flags, env = docker_env(s3)
+    # The signal's way through tini to the job is the subject, not the model: the stand-in
+    # backbone (ResNet50's bytes); the one-epoch run above trains ResNet50 in the image.
+    hooks = tmp_path / "hooks.json"
+    hooks.write_text(json.dumps(STAND_IN))
+    hooks.chmod(0o644)
+    flags += ["-v", f"{hooks}:/etc/trainjob-hooks.json:ro",
+              "-e", "TRAINJOB_TEST_HOOKS=/etc/trainjob-hooks.json"]
     name = f"trainjob-stop-{uuid.uuid4().hex[:8]}"
     # Many epochs and no early stopping: the run is still training when it is stopped.
     docker("run", "-d", "--name", name, *run_args(image, flags), "train",
@@ -383,5 +391,6 @@ def test_docker_stop_saves_resume_state_and_exits_143(image, s3, bucket, officia
         assert "runs/long/backup/state.json" in keys, sorted(keys)
         assert "runs/long/manifest.json" not in keys
         assert "SIGTERM" in logs.stdout + logs.stderr
+        assert "stand-in backbone" in logs.stdout + logs.stderr  # the hook reached the job
     finally:
         docker("rm", "-f", name, check=False)

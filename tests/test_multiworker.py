@@ -95,7 +95,8 @@ def test_sigterm_then_peer_killed_then_group_restart_completes(s3, bucket, datas
     # 1. Configured as in an Indexed Job: JOB_COMPLETION_INDEX, --workers and a host
     #    pattern (here one host, a port per worker). SIGTERM to the worker that is not the
     #    chief, inside epoch 1: the whole group stops at one agreed step.
-    # Steps as long as ResNet50's (two workers, 32 px), so the signal lands inside training.
+    # Steps as long as ResNet50's (two workers, 32 px: ~4 s, half of it the all-reduce of
+    # as many gradient bytes), so the signal lands inside training.
     paced = _hooks(tmp_path, "paced.json", **STAND_IN, sleep_after_batch=2.0)
     indexed = [s3.env(JOB_COMPLETION_INDEX=str(i), TRAINJOB_TEST_HOOKS=paced) for i in range(2)]
     args = _args(dataset, out, "--workers", "2", "--worker-hosts", "127.0.0.1:{port}",

@@ -95,9 +95,9 @@ def test_a_short_outage_does_not_fail_the_run(s3, bucket, dataset, tmp_path):
         _wait_for(lambda: "failed" in log.read_text() and "retrying" in log.read_text(),
                   proc, log, timeout=120)
         # Longer than 0.1.0's whole retry budget for one file (1+2+4+8+16 s of backoff, and
-        # the attempts): it gave up on that file, kept the error, and exited 4 at the end
-        # though the store came back.
-        time.sleep(60)
+        # the attempts, each refused at once): it gave up on that file, kept the error, and
+        # exited 4 at the end though the store came back.
+        time.sleep(45)
         proxy.recover()
         rc = proc.wait(timeout=600)
         failed = proxy.injected["slowdown"]

@@ -85,9 +85,9 @@ def stand_in_backbone(size: int) -> keras.Model:
 
     Tests whose subject is the store, the lock or the uploader need checkpoints and resume
     pairs of ResNet50's size (upload times, multipart, a flush under a signal), not its
-    compute: this traces in about a second and steps in milliseconds. It has the same name,
-    output and kinds of layer (convolution, BatchNorm, dense), so freezing, phases and
-    checkpoints treat it as they treat ResNet50.
+    compute: this traces in about a second, and a step costs a fraction of ResNet50's. It
+    has the same name, output and kinds of layer (convolution, BatchNorm, dense), so
+    freezing, phases and checkpoints treat it as they treat ResNet50.
     """
     log.warning("test hook: a stand-in backbone with ResNet50's weight count, not ResNet50")
     inputs = keras.Input((size, size, 3))

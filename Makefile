@@ -15,10 +15,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)  ## the real job end to end against an embedded local S3 server
 	$(BIN)/python scripts/demo.py
 
-# Two workers: much of an end-to-end test is one core tracing ResNet50 or waiting on the
-# store, so two share two cores well (docs/testing.md has the measurement). The Docker
-# tests stay together on one worker (xdist_group), which builds the image once.
-XDIST := -n 2 --dist loadgroup
+# Three workers on two cores: many end-to-end tests wait (on the store, a paced step, an
+# outage), and a third worker fills those waits (docs/testing.md has the measurement). The
+# Docker tests stay together on one worker (xdist_group), which builds the image once.
+XDIST := -n 3 --dist loadgroup
 
 test: $(STAMP)  ## the whole suite (Docker tests run as root or under CI=true)
 	$(BIN)/python -m pytest $(XDIST)

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pytest
 from conftest import SMALL, STAND_IN
+from test_resume import _hooks
 
 ROOT = Path(__file__).resolve().parents[1]
 # Under pytest-xdist the whole module runs on one worker: one dockerd, one image build.
@@ -350,9 +351,8 @@ def test_docker_stop_saves_resume_state_and_exits_143(image, s3, bucket, officia
     flags, env = docker_env(s3)
     # The signal's way through tini to the job is the subject, not the model: the stand-in
     # backbone (ResNet50's bytes); the one-epoch run above trains ResNet50 in the image.
-    hooks = tmp_path / "hooks.json"
-    hooks.write_text(json.dumps(STAND_IN))
-    hooks.chmod(0o644)
+    hooks = _hooks(tmp_path, **STAND_IN)
+    Path(hooks).chmod(0o644)  # readable by the container's user, whatever the umask
     flags += ["-v", f"{hooks}:/etc/trainjob-hooks.json:ro",
               "-e", "TRAINJOB_TEST_HOOKS=/etc/trainjob-hooks.json"]
     name = f"trainjob-stop-{uuid.uuid4().hex[:8]}"

@@ -77,13 +77,13 @@ def test_official_zip_killed_resumed_and_pulled(server, bucket, dataset, class_f
              # ResNet50 and Adam, the default, resume across the kill on moto; on SeaweedFS,
              # where the store is the subject, SGD and the stand-in backbone (same bytes).
              "--optimizer", "adam" if s3.kind == "moto" else "sgd"]
-    model = {} if s3.kind == "moto" else STAND_IN
+    stand_in = {} if s3.kind == "moto" else STAND_IN
     args = [*plain, "--tensorboard", "--export", "saved_model"]
     log = tmp_path / "first.log"
     # A pause after epoch index 1, so the stop lands at a known point, after status shows it:
     # long for the kill; for the lock, long enough to take it (with a heartbeat a second).
     hooks = ({"sleep_after_epoch": {"1": 120}} if s3.kind == "moto"
-             else {"sleep_after_epoch": {"1": 15}, "lock_heartbeat_seconds": 1, **model})
+             else {"sleep_after_epoch": {"1": 15}, "lock_heartbeat_seconds": 1, **stand_in})
     proc = start_trainjob(args, s3.env(TRAINJOB_TEST_HOOKS=_hooks(tmp_path, **hooks)),
                           tmp_path / "home", log)
     _wait_for(lambda: _status(s3, bucket, prefix).get("epochs_done", 0) >= 2, proc, log)
@@ -98,7 +98,7 @@ def test_official_zip_killed_resumed_and_pulled(server, bucket, dataset, class_f
 
     # A new pod: empty home, empty cache.
     cache = tmp_path / "cache2"
-    env = s3.env(TRAINJOB_TEST_HOOKS=_hooks(tmp_path, **model))
+    env = s3.env(TRAINJOB_TEST_HOOKS=_hooks(tmp_path, **stand_in))
     result = run_trainjob([*args, "--cache-dir", str(cache)], env, tmp_path / "home2")
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
     assert "resuming at epoch 2, batch 0" in result.stdout

@@ -117,6 +117,7 @@ class RunKeeper(keras.callbacks.Callback):
         self.step_offset = 0  # batches skipped at the start of a mid-epoch resume
         self._epoch_started = time.monotonic()
         self._tracked: dict[str, keras.callbacks.Callback] = {}
+        self._hooks = test_hooks()  # read once: the batch end is a hot path
 
     @property
     def history(self) -> list[dict]:
@@ -150,7 +151,7 @@ class RunKeeper(keras.callbacks.Callback):
         if loss is not None and not math.isfinite(float(loss)):
             raise TrainingError(f"loss became {float(loss)} at epoch {self.epoch} batch {batch}: "
                                 "lower --learning-rate or check the data")
-        if delay := test_hooks().get("sleep_after_batch"):
+        if delay := self._hooks.get("sleep_after_batch"):
             time.sleep(float(delay))  # a stand-in backbone's step, as long as ResNet50's
         self.state.check()
         step = self.step_offset + batch + 1  # batches of this epoch done, across a restart
@@ -174,7 +175,7 @@ class RunKeeper(keras.callbacks.Callback):
                "seconds": round(time.monotonic() - self._epoch_started, 3),
                "finished_at": round(time.time(), 3)}
         self.state.end_epoch(epoch, row, **self._snapshot())
-        if delay := test_hooks().get("sleep_after_epoch", {}).get(str(epoch)):
+        if delay := self._hooks.get("sleep_after_epoch", {}).get(str(epoch)):
             time.sleep(float(delay))
         # A signal during validation, or this last epoch: the state above is complete.
         self.state.stop_if_requested(f"after epoch {epoch}")

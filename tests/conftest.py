@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import sampledata  # noqa: E402
+from faultproxy import FaultProxy  # noqa: E402
 from trainjob import s3client  # noqa: E402
 from trainjob.storage import LocalStore, S3Store  # noqa: E402
 from s3server import S3Server, start_moto, start_seaweed, stop_server  # noqa: E402
@@ -121,6 +122,21 @@ def s3env(s3, monkeypatch, tmp_path):
     point_boto3_at(s3, monkeypatch, tmp_path, AWS_MAX_ATTEMPTS="2")
     yield s3
     s3client._clients.clear()
+
+
+@pytest.fixture
+def through_proxy(s3env, monkeypatch):
+    """Start a FaultProxy in front of the test server and point trainjob's client at it."""
+    def start(**modes) -> FaultProxy:
+        proxy = FaultProxy(s3env.endpoint, **modes).__enter__()
+        proxies.append(proxy)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        s3client._clients.clear()
+        return proxy
+    proxies: list[FaultProxy] = []
+    yield start
+    for proxy in proxies:
+        proxy.__exit__(None, None, None)
 
 
 _clients_by_endpoint: dict[str, dict] = {}  # trainjob's boto3 clients, kept per test server

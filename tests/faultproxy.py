@@ -10,8 +10,10 @@ that boto3 >= 1.36 sends a CRC32 instead); "key-errors" answers 200 with an <Err
 and deletes nothing (a bucket policy that denies s3:DeleteObject, an object lock).
 
 ``bytes_per_second`` makes every upload share one link of that speed; ``stalled`` (an
-Event) turns the endpoint into a black hole that never answers; ``fail_everything`` and
-``recover`` start and end an outage.
+Event) turns the endpoint into a black hole that never answers; ``stall_bodies_over`` (a
+size in bytes, settable at any time) leaves only the requests with larger bodies
+unanswered: a link too slow for checkpoints that still carries small JSON files.
+``fail_everything`` and ``recover`` start and end an outage.
 
 ``lost_reply`` forwards a share of requests whole, so the server acts on them, then cuts
 the connection before the reply: the client retries a request that already happened.
@@ -67,6 +69,7 @@ class FaultProxy:
         self.bytes_per_second = bytes_per_second  # one shared link for all uploads
         self._link_free_at = 0.0
         self.stalled = threading.Event()  # set: requests hang unanswered (a black hole)
+        self.stall_bodies_over: int | None = None  # larger bodies hang unanswered
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
         self.injected: Counter[str] = Counter()
@@ -162,7 +165,8 @@ class FaultProxy:
             h.connection.shutdown(2)
             return
         body = h.rfile.read(length) if length else b""
-        if self.stalled.is_set():
+        over = self.stall_bodies_over
+        if self.stalled.is_set() or (over is not None and len(body) > over):
             self._log(h, at, 0)
             time.sleep(600)  # never answers; the client's own time-outs must cope
             return

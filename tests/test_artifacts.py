@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -140,6 +141,31 @@ def test_status_and_json_writes(tmp_path):
     assert status["state"] == "failed" and status["error"] == "boom" and status["epoch"] == 0
     assert read_json(tmp_path / "out" / "status.json") == status
     assert not list(local.glob(".*.tmp"))
+
+
+def test_a_save_point_too_big_for_the_time_left_still_gets_the_stored_status_marked(
+        s3env, bucket, through_proxy, tmp_path):
+    """A stop whose last save point cannot go up in time (a link too slow for checkpoints):
+    the status the store holds, which describes the newest save point wholly stored, is
+    marked preempted, and the unsent generation's own status never lands."""
+    proxy = through_proxy()
+    with RunFolder(tmp_path / "run", S3Store(bucket, "runs/slow", threads=4)) as run:
+        run.set_status("running", epochs_done=1)
+        assert run.uploader.flush(timeout=30)
+        proxy.stall_bodies_over = 2**20
+        write(run.path("backup/state-000002.weights.h5"), os.urandom(2 * 2**20))
+        run.set_status("running", epochs_done=2, upload=False)
+        run.uploader.commit(["backup/state-000002.weights.h5", "status.json"], label="epoch 2")
+        run.set_status("preempted", error="stopped by signal")
+        assert not run.uploader.flush(timeout=1)
+        started = time.monotonic()
+        assert run.mark_stored_status("preempted", timeout=2, error="stopped by signal")
+        assert time.monotonic() - started < 2
+    stored = s3env.read_json(bucket, "runs/slow/status.json")
+    assert stored["state"] == "preempted" and stored["error"] == "stopped by signal"
+    assert stored["epochs_done"] == 1  # the stored save point's, not the unsent one's
+    assert read_json(run.path("status.json"))["epochs_done"] == 2
+    assert "runs/slow/backup/state-000002.weights.h5" not in s3env.keys(bucket, "runs/slow/")
 
 
 def test_write_json_is_atomic_and_read_json_tolerates_garbage(tmp_path):

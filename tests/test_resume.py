@@ -282,8 +282,8 @@ def assert_inspection_commands_read_the_run(s3, bucket: str, prefix: str, epochs
 
 
 def test_sigterm_mid_epoch_then_late_sigterm_then_resume(s3, bucket, class_folders, tmp_path):
-    """SIGTERM inside an epoch, then late in the rerun, then a third run publishes, through
-    a faulty store and over a stale lock.
+    """SIGTERM inside an epoch on a link too slow for its save point, then late in the
+    rerun, then a third run publishes, through a faulty store and over a stale lock.
 
     EarlyStopping's state rides along on a scripted metric (patience 2, best at epoch 1,
     worse after): restored each time, it stops the run after epoch 3; had its wait count or
@@ -298,30 +298,39 @@ def test_sigterm_mid_epoch_then_late_sigterm_then_resume(s3, bucket, class_folde
     scripted = {"scripted": [1.0, 0.5, 0.6, 0.7, 0.8]}
     paced = {**STAND_IN, "sleep_after_batch": 0.8}  # ResNet50's step: signals land mid-epoch
     log = tmp_path / "first.log"
-    env = s3.env(TRAINJOB_TEST_HOOKS=_hooks(tmp_path, metrics=scripted, **paced))
-    proc = start_trainjob(args, env, tmp_path / "home", log)
-    _wait_for(lambda: _status(s3, bucket, "runs/term").get("epochs_done", 0) >= 1, proc, log)
+    hooks = _hooks(tmp_path, metrics=scripted, **paced)
+    with FaultProxy(s3.endpoint) as link:
+        env = s3.env(AWS_ENDPOINT_URL=link.endpoint, TRAINJOB_TEST_HOOKS=hooks)
+        proc = start_trainjob([*args, "--grace-seconds", "10"], env, tmp_path / "home", log)
+        _wait_for(lambda: _status(s3, bucket, "runs/term").get("epochs_done", 0) >= 1, proc, log)
 
-    # While it runs, a second job on the same output waits for the lock, then gives up.
-    other = run_trainjob([*args, "--lock-timeout", "3"], s3.env(), tmp_path / "other", timeout=120)
-    assert other.returncode == 2, other.stderr
-    assert len(other.error_lines()) == 1 and "run.lock.json" in other.error_lines()[0]
+        # While it runs, a second job on the same output waits for the lock, then gives up.
+        other = run_trainjob([*args, "--lock-timeout", "3"], s3.env(), tmp_path / "other",
+                             timeout=120)
+        assert other.returncode == 2, other.stderr
+        assert len(other.error_lines()) == 1 and "run.lock.json" in other.error_lines()[0]
 
-    started = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
-    rc = proc.wait(timeout=60)
-    elapsed = time.monotonic() - started
+        # The link turns too slow for checkpoints (small requests still pass): the stop's
+        # own save point cannot go up within the grace period.
+        link.stall_bodies_over = 2**20
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=60)
+        elapsed = time.monotonic() - started
     assert rc == 143, log.read_text()[-3000:]
-    assert elapsed < 25, f"took {elapsed:.1f}s, over the default --grace-seconds"
+    assert elapsed < 10 + 2, f"took {elapsed:.1f}s with --grace-seconds 10"
+    assert "grace period over before all uploads finished" in log.read_text()
+    # The status the bucket holds still gets its small write: preempted, not running.
     status = s3.read_json(bucket, "runs/term/status.json")
-    assert status["state"] == "preempted"
+    assert status["state"] == "preempted", status
     state = s3.read_json(bucket, "runs/term/backup/state.json")
     assert state["epoch"] >= 1
     assert not any(k.endswith("run.lock.json") for k in s3.keys(bucket, "runs/term/"))
 
-    # The rerun resumes exactly there. A second SIGTERM lands late in it, after the last
-    # batch of epoch 2 (during its save): that one used to be ignored, and the job went on
-    # to evaluate and publish. It must stop with 143 before publishing.
+    # The rerun resumes exactly at the save point the bucket holds. A second SIGTERM lands
+    # late in it, after the last batch of epoch 2 (during its save): that one used to be
+    # ignored, and the job went on to evaluate and publish. It must stop with 143 before
+    # publishing.
     log2 = tmp_path / "second.log"
     env2 = s3.env(TRAINJOB_TEST_HOOKS=_hooks(tmp_path, metrics=scripted, **paced,
                                              sleep_after_epoch={"2": 6}))

@@ -153,21 +153,6 @@ def test_s3store_delete_many(s3env, bucket):
     assert s3env.keys(bucket, "many/") == {}
 
 
-@pytest.fixture
-def through_proxy(s3env, monkeypatch):
-    """Start a FaultProxy in front of the test server and point trainjob's client at it."""
-    def start(**modes) -> FaultProxy:
-        proxy = FaultProxy(s3env.endpoint, **modes).__enter__()
-        proxies.append(proxy)
-        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
-        s3client._clients.clear()
-        return proxy
-    proxies: list[FaultProxy] = []
-    yield start
-    for proxy in proxies:
-        proxy.__exit__(None, None, None)
-
-
 @pytest.mark.parametrize("refusal", ["MissingContentMD5", "InvalidRequest"])
 def test_delete_where_batch_deletes_need_content_md5(s3env, bucket, through_proxy, refusal):
     """Older MinIO and Ceph refuse DeleteObjects without Content-MD5, which boto3 >= 1.36 no

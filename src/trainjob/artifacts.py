@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -71,6 +72,10 @@ def write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def _utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
 def read_json(path: Path, default: Any = None) -> Any:
     try:
         return json.loads(path.read_text())
@@ -119,9 +124,37 @@ class RunFolder:
         if self.published:
             return  # the manifest holds this file's hash: it stays as published
         status = read_json(self.path(STATUS), {}) or {}
-        status.update(fields, state=state, updated=time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                 time.gmtime()))
+        status.update(fields, state=state, updated=_utc_now())
         self.write(STATUS, status, upload=upload)
+
+    def mark_stored_status(self, state: str, *, timeout: float, **fields: Any) -> bool:
+        """Set ``state`` on the status.json the store holds, for when the newest files could
+        not all be sent (a grace period running out): the uploader stops, and the stored
+        status, which describes the newest save point wholly in the store (status goes last
+        in every generation), gets the new state. Gives up after ``timeout`` seconds (a hung
+        store); returns whether the status was written."""
+        if not self.uploader.enabled or self.published:
+            return False
+        started = time.monotonic()
+        if not self.uploader.close(timeout=min(0.5, timeout / 4)) and \
+                self.uploader.sending == STATUS:
+            return False  # that generation's own status is landing: ours could land first
+        written = threading.Event()
+
+        def rewrite() -> None:
+            try:
+                self.fence()  # never written once another job owns the run
+                status = self.store.read_json(STATUS) or {}
+                status.update(fields, state=state, updated=_utc_now())
+                self.store.write_json(STATUS, status)
+                written.set()
+            except Exception as exc:  # noqa: BLE001 - the stop in progress matters more
+                log.warning("could not mark %s %s: %s", self.store.child(STATUS), state, exc)
+
+        worker = threading.Thread(target=rewrite, name="trainjob-status", daemon=True)
+        worker.start()
+        worker.join(max(0.0, timeout - (time.monotonic() - started)))
+        return written.is_set()
 
     def pull(self) -> int:
         """Download what a resumed run needs (RESUME_ENTRIES) from the store; returns the
@@ -148,7 +181,7 @@ class RunFolder:
     def manifest(self) -> dict[str, Any]:
         files = {rel: {"size": self.path(rel).stat().st_size, "sha256": sha256(self.path(rel))}
                  for rel in self.published_files()}
-        return {"files": files, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        return {"files": files, "created": _utc_now()}
 
     def publish(self, timeout: float | None = None) -> dict[str, Any]:
         """Upload every file, then manifest.json last; then drop the resume state."""

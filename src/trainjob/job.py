@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 FAILURE_FLUSH_SECONDS = 60.0
 SHUTDOWN_RESERVE_SECONDS = 3.0  # of the grace period: closing the uploader, the lock
+STATUS_RESERVE_SECONDS = 2.0  # of the grace period: marking the stored status, if need be
 
 
 def run(cfg: Config) -> None:
@@ -110,9 +111,12 @@ def _run_locked(cfg: Config, run_dir: RunFolder, lock: RunLock, stop: resume.Sto
             run_dir.set_status("preempted", error=str(exc))
             # The whole shutdown fits in --grace-seconds: flush now, close and unlock after.
             left = stop.remaining(cfg.runtime.grace_seconds) - SHUTDOWN_RESERVE_SECONDS
-            if not _flush_quietly(run_dir, left):
+            if not _flush_quietly(run_dir, left - STATUS_RESERVE_SECONDS):
                 log.warning("grace period over before all uploads finished; the bucket "
                             "holds the last complete save point")
+                # Its status still says running: a small write says preempted.
+                run_dir.mark_stored_status("preempted", timeout=STATUS_RESERVE_SECONDS,
+                                           error=str(exc))
             raise
         error = _as_job_error(exc)
         run_dir.set_status("failed", error=str(error))

@@ -88,6 +88,7 @@ class Uploader:
         self.error: StorageError | None = None  # the last failure; cleared by a success
         self.uploads = 0
         self.skipped = 0
+        self.sending: str | None = None  # the file being put (or retried) now, if any
         self._thread = threading.Thread(target=self._run, name="trainjob-uploader", daemon=True)
         self._thread.start()
 
@@ -151,13 +152,16 @@ class Uploader:
                 raise self.error
         return bool(done)
 
-    def close(self, timeout: float = 5.0) -> None:
-        """Stop sending (what is unsent stays unsent) and remove the snapshots."""
+    def close(self, timeout: float = 5.0) -> bool:
+        """Stop sending (what is unsent stays unsent) and remove the snapshots. Returns
+        False if a put was still in flight at the timeout (it ends on its own, and nothing
+        is sent after it)."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
         self._thread.join(timeout=max(0.0, timeout))
         shutil.rmtree(self.staging, ignore_errors=True)
+        return not self._thread.is_alive()
 
     # --- the uploader thread ------------------------------------------------------------
 
@@ -196,6 +200,7 @@ class Uploader:
             while True:
                 if self._closed or not self._ours():
                     return False
+                self.sending = rel
                 try:
                     self.store.put(snap.path, rel)
                     break
@@ -211,6 +216,8 @@ class Uploader:
                     log.error("%s", self.error)
                     with self._cond:
                         self._cond.wait_for(lambda: self._closed, MAX_BACKOFF)
+                finally:
+                    self.sending = None
             with self._cond:
                 self.uploads += 1
                 self.error = None

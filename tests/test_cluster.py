@@ -116,6 +116,15 @@ def test_barrier_times_out_naming_the_missing_worker():
     assert time.monotonic() - started < 5
 
 
+def test_barrier_port_held_by_another_process_is_one_retriable_line():
+    ports = free_ports(2)
+    with socket.create_server(("", ports[0])):
+        with pytest.raises(ClusterError, match=rf"worker 0 cannot listen on port {ports[0]} "
+                                               r"\(Address already in use\): another process "
+                                               r"on this host holds it; .*\(--worker-port\)$"):
+            wait_for_peers(_pair(ports)[0], timeout=2)
+
+
 def test_global_batch_must_divide_among_workers(tmp_path):
     result = run_trainjob(["train", "--data", str(tmp_path), "--output", str(tmp_path / "o"),
                            "--workers", "2", "--batch-size", "7"],

@@ -29,9 +29,9 @@ pytestmark = pytest.mark.e2e
 STEPS = 6  # batches per epoch: long enough to kill inside an epoch, short enough for CI
 
 
-def _status(s3, bucket: str, prefix: str) -> dict:
+def _status(s3, bucket: str, prefix: str, name: str = "status.json") -> dict:
     try:
-        return s3.read_json(bucket, f"{prefix}/status.json")
+        return s3.read_json(bucket, f"{prefix}/{name}")
     except Exception:  # noqa: BLE001 - not there yet
         return {}
 
@@ -310,8 +310,12 @@ def test_sigterm_mid_epoch_then_late_sigterm_then_resume(s3, bucket, class_folde
         assert other.returncode == 2, other.stderr
         assert len(other.error_lines()) == 1 and "run.lock.json" in other.error_lines()[0]
 
-        # The link turns too slow for checkpoints (small requests still pass): the stop's
-        # own save point cannot go up within the grace period.
+        # Right after a new save point reaches the bucket (the rerun resumes there, so
+        # little training is lost), the link turns too slow for checkpoints (small
+        # requests still pass): the stop's own save point cannot go up in its grace period.
+        stored = _status(s3, bucket, "runs/term", "backup/state.json").get("seq")
+        _wait_for(lambda: (_status(s3, bucket, "runs/term", "backup/state.json")
+                           .get("seq") != stored), proc, log)
         link.stall_bodies_over = 2**20
         started = time.monotonic()
         proc.send_signal(signal.SIGTERM)

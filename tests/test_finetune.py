@@ -17,7 +17,7 @@ import h5py
 import keras
 import numpy as np
 import pytest
-from conftest import SMALL, STAND_IN, run_trainjob, start_trainjob
+from conftest import SMALL, SMALL_STAND_IN, run_trainjob, start_trainjob
 from test_resume import _csv_epochs, _hooks, _status, _wait_for
 
 from trainjob import model as models
@@ -192,7 +192,7 @@ def test_imagenet_without_network_fails_fast_before_the_data(s3, bucket, tmp_pat
 def test_resume_across_the_phase_boundary(s3, bucket, dataset, tmp_path):
     """Killed in phase 1 (head), its rerun killed in phase 2, the next rerun completes:
     each resumes in its phase, with its trainable set and learning rate, epochs once. The
-    run state is the subject, so the stand-in backbone trains (ResNet50's freezing is
+    run state is the subject, so the small stand-in backbone trains (ResNet50's freezing is
     checked in process above)."""
     prefix = "runs/ft"
     args = ["train", "--data", dataset, "--output", f"s3://{bucket}/{prefix}", "--epochs", "4",
@@ -204,8 +204,8 @@ def test_resume_across_the_phase_boundary(s3, bucket, dataset, tmp_path):
 
     def run_until(epochs_done: int, pause_after: int, name: str) -> str:
         log = tmp_path / f"{name}.log"
-        env = s3.env(TRAINJOB_TEST_HOOKS=_hooks(tmp_path, **STAND_IN, sleep_after_epoch={
-            str(pause_after): 120}))
+        env = s3.env(TRAINJOB_TEST_HOOKS=_hooks(tmp_path, **SMALL_STAND_IN,
+                                                sleep_after_epoch={str(pause_after): 120}))
         proc = start_trainjob(args, env, tmp_path / name, log)  # a new pod each time
         _wait_for(lambda: _status(s3, bucket, prefix).get("epochs_done", 0) >= epochs_done,
                   proc, log)
@@ -221,8 +221,8 @@ def test_resume_across_the_phase_boundary(s3, bucket, dataset, tmp_path):
     assert _status(s3, bucket, prefix)["phase"] == "full"
     assert s3.read_json(bucket, f"{prefix}/backup/state.json")["phase"] == "full"
 
-    third = run_trainjob(args, s3.env(TRAINJOB_TEST_HOOKS=_hooks(tmp_path, **STAND_IN)),
-                         tmp_path / "third")
+    hooks = _hooks(tmp_path, **SMALL_STAND_IN)
+    third = run_trainjob(args, s3.env(TRAINJOB_TEST_HOOKS=hooks), tmp_path / "third")
     assert third.returncode == 0, third.stdout[-4000:] + third.stderr[-3000:]
     assert "resuming at epoch 3, batch 0" in third.stdout
     assert full in third.stdout and "phase head" not in third.stdout

@@ -89,3 +89,9 @@ def test_the_test_stand_in_has_resnet50s_bytes_and_only_under_its_hook(tmp_path,
         model.save_weights(path)
         sizes.append(path.stat().st_size)
     assert abs(sizes[0] - sizes[1]) < 0.01 * sizes[0], sizes
+    # The small one ("small"): the same layers and output, under a hundredth of the weights.
+    hooks.write_text(json.dumps({"stand_in_backbone": "small"}))
+    little = models.backbone_of(models.build_model(ModelConfig(image_size=32), num_classes=3))
+    assert [type(x) for x in little.layers] == [type(x) for x in small.layers]
+    assert little.output_shape == small.output_shape
+    assert little.count_params() < 1e-2 * small.count_params()

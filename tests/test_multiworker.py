@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (consecutive_free_ports, free_ports, SMALL, STAND_IN, run_trainjob,
+from conftest import (consecutive_free_ports, free_ports, SMALL, SMALL_STAND_IN, run_trainjob,
                       start_trainjob)
 from test_e2e import assert_complete_run
 from test_resume import _csv_epochs, _hooks, _status, _wait_for
@@ -95,9 +95,10 @@ def test_sigterm_then_peer_killed_then_group_restart_completes(s3, bucket, datas
     # 1. Configured as in an Indexed Job: JOB_COMPLETION_INDEX, --workers and a host
     #    pattern (here one host, a port per worker). SIGTERM to the worker that is not the
     #    chief, inside epoch 1: the whole group stops at one agreed step.
-    # Steps as long as ResNet50's (two workers, 32 px: ~4 s, half of it the all-reduce of
-    # as many gradient bytes), so the signal lands inside training.
-    paced = _hooks(tmp_path, "paced.json", **STAND_IN, sleep_after_batch=2.0)
+    # Steps paced to last about as long as ResNet50's would (two workers, 32 px: ~4 s), so
+    # the signal lands inside training; the small stand-in spares the CPU of all-reducing
+    # and saving 94 MB at every step and epoch end.
+    paced = _hooks(tmp_path, "paced.json", **SMALL_STAND_IN, sleep_after_batch=2.0)
     indexed = [s3.env(JOB_COMPLETION_INDEX=str(i), TRAINJOB_TEST_HOOKS=paced) for i in range(2)]
     args = _args(dataset, out, "--workers", "2", "--worker-hosts", "127.0.0.1:{port}",
                  "--worker-port", str(first_port), "--backup-every-steps", "2")
@@ -126,7 +127,7 @@ def test_sigterm_then_peer_killed_then_group_restart_completes(s3, bucket, datas
     #    the next one, waiting on it, when it is SIGKILLed: the chief fails that step and
     #    exits 4 within the collective time-out, naming the cause.
     envs = _tf_config_envs(s3, paced)
-    envs[1]["TRAINJOB_TEST_HOOKS"] = _hooks(tmp_path, "pause.json", **STAND_IN,
+    envs[1]["TRAINJOB_TEST_HOOKS"] = _hooks(tmp_path, "pause.json", **SMALL_STAND_IN,
                                             sleep_after_epoch={str(state["epoch"]): 120})
     pair = _start_pair(_args(dataset, out), envs, tmp_path, "second")
     (chief, chief_log), (other, other_log) = pair
@@ -143,7 +144,7 @@ def test_sigterm_then_peer_killed_then_group_restart_completes(s3, bucket, datas
         assert f"resuming at epoch {state['epoch']}, batch {state['step']}" in log.read_text()
 
     # 3. The next restart resumes at the epoch the chief died in and publishes once.
-    stand_in = _hooks(tmp_path, "stand_in.json", **STAND_IN)
+    stand_in = _hooks(tmp_path, "stand_in.json", **SMALL_STAND_IN)
     envs = _tf_config_envs(s3, stand_in)
     pair = _start_pair(_args(dataset, out), envs, tmp_path, "third")
     assert _wait_all(pair) == [0, 0], pair[0][1].read_text()[-4000:]

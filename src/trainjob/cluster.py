@@ -119,10 +119,10 @@ def wait_for_peers(cluster: Cluster, timeout: float) -> None:
         listener = socket.create_server(("", port))
     except OSError as exc:  # retriable: a previous worker on this host may still hold it
         where = "--worker-port" if cluster.source != "TF_CONFIG" else "TF_CONFIG"
+        why = os.strerror(exc.errno) if exc.errno else str(exc)
         raise ClusterError(
-            f"worker {cluster.index} cannot listen on port {port} "
-            f"({os.strerror(exc.errno) if exc.errno else exc}): another process on this host holds it; stop it, or "
-            f"give the workers free ports ({where})") from exc
+            f"worker {cluster.index} cannot listen on port {port} ({why}): another process "
+            f"on this host holds it; stop it, or give the workers free ports ({where})") from exc
     listener.settimeout(0.2)
     reached: set[int] = set()
     everyone = {i for i, _ in cluster.peers()}

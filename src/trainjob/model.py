@@ -24,6 +24,9 @@ FEATURES = 2048  # ResNet50's pooled features
 # The test stand-in's hidden width: 2057 weights per unit, so that it holds as many weights
 # as ResNet50 without its top (23,587,712), within a thousandth.
 STAND_IN_WIDTH = 11466
+# The "small" stand-in's: for tests whose subject is not the bytes (several workers, the
+# fine-tuning phases), where ResNet50's 94 MB of gradients and checkpoints only cost CPU.
+SMALL_STAND_IN_WIDTH = 16
 
 
 @keras.saving.register_keras_serializable(package="trainjob")
@@ -61,7 +64,8 @@ def build_model(cfg: ModelConfig, num_classes: int,
     size = cfg.image_size
     inputs = keras.Input((size, size, 3), name="image")
     x = ResNetPreprocess(name="preprocess")(inputs)
-    backbone = (stand_in_backbone(size) if read_hooks().get("stand_in_backbone")
+    stand_in = read_hooks().get("stand_in_backbone")
+    backbone = (stand_in_backbone(size, small=stand_in == "small") if stand_in
                 else keras.applications.ResNet50(include_top=False, pooling="avg",
                                                  input_shape=(size, size, 3), weights=None))
     x = backbone(x)
@@ -80,22 +84,24 @@ def build_model(cfg: ModelConfig, num_classes: int,
     return model
 
 
-def stand_in_backbone(size: int) -> keras.Model:
+def stand_in_backbone(size: int, small: bool = False) -> keras.Model:
     """Tests only (the ``stand_in_backbone`` hook): ResNet50's bytes at a sliver of its cost.
 
     Tests whose subject is the store, the lock or the uploader need checkpoints and resume
     pairs of ResNet50's size (upload times, multipart, a flush under a signal), not its
     compute: this traces in about a second, and a step costs a fraction of ResNet50's. It
     has the same name, output and kinds of layer (convolution, BatchNorm, dense), so
-    freezing, phases and checkpoints treat it as they treat ResNet50.
+    freezing, phases and checkpoints treat it as they treat ResNet50. ``small`` (the hook's
+    value "small") keeps the layers and drops the bytes.
     """
-    log.warning("test hook: a stand-in backbone with ResNet50's weight count, not ResNet50")
+    log.warning("test hook: a stand-in backbone with %s, not ResNet50",
+                "few weights" if small else "ResNet50's weight count")
     inputs = keras.Input((size, size, 3))
     x = layers.Conv2D(8, 3, strides=4, padding="same")(inputs)
     x = layers.BatchNormalization()(x)
     x = layers.Activation("relu")(x)
     x = layers.GlobalAveragePooling2D()(x)
-    x = layers.Dense(STAND_IN_WIDTH, activation="relu")(x)
+    x = layers.Dense(SMALL_STAND_IN_WIDTH if small else STAND_IN_WIDTH, activation="relu")(x)
     outputs = layers.Dense(FEATURES, activation="relu")(x)
     return keras.Model(inputs, outputs, name=BACKBONE_LAYER)
 

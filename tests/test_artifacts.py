@@ -159,7 +159,7 @@ def test_a_save_point_too_big_for_the_time_left_still_gets_the_stored_status_mar
         run.set_status("preempted", error="stopped by signal")
         assert not run.uploader.flush(timeout=1)
         started = time.monotonic()
-        assert run.mark_stored_status("preempted", timeout=2, error="stopped by signal")
+        assert run.mark_stored_status("preempted", error="stopped by signal")
         assert time.monotonic() - started < 2
     stored = s3env.read_json(bucket, "runs/slow/status.json")
     assert stored["state"] == "preempted" and stored["error"] == "stopped by signal"

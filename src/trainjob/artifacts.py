@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import shutil
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -127,34 +126,25 @@ class RunFolder:
         status.update(fields, state=state, updated=_utc_now())
         self.write(STATUS, status, upload=upload)
 
-    def mark_stored_status(self, state: str, *, timeout: float, **fields: Any) -> bool:
+    def mark_stored_status(self, state: str, **fields: Any) -> bool:
         """Set ``state`` on the status.json the store holds, for when the newest files could
         not all be sent (a grace period running out): the uploader stops, and the stored
         status, which describes the newest save point wholly in the store (status goes last
-        in every generation), gets the new state. Gives up after ``timeout`` seconds (a hung
-        store); returns whether the status was written."""
+        in every generation), gets the new state. Returns whether it was written; the
+        caller bounds the time (a hung store)."""
         if not self.uploader.enabled or self.published:
             return False
-        started = time.monotonic()
-        if not self.uploader.close(timeout=min(0.5, timeout / 4)) and \
-                self.uploader.sending == STATUS:
+        if not self.uploader.close(timeout=0.5) and self.uploader.sending == STATUS:
             return False  # that generation's own status is landing: ours could land first
-        written = threading.Event()
-
-        def rewrite() -> None:
-            try:
-                self.fence()  # never written once another job owns the run
-                status = self.store.read_json(STATUS) or {}
-                status.update(fields, state=state, updated=_utc_now())
-                self.store.write_json(STATUS, status)
-                written.set()
-            except Exception as exc:  # noqa: BLE001 - the stop in progress matters more
-                log.warning("could not mark %s %s: %s", self.store.child(STATUS), state, exc)
-
-        worker = threading.Thread(target=rewrite, name="trainjob-status", daemon=True)
-        worker.start()
-        worker.join(max(0.0, timeout - (time.monotonic() - started)))
-        return written.is_set()
+        try:
+            self.fence()  # never written once another job owns the run
+            status = self.store.read_json(STATUS) or {}
+            status.update(fields, state=state, updated=_utc_now())
+            self.store.write_json(STATUS, status)
+            return True
+        except Exception as exc:  # noqa: BLE001 - the stop in progress matters more
+            log.warning("could not mark %s %s: %s", self.store.child(STATUS), state, exc)
+            return False
 
     def pull(self) -> int:
         """Download what a resumed run needs (RESUME_ENTRIES) from the store; returns the

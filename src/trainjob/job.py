@@ -13,7 +13,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from trainjob import (cache, cluster as clusters, datasets, datasource, phases, resume,
                       runconfig, storage, weights)
@@ -74,11 +74,17 @@ def _release(lock: RunLock, stop: resume.StopSignal, grace: float) -> None:
     if not (stop.requested or stop.signalled):
         lock.release()
         return
-    worker = threading.Thread(target=lock.release, name="trainjob-unlock", daemon=True)
-    worker.start()
-    worker.join(max(0.0, stop.remaining(grace) - 0.5))
-    if worker.is_alive():
+    if not _within(stop.remaining(grace) - 0.5, lock.release, "trainjob-unlock"):
         log.warning("grace period over: the run lock is left to go stale")
+
+
+def _within(seconds: float, action: Callable[[], object], name: str) -> bool:
+    """Run ``action`` in a daemon thread and wait at most ``seconds`` for it (a store that
+    stopped answering cannot hold the exit); returns whether it finished."""
+    worker = threading.Thread(target=action, name=name, daemon=True)
+    worker.start()
+    worker.join(max(0.0, seconds))
+    return not worker.is_alive()
 
 
 def _finished(store: storage.Store, cfg: Config) -> bool:
@@ -115,8 +121,8 @@ def _run_locked(cfg: Config, run_dir: RunFolder, lock: RunLock, stop: resume.Sto
                 log.warning("grace period over before all uploads finished; the bucket "
                             "holds the last complete save point")
                 # Its status still says running: a small write says preempted.
-                run_dir.mark_stored_status("preempted", timeout=STATUS_RESERVE_SECONDS,
-                                           error=str(exc))
+                _within(STATUS_RESERVE_SECONDS, functools.partial(
+                    run_dir.mark_stored_status, "preempted", error=str(exc)), "trainjob-status")
             raise
         error = _as_job_error(exc)
         run_dir.set_status("failed", error=str(error))

@@ -128,7 +128,7 @@ def test_sigterm_then_peer_killed_then_group_restart_completes(s3, bucket, datas
     #    exits 4 within the collective time-out, naming the cause.
     envs = _tf_config_envs(s3, paced)
     envs[1]["TRAINJOB_TEST_HOOKS"] = _hooks(tmp_path, "pause.json", **SMALL_STAND_IN,
-                                            sleep_after_epoch={str(state["epoch"]): 120})
+                                            hold={f"epoch:{state['epoch']}": 120})
     pair = _start_pair(_args(dataset, out), envs, tmp_path, "second")
     (chief, chief_log), (other, other_log) = pair
     _wait_for(lambda: _status(s3, bucket, prefix).get("epochs_done", 0) > state["epoch"],

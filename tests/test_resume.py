@@ -82,8 +82,8 @@ def test_official_zip_killed_resumed_and_pulled(server, bucket, dataset, class_f
     log = tmp_path / "first.log"
     # A pause after epoch index 1, so the stop lands at a known point, after status shows it:
     # long for the kill; for the lock, long enough to take it (with a heartbeat a second).
-    hooks = ({"sleep_after_epoch": {"1": 120}} if s3.kind == "moto"
-             else {"sleep_after_epoch": {"1": 15}, "lock_heartbeat_seconds": 1, **stand_in})
+    hooks = ({"hold": {"epoch:1": 120}} if s3.kind == "moto"
+             else {"hold": {"epoch:1": 15}, "lock_heartbeat_seconds": 1, **stand_in})
     proc = start_trainjob(args, s3.env(TRAINJOB_TEST_HOOKS=_hooks(tmp_path, **hooks)),
                           tmp_path / "home", log)
     _wait_for(lambda: _status(s3, bucket, prefix).get("epochs_done", 0) >= 2, proc, log)
@@ -337,7 +337,7 @@ def test_sigterm_mid_epoch_then_late_sigterm_then_resume(s3, bucket, class_folde
     # publishing.
     log2 = tmp_path / "second.log"
     env2 = s3.env(TRAINJOB_TEST_HOOKS=_hooks(tmp_path, metrics=scripted, **paced,
-                                             sleep_after_epoch={"2": 6}))
+                                             hold={"epoch:2": 6}))
     proc = start_trainjob(args, env2, tmp_path / "home", log2)
     _wait_for(lambda: _status(s3, bucket, "runs/term").get("epochs_done", 0) >= 3, proc, log2)
     proc.send_signal(signal.SIGTERM)
@@ -396,7 +396,7 @@ def test_uploads_failing_after_retries_exit_4_and_keep_local_files(s3, bucket, d
                 "--epochs", "3", "--steps-per-epoch", "2", "--upload-timeout", "15", *SMALL]
         log = tmp_path / "job.log"
         env = s3.env(AWS_ENDPOINT_URL=proxy.endpoint, AWS_MAX_ATTEMPTS="2",
-                     TRAINJOB_TEST_HOOKS=_hooks(tmp_path, **STAND_IN, sleep_after_epoch={"0": 3}))
+                     TRAINJOB_TEST_HOOKS=_hooks(tmp_path, **STAND_IN, hold={"epoch:0": 3}))
         proc = start_trainjob(args, env, tmp_path / "home", log)
         _wait_for(lambda: "Epoch 1/3" in log.read_text(), proc, log)
         proxy.fail_everything()

@@ -88,7 +88,7 @@ def test_a_short_outage_does_not_fail_the_run(s3, bucket, dataset, tmp_path):
     with FaultProxy(s3.endpoint, slowdown=0.0, drop=0.0) as proxy:
         env = s3.env(AWS_ENDPOINT_URL=proxy.endpoint, AWS_MAX_ATTEMPTS="1",
                      TRAINJOB_TEST_HOOKS=_hooks(tmp_path, **STAND_IN,
-                                                sleep_after_epoch={"1": 8}))
+                                                hold={"epoch:1": 8}))
         proc = start_trainjob(args, env, tmp_path / "home", log)
         _wait_for(lambda: _status(s3, bucket, prefix).get("epochs_done", 0) >= 1, proc, log)
         proxy.fail_everything()

@@ -20,7 +20,7 @@ from keras.src.saving import saving_lib  # weights without optimizer state
 from trainjob.artifacts import BEST, LAST, LOG_CSV, RunFolder
 from trainjob.config import Config
 from trainjob.errors import TrainingError
-from trainjob.hooks import read_hooks
+from trainjob.hooks import hold, read_hooks
 from trainjob.resume import CALLBACK_STATE, plain
 from trainjob.runstate import RunState
 
@@ -118,6 +118,7 @@ class RunKeeper(keras.callbacks.Callback):
         self._epoch_started = time.monotonic()
         self._tracked: dict[str, keras.callbacks.Callback] = {}
         self._hooks = test_hooks()  # read once: the batch end is a hot path
+        self._first_step = True
 
     @property
     def history(self) -> list[dict]:
@@ -146,6 +147,11 @@ class RunKeeper(keras.callbacks.Callback):
         self.epoch = epoch
         self._epoch_started = time.monotonic()
 
+    def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
+        if self._first_step and "hold" in self._hooks:
+            hold("first_step")  # a first step that traces for longer than the grace period
+        self._first_step = False
+
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         loss = (logs or {}).get("loss")
         if loss is not None and not math.isfinite(float(loss)):
@@ -153,8 +159,10 @@ class RunKeeper(keras.callbacks.Callback):
                                 "lower --learning-rate or check the data")
         if delay := self._hooks.get("sleep_after_batch"):
             time.sleep(float(delay))  # a stand-in backbone's step, as long as ResNet50's
-        self.state.check()
         step = self.step_offset + batch + 1  # batches of this epoch done, across a restart
+        if "hold" in self._hooks:
+            hold(f"batch:{self.epoch}:{step}", lambda: self.state.stop.signalled)
+        self.state.check()
         every = self.backup_every_steps
         if self.state.stop.requested or (every and step % every == 0):
             # A mid-epoch resume point: weights, optimizer, and where we are. Not after the
@@ -175,8 +183,8 @@ class RunKeeper(keras.callbacks.Callback):
                "seconds": round(time.monotonic() - self._epoch_started, 3),
                "finished_at": round(time.time(), 3)}
         self.state.end_epoch(epoch, row, **self._snapshot())
-        if delay := self._hooks.get("sleep_after_epoch", {}).get(str(epoch)):
-            time.sleep(float(delay))
+        if "hold" in self._hooks:
+            hold(f"epoch:{epoch}", lambda: self.state.stop.signalled)
         # A signal during validation, or this last epoch: the state above is complete.
         self.state.stop_if_requested(f"after epoch {epoch}")
 
@@ -193,8 +201,7 @@ class RunKeeper(keras.callbacks.Callback):
 
 
 def test_hooks() -> dict:
-    """Test-only behaviour (scripted metrics, a pause after an epoch or a batch); inert when
-    unset."""
+    """Test-only behaviour (scripted metrics, holds, a step's pace); inert when unset."""
     return read_hooks()
 
 

@@ -23,6 +23,7 @@ from trainjob.cluster import Cluster
 from trainjob.config import Config
 from trainjob.errors import (ConfigError, LostOwnership, Preempted, StorageError, TrainingError,
                              TrainJobError)
+from trainjob.hooks import hold
 from trainjob.lock import RunLock
 from trainjob.runstate import RunState
 
@@ -243,6 +244,7 @@ def _train(cfg: Config, run_dir: RunFolder, state: dict | None, lock: RunLock | 
                 stop.end_collective()
             run_state.stop_if_requested("at the end of training")
             run_state.finish_training()
+        hold("after_training")
     if group:
         training.record_weights(model, Path(cfg.runtime.work_dir) / "worker-weights.json",
                                 worker=group.index, epochs=len(keeper.history))

@@ -15,6 +15,10 @@ size in bytes, settable at any time) leaves only the requests with larger bodies
 unanswered: a link too slow for checkpoints that still carries small JSON files.
 ``fail_everything`` and ``recover`` start and end an outage.
 
+``hold(pattern)`` keeps the requests whose "METHOD /path" matches the regex unanswered
+until ``release()`` (then they go through): ``holding`` is set once one has arrived, so a
+test can act while a chosen key is being stored.
+
 ``lost_reply`` forwards a share of requests whole, so the server acts on them, then cuts
 the connection before the reply: the client retries a request that already happened.
 
@@ -76,6 +80,9 @@ class FaultProxy:
         self.seen: list[Seen] = []
         self.resign = Credentials(*strip_conditional) if strip_conditional else None
         self.dead = False
+        self.held: re.Pattern | None = None  # see hold()
+        self.holding = threading.Event()  # a held request has arrived
+        self._released = threading.Event()
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -115,6 +122,17 @@ class FaultProxy:
     def recover(self) -> None:
         """The endpoint is back: requests pass again."""
         self.dead = False
+
+    def hold(self, pattern: str) -> None:
+        """From now on, requests whose "METHOD /path" matches ``pattern`` wait for release()."""
+        self._released.clear()
+        self.holding.clear()
+        self.held = re.compile(pattern)
+
+    def release(self) -> None:
+        """Let the held requests (and later ones) through."""
+        self.held = None
+        self._released.set()
 
     def _throttle(self, size: int) -> None:
         """Hold the request until a link of ``bytes_per_second`` would have carried it."""
@@ -170,6 +188,10 @@ class FaultProxy:
             self._log(h, at, 0)
             time.sleep(600)  # never answers; the client's own time-outs must cope
             return
+        held = self.held
+        if held is not None and held.search(f"{h.command} {urlsplit(h.path).path}"):
+            self.holding.set()
+            self._released.wait(600)
         self._throttle(len(body))
         if fate == "slowdown":
             self._log(h, at, 503)

@@ -80,15 +80,19 @@ def test_fast_epochs_keep_the_bucket_advancing_and_a_random_kill_resumes(s3, buc
 
 def test_a_short_outage_does_not_fail_the_run(s3, bucket, dataset, tmp_path):
     """Every upload fails for a while in the middle of the run, then the store is back. The
-    job used to keep that first failure and exit 4 at the end; now it re-sends and finishes."""
+    job used to keep that first failure and exit 4 at the end; now it re-sends and finishes.
+
+    Its publishing is also where a SIGTERM lands while manifest.json is being stored: the
+    publish finishes (exit 0, status succeeded, the run verifies). It used to raise, and the
+    status "preempted" went up after the manifest: a run that never verified."""
     prefix = "runs/outage"
     args = ["train", "--data", dataset, "--output", f"s3://{bucket}/{prefix}", "--epochs", "4",
             "--steps-per-epoch", "2", *SMALL]
     log = tmp_path / "job.log"
     with FaultProxy(s3.endpoint, slowdown=0.0, drop=0.0) as proxy:
         env = s3.env(AWS_ENDPOINT_URL=proxy.endpoint, AWS_MAX_ATTEMPTS="1",
-                     TRAINJOB_TEST_HOOKS=_hooks(tmp_path, **STAND_IN,
-                                                hold={"epoch:1": 8}))
+                     TRAINJOB_TEST_HOOKS=_hooks(tmp_path, **STAND_IN))
+        proxy.hold(r"^PUT .*/manifest\.json$")
         proc = start_trainjob(args, env, tmp_path / "home", log)
         _wait_for(lambda: _status(s3, bucket, prefix).get("epochs_done", 0) >= 1, proc, log)
         proxy.fail_everything()
@@ -99,6 +103,10 @@ def test_a_short_outage_does_not_fail_the_run(s3, bucket, dataset, tmp_path):
         # exited 4 at the end though the store came back.
         time.sleep(45)
         proxy.recover()
+        _wait_for(proxy.holding.is_set, proc, log)  # manifest.json is on its way
+        proc.send_signal(signal.SIGTERM)
+        _wait_for(lambda: "SIGTERM received" in log.read_text(), proc, log)
+        proxy.release()
         rc = proc.wait(timeout=600)
         failed = proxy.injected["slowdown"]
     assert rc == 0, log.read_text()[-4000:]

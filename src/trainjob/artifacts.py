@@ -8,13 +8,14 @@ it nothing in the run folder changes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager
 
 from trainjob.digests import sha256
 from trainjob.errors import StorageError
@@ -101,6 +102,7 @@ class RunFolder:
         self.uploader = Uploader(store, local, enabled=self.remote and not read_only,
                                  order=upload_rank, fence=fence)
         self.sync = sync and not read_only
+        self.manifest_sent = False  # manifest.json may be stored: the run must not change
         self.published = False  # manifest.json is stored: the run must not change again
 
     def __enter__(self) -> RunFolder:
@@ -120,7 +122,7 @@ class RunFolder:
             self.uploader.submit(rel)
 
     def set_status(self, state: str, *, upload: bool = True, **fields: Any) -> None:
-        if self.published:
+        if self.manifest_sent:
             return  # the manifest holds this file's hash: it stays as published
         status = read_json(self.path(STATUS), {}) or {}
         status.update(fields, state=state, updated=_utc_now())
@@ -132,7 +134,7 @@ class RunFolder:
         status, which describes the newest save point wholly in the store (status goes last
         in every generation), gets the new state. Returns whether it was written; the
         caller bounds the time (a hung store)."""
-        if not self.uploader.enabled or self.published:
+        if not self.uploader.enabled or self.manifest_sent:
             return False
         if not self.uploader.close(timeout=0.5) and self.uploader.sending == STATUS:
             return False  # that generation's own status is landing: ours could land first
@@ -173,15 +175,23 @@ class RunFolder:
                  for rel in self.published_files()}
         return {"files": files, "created": _utc_now()}
 
-    def publish(self, timeout: float | None = None) -> dict[str, Any]:
-        """Upload every file, then manifest.json last; then drop the resume state."""
+    def publish(self, timeout: float | None = None,
+                shield: Callable[[], ContextManager] = contextlib.nullcontext
+                ) -> dict[str, Any]:
+        """Upload every file, then manifest.json last; then drop the resume state.
+
+        A stop before the manifest leaves no manifest. From the moment it is sent, nothing
+        changes the run: ``shield`` keeps a signal from interrupting it, and the status
+        stays as the manifest records it, whatever happens next."""
         self.uploader.commit(self.published_files(), label="final")
         self.flush(timeout)
         manifest = self.manifest()
-        write_json(self.path(MANIFEST), manifest)
-        self.uploader.commit([MANIFEST], label="manifest", force=True)
-        self.flush(timeout)
-        self.published = True
+        with shield():
+            self.manifest_sent = True
+            write_json(self.path(MANIFEST), manifest)
+            self.uploader.commit([MANIFEST], label="manifest", force=True)
+            self.flush(timeout)
+            self.published = True
         self.drop_backup()
         log.info("published %d files to %s", len(manifest["files"]), self.store.uri)
         return manifest

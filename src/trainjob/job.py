@@ -35,7 +35,7 @@ STATUS_RESERVE_SECONDS = 2.0  # of the grace period: marking the stored status, 
 
 
 def run(cfg: Config) -> None:
-    stop = resume.StopSignal()
+    stop = resume.StopSignal(cfg.runtime.grace_seconds)
     stop.install()
     group = clusters.resolve(cfg.cluster)  # None: this job trains alone
     if group and cfg.optim.batch_size % group.size:
@@ -64,6 +64,8 @@ def run(cfg: Config) -> None:
         with (cache.session(),
               RunFolder(_local_run_dir(cfg), store, sync=cfg.output.sync,
                         fence=lock.check) as run_dir):
+            # What the signal watchdog does if training does not stop within the grace period.
+            stop.emergency = functools.partial(_stop_now, run_dir, lock)
             _run_locked(cfg, run_dir, lock, stop, group)
     finally:
         _release(lock, stop, cfg.runtime.grace_seconds)
@@ -77,6 +79,22 @@ def _release(lock: RunLock, stop: resume.StopSignal, grace: float) -> None:
         return
     if not _within(stop.remaining(grace) - 0.5, lock.release, "trainjob-unlock"):
         log.warning("grace period over: the run lock is left to go stale")
+
+
+def _stop_now(run_dir: RunFolder, lock: RunLock, reason: str) -> None:
+    """The signal watchdog's stop, for a main thread still inside a step or a collective
+    when the grace period is nearly over: the status the output holds says preempted (it
+    describes the newest save point wholly stored), and the lock goes back."""
+    if run_dir.remote:
+        _within(STATUS_RESERVE_SECONDS, functools.partial(
+            run_dir.mark_stored_status, "preempted", error=reason), "trainjob-status")
+    else:
+        try:
+            run_dir.fence()
+            run_dir.set_status("preempted", error=reason)
+        except TrainJobError as exc:
+            log.warning("could not mark the run preempted: %s", exc)
+    _within(1.0, lock.release, "trainjob-unlock")
 
 
 def _within(seconds: float, action: Callable[[], object], name: str) -> bool:
@@ -114,7 +132,11 @@ def _run_locked(cfg: Config, run_dir: RunFolder, lock: RunLock, stop: resume.Sto
         if run_dir.published:  # the manifest is up: the run is finished, whatever came after
             log.warning("after publishing: %s", exc)
             return
+        if run_dir.manifest_sent:  # it may be stored: nothing may change the run now
+            raise
         if isinstance(exc, Preempted):
+            if not stop.claim_shutdown():
+                _wait_for_exit()  # the watchdog is stopping the run: write nothing more
             run_dir.set_status("preempted", error=str(exc))
             # The whole shutdown fits in --grace-seconds: flush now, close and unlock after.
             left = stop.remaining(cfg.runtime.grace_seconds) - SHUTDOWN_RESERVE_SECONDS
@@ -132,6 +154,11 @@ def _run_locked(cfg: Config, run_dir: RunFolder, lock: RunLock, stop: resume.Sto
         if error is exc:
             raise
         raise error from exc
+
+
+def _wait_for_exit() -> None:
+    """Block this thread: another (the signal watchdog) ends the process."""
+    threading.Event().wait()
 
 
 def _flush_quietly(run_dir: RunFolder, timeout: float) -> bool:
@@ -280,7 +307,8 @@ def _train(cfg: Config, run_dir: RunFolder, state: dict | None, lock: RunLock | 
         runconfig.write(settings, run_dir, dataset_summary, timings, state,
                         runconfig.distribution(cfg, group, replicas))
         lock.check()
-        run_dir.publish(timeout=cfg.output.upload_timeout)
+        run_dir.publish(timeout=cfg.output.upload_timeout, shield=stop.shield)
+        stop.exit_code = 0  # published: a signal from now on ends the job with success
     log.info("run finished: %s", run_dir.store.uri)
 
 

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 UPLOAD_NICE = 10
 MAX_BACKOFF = 30.0
+FLUSH_SLICE = 0.25  # seconds a flush waits before it looks again
 # Files trainjob itself only ever replaces whole (write, then rename): a snapshot may be a
 # hard link instead of a copy. Keras rewrites its own files in place, so those are copied.
 REPLACED_WHOLE = ("backup/", ".json")
@@ -141,11 +142,15 @@ class Uploader:
         failing raises its ``StorageError``; without a failure, returns False. Once the run
         is another job's, raises what the fence raised."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        idle = lambda: self._pending is None and self._current is None  # noqa: E731
         with self._cond:
-            done = self._cond.wait_for(
-                lambda: (self._pending is None and self._current is None) or self._closed,
-                None if deadline is None else max(0.0, deadline - time.monotonic()))
-            done = done and self._pending is None and self._current is None
+            # In short waits: a signal handler runs in this (main) thread only between them.
+            while not (idle() or self._closed):
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                self._cond.wait(FLUSH_SLICE if left is None else min(FLUSH_SLICE, left))
+            done = idle()
             if self.lost is not None:
                 raise self.lost
             if not done and self.error is not None:

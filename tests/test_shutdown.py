@@ -1,0 +1,56 @@
+"""A SIGTERM at any moment ends the job within --grace-seconds: exit 143, the bucket's status
+"preempted", the run lock released, the newest save point wholly stored kept.
+
+Real `trainjob train` processes against a real S3 server over HTTP. A test hook holds the
+job at a named point (it logs "test hook: holding at <point>"), so the signal lands there
+whatever the machine's speed."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import SMALL, STAND_IN, start_trainjob
+from test_resume import _hooks, _status, _wait_for
+
+pytestmark = pytest.mark.e2e
+
+
+def _exit_code(proc: subprocess.Popen, timeout: float, log: Path) -> int:
+    """The process's exit code; a failure (and the process killed) if it outlives ``timeout``."""
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"still running {timeout:g}s after the signal:\n{log.read_text()[-3000:]}")
+
+
+def test_a_first_step_longer_than_the_grace_period_still_stops_in_time(s3, bucket, dataset,
+                                                                       tmp_path):
+    """The first step holds for two minutes, as a first trace under XLA can on a GPU: the
+    signal handler cannot stop it (Python runs handlers between bytecodes, and training
+    stops at a batch end), so the watchdog stops the run from its own thread."""
+    prefix = "runs/first-step"
+    args = ["train", "--data", dataset, "--output", f"s3://{bucket}/{prefix}", "--epochs", "2",
+            "--steps-per-epoch", "2", "--grace-seconds", "10", *SMALL]
+    log = tmp_path / "job.log"
+    hooks = _hooks(tmp_path, **STAND_IN, hold={"first_step": 120})
+    proc = start_trainjob(args, s3.env(TRAINJOB_TEST_HOOKS=hooks), tmp_path / "home", log)
+    _wait_for(lambda: "test hook: holding at first_step" in log.read_text(), proc, log)
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    rc = _exit_code(proc, 30, log)
+    elapsed = time.monotonic() - started
+    text = log.read_text()
+    assert rc == 143, text[-3000:]
+    assert elapsed < 10, f"took {elapsed:.1f}s with --grace-seconds 10"
+    status = _status(s3, bucket, prefix)
+    assert status["state"] == "preempted", status
+    assert "grace period ran out" in status["error"]
+    assert not any(k.endswith("run.lock.json") for k in s3.keys(bucket, prefix + "/"))
+    errors = [line for line in text.splitlines() if line.startswith("trainjob: error")]
+    assert len(errors) == 1 and "grace period ran out" in errors[0], errors

@@ -13,7 +13,8 @@ and deletes nothing (a bucket policy that denies s3:DeleteObject, an object lock
 Event) turns the endpoint into a black hole that never answers; ``stall_bodies_over`` (a
 size in bytes, settable at any time) leaves only the requests with larger bodies
 unanswered: a link too slow for checkpoints that still carries small JSON files.
-``fail_everything`` and ``recover`` start and end an outage.
+``fail_everything`` and ``recover`` start and end an outage; ``cut_off`` starts a partition
+instead (every connection is closed before any answer), which ``recover`` ends too.
 
 ``hold(pattern)`` keeps the requests whose "METHOD /path" matches the regex unanswered
 until ``release()`` (then they go through): ``holding`` is set once one has arrived, so a
@@ -80,6 +81,7 @@ class FaultProxy:
         self.seen: list[Seen] = []
         self.resign = Credentials(*strip_conditional) if strip_conditional else None
         self.dead = False
+        self.partitioned = False
         self.held: re.Pattern | None = None  # see hold()
         self.holding = threading.Event()  # a held request has arrived
         self._released = threading.Event()
@@ -119,9 +121,14 @@ class FaultProxy:
         """From now on every request gets 503: an endpoint that stays down."""
         self.dead = True
 
+    def cut_off(self) -> None:
+        """From now on every connection is dropped unanswered: a network partition."""
+        self.partitioned = True
+
     def recover(self) -> None:
         """The endpoint is back: requests pass again."""
         self.dead = False
+        self.partitioned = False
 
     def hold(self, pattern: str) -> None:
         """From now on, requests whose "METHOD /path" matches ``pattern`` wait for release()."""
@@ -172,6 +179,11 @@ class FaultProxy:
 
     def serve(self, h: BaseHTTPRequestHandler) -> None:
         at = time.time()
+        if self.partitioned:
+            self._log(h, at, 0)
+            h.close_connection = True
+            h.connection.shutdown(2)
+            return
         length = int(h.headers.get("Content-Length") or 0)
         fate = self._roll()
         with self.lock:

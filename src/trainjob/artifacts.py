@@ -15,7 +15,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable, ContextManager
+from typing import Any, Callable, ContextManager, Protocol
 
 from trainjob.digests import sha256
 from trainjob.errors import StorageError
@@ -64,6 +64,29 @@ def upload_rank(rel: str) -> int:
     return {STATUS: 5, MANIFEST: 6}.get(rel, 4)
 
 
+def decides_the_run(rel: str) -> bool:
+    """The files whose write must follow a fresh confirmation of the run lock: the resume
+    records, status.json and the manifest (the weights and logs they name go before)."""
+    return rel in (STATUS, MANIFEST) or (rel.startswith(BACKUP + "/") and rel.endswith(".json"))
+
+
+class Lease(Protocol):
+    """What a run folder asks before it writes (``lock.RunLock`` is one)."""
+
+    def check(self) -> None: ...
+    def ensure_lease(self) -> None: ...
+    def confirm(self) -> None: ...
+
+
+class Unlocked:
+    """The lease of a run folder that no other job writes (tests, a worker's own copy)."""
+
+    def check(self) -> None:
+        pass
+
+    ensure_lease = confirm = check
+
+
 def write_json(path: Path, obj: Any) -> None:
     """Atomic: readers (and the uploader) never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -87,7 +110,7 @@ class RunFolder:
     """The local copy of the run folder and the store it is published to."""
 
     def __init__(self, local: Path, store: Store, *, sync: bool = True,
-                 fence: Callable[[], None] | None = None, read_only: bool = False) -> None:
+                 lease: Lease | None = None, read_only: bool = False) -> None:
         self.local = local
         self.store = store
         local.mkdir(parents=True, exist_ok=True)
@@ -95,12 +118,13 @@ class RunFolder:
             shutil.rmtree(stale, ignore_errors=True)
         # For a local --output the run folder *is* the output: nothing to upload.
         same = isinstance(store, LocalStore) and store.root.resolve() == local.resolve()
-        self.fence = fence or (lambda: None)  # raises once another job owns the run
+        self.lease = lease or Unlocked()  # the run lock: raises once the run is not ours
         self.remote = not same  # the store holds the truth: a resume pulls from it
         # read_only: a worker that is not the chief reads the run and never writes to it.
         self.read_only = read_only
         self.uploader = Uploader(store, local, enabled=self.remote and not read_only,
-                                 order=upload_rank, fence=fence)
+                                 order=upload_rank, fence=self.lease.ensure_lease,
+                                 confirm=self.lease.confirm, critical=decides_the_run)
         self.sync = sync and not read_only
         self.manifest_sent = False  # manifest.json may be stored: the run must not change
         self.published = False  # manifest.json is stored: the run must not change again
@@ -115,6 +139,19 @@ class RunFolder:
 
     def path(self, rel: str) -> Path:
         return self.local / rel
+
+    def check(self) -> None:
+        """Raise once this job may not write the run. Cheap where the local folder is a copy
+        (the uploader checks the lease before each put); where it *is* the output, the
+        lease is checked too, since Keras' callbacks write there directly."""
+        if self.remote:
+            self.lease.check()
+        else:
+            self.lease.ensure_lease()
+
+    def confirm(self) -> None:
+        """Prove the run is still this job's right now (before a delete or a record)."""
+        self.lease.confirm()
 
     def write(self, rel: str, obj: Any, *, upload: bool = True) -> None:
         write_json(self.path(rel), obj)
@@ -139,7 +176,7 @@ class RunFolder:
         if not self.uploader.close(timeout=0.5) and self.uploader.sending == STATUS:
             return False  # that generation's own status is landing: ours could land first
         try:
-            self.fence()  # never written once another job owns the run
+            self.confirm()  # never written once another job owns the run
             status = self.store.read_json(STATUS) or {}
             status.update(fields, state=state, updated=_utc_now())
             self.store.write_json(STATUS, status)
@@ -204,13 +241,14 @@ class RunFolder:
 
     def drop_backup(self) -> None:
         """Best effort: the run is published whatever happens here."""
-        self.fence()
+        self.check()
         shutil.rmtree(self.path(BACKUP), ignore_errors=True)
         if not self.uploader.enabled:
             return
         try:
             stale = [o.key for o in self.store.list(BACKUP + "/")]
             if stale:
+                self.confirm()
                 self.store.delete(stale)
         except StorageError as exc:
             log.warning("could not remove the resume state from %s (%s); it is no longer "

@@ -10,7 +10,8 @@ logs ``test hook: holding at <point>`` and waits there, so the test waits for th
 (never for a count of events) and then acts. ``{"hold": {"<point>": SECONDS}}`` waits
 SECONDS like a step that does not return (a signal is not noticed meanwhile);
 ``{"hold": {"<point>": {"seconds": S, "until_signal": true}}}`` ends early once a stop
-signal came, so that the signal is handled right at that point. Points: ``first_step``
+signal came, so that the signal is handled right at that point, and ``"until_file": PATH``
+once the test creates that file. Points: ``first_step``
 (before the process's first training step), ``batch:E:S`` (after batch S, counted from 1,
 of epoch E), ``epoch:E`` (after epoch E is saved), ``after_training``.
 """
@@ -64,10 +65,12 @@ def hold(point: str, signalled: Callable[[], bool] = lambda: False) -> None:
     if not isinstance(spec, dict):
         spec = {"seconds": spec}
     seconds, until_signal = float(spec.get("seconds", 0)), bool(spec.get("until_signal"))
-    log.warning("test hook: holding at %s (up to %gs%s)", point, seconds,
-                ", or until a signal" if until_signal else "")
+    release = Path(spec["until_file"]) if spec.get("until_file") else None
+    log.warning("test hook: holding at %s (up to %gs%s%s)", point, seconds,
+                ", or until a signal" if until_signal else "",
+                f", or until {release} exists" if release else "")
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        if until_signal and signalled():
+        if (until_signal and signalled()) or (release is not None and release.exists()):
             return
         time.sleep(min(POLL_SECONDS, max(0.0, deadline - time.monotonic())))

@@ -63,7 +63,7 @@ def run(cfg: Config) -> None:
         # on this host prunes or rewrites them meanwhile.
         with (cache.session(),
               RunFolder(_local_run_dir(cfg), store, sync=cfg.output.sync,
-                        fence=lock.check) as run_dir):
+                        lease=lock) as run_dir):
             # What the signal watchdog does if training does not stop within the grace period.
             stop.emergency = functools.partial(_stop_now, run_dir, lock)
             _run_locked(cfg, run_dir, lock, stop, group)
@@ -90,7 +90,7 @@ def _stop_now(run_dir: RunFolder, lock: RunLock, reason: str) -> None:
             run_dir.mark_stored_status, "preempted", error=reason), "trainjob-status")
     else:
         try:
-            run_dir.fence()
+            run_dir.check()
             run_dir.set_status("preempted", error=reason)
         except TrainJobError as exc:
             log.warning("could not mark the run preempted: %s", exc)
@@ -239,7 +239,7 @@ def _train(cfg: Config, run_dir: RunFolder, state: dict | None, lock: RunLock | 
         first_epoch = state["epoch"] if state else 0
         history = resume.trim_logs(run_dir, first_epoch) if state else []
         run_state = RunState(run_dir, fingerprint=fingerprint, history=history, stop=stop,
-                             restore=state, fence=lock.check if lock else None)
+                             restore=state, fence=run_dir.check)
         keeper = callbacks_lib.RunKeeper(run_state, steps_per_epoch=steps,
                                          backup_every_steps=cfg.output.backup_every_steps)
         callbacks = callbacks_lib.make_callbacks(cfg, run_dir, keeper)
@@ -359,7 +359,7 @@ def _prepare(cfg: Config, run_dir: RunFolder) -> dict | None:
         return None
     if cfg.output.overwrite:
         log.info("--overwrite: removing the previous run at %s", store.uri)
-        run_dir.fence()
+        run_dir.confirm()
         _remove_run(run_dir)
         return None
     if run_dir.remote:  # the bucket is the truth: a new pod has no local files

@@ -8,6 +8,15 @@ start at the same instant cannot both get it, and a job whose lock was taken ove
 at its next heartbeat (a 412): ``lost`` is set and ``check()`` raises LostOwnership (exit 6),
 so it stops writing (fencing).
 
+A heartbeat that fails (the store unreachable, the process paused) proves nothing either
+way, so a job holds a *lease*: it writes to the run only while its last successful beat is
+younger than LEASE_FRACTION of the stale time (``ensure_lease`` confirms it with a beat
+when it is older), and it confirms the lock with a conditional write right before the
+writes that decide what the run is (the resume records, ``status.json``, the manifest) and
+before any delete (``confirm``). Another job takes the lock over only once the last beat is
+older than the whole stale time, so a write started inside the lease cannot meet one of
+the new owner's.
+
 A job that meets a live lock waits (``--lock-timeout``, default: until the heartbeat is
 stale) and then takes over; it takes over at once with ``--force``, from a dead pid on the
 same host, or from a previous pod of the same ``TRAINJOB_OWNER_ID``.
@@ -35,6 +44,7 @@ log = logging.getLogger(__name__)
 
 STALE_SECONDS = 600.0
 HEARTBEAT_SECONDS = 60.0
+LEASE_FRACTION = 0.5  # of the stale time: the lease a successful beat gives the writes
 POLL_SECONDS = 5.0
 PROBE_PREFIX = ".run.lock.probe-"  # a dot name: never published, never in the manifest
 NO_SUCH_ETAG = '"00000000000000000000000000000000"'
@@ -60,6 +70,7 @@ class RunLock:
         self.conditional: bool | None = None  # None until probed
         self._etag: str | None = None  # of the version we last wrote (conditional mode)
         self._held = False
+        self._confirmed = 0.0  # time.monotonic() of the last write that proved the lock ours
         self._mutex = threading.Lock()  # one change of the lock at a time: beats vs release
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -93,6 +104,7 @@ class RunLock:
             log.info("run lock held by %s pid %s; waiting", held.get("host"), held.get("pid"))
             time.sleep(poll)
         self._held = True
+        self._confirmed = time.monotonic()
         self._stop.clear()  # a lock taken again after release() beats again
         self._thread = threading.Thread(target=self._beat, name="trainjob-lock", daemon=True)
         self._thread.start()
@@ -154,6 +166,31 @@ class RunLock:
             except StorageError as exc:
                 log.warning("lock heartbeat failed: %s", exc)
 
+    def confirm(self) -> None:
+        """Prove now that the lock is still ours, with one conditional write (a beat): call
+        it right before a write that decides what the run is, and before any delete.
+        Raises LostOwnership if another job holds it, StorageError if the store cannot
+        tell (the caller retries; it must not write meanwhile)."""
+        with self._mutex:
+            self.check()
+            if not self._held:
+                raise LostOwnership(f"{self.store.child(LOCK)} is not held by this job: "
+                                    "nothing more may be written to the run")
+            if self.conditional:
+                self._beat_conditional()
+            else:
+                self._beat_advisory()
+        self.check()
+
+    def ensure_lease(self) -> None:
+        """Raise unless the lease is live: call before every write to the run. Cheap while
+        the last beat is recent; past LEASE_FRACTION of the stale time it confirms first."""
+        self.check()
+        if time.monotonic() - self._confirmed > self.stale_after * LEASE_FRACTION:
+            log.info("the last heartbeat is %.0fs old: confirming the run lock before writing",
+                     time.monotonic() - self._confirmed)
+            self.confirm()
+
     def _beat_conditional(self) -> None:
         etag = self.store.put_if_match(LOCK, self._record_bytes(), self._etag)
         if etag is None:
@@ -167,6 +204,7 @@ class RunLock:
                 self._lose(held)
                 return
         self._etag = etag
+        self._confirmed = time.monotonic()
 
     def _beat_advisory(self) -> None:
         held = self.store.read_json(LOCK)
@@ -174,6 +212,7 @@ class RunLock:
             self._lose(held)
             return
         self.store.write_bytes(LOCK, self._record_bytes())
+        self._confirmed = time.monotonic()
 
     def _lose(self, held: dict | None) -> None:
         self.taken_by = held or {}
@@ -183,8 +222,8 @@ class RunLock:
         log.error("%s", self._loss_message())
 
     def check(self) -> None:
-        """Raise LostOwnership if another job has taken the lock over. Call it before each
-        write to the run folder: a job that lost the lock must not write there again."""
+        """Raise LostOwnership once this job knows another has taken the lock over (cheap:
+        a flag, checked at every batch end). Writes go through ``ensure_lease``."""
         if self.lost.is_set():
             raise LostOwnership(self._loss_message())
 

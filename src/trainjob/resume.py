@@ -234,7 +234,8 @@ def write_point(run: RunFolder, seq: int, record: dict,
                 write_weights: Callable[[Path], None]) -> dict:
     """Save pair ``seq``: weights first under a new name, then the record that names them.
 
-    A kill at any moment leaves the previous pair whole: nothing is overwritten."""
+    A kill at any moment leaves the previous pair whole: nothing is overwritten. Where the
+    local folder is the output itself, the run lock is confirmed before the record."""
     weights_rel, record_rel = pair_files(seq)
     weights = run.path(weights_rel)
     weights.parent.mkdir(parents=True, exist_ok=True)
@@ -243,6 +244,8 @@ def write_point(run: RunFolder, seq: int, record: dict,
     os.replace(partial, weights)
     record = {**record, "seq": seq, "weights": Path(weights_rel).name,
               "weights_sha256": sha256(weights)}
+    if not run.remote:
+        run.confirm()
     write_json(run.path(record_rel), record)
     write_json(run.path(STATE), record)
     return record

@@ -135,4 +135,5 @@ class RunState:
         self._stored_seq = seq
         keys = [o.key for o in self.run.store.list(resume.BACKUP + "/")]
         if stale := resume.stale_keys(keys, keep):
+            self.run.confirm()
             self.run.store.delete(stale)

@@ -72,11 +72,19 @@ class Uploader:
 
     def __init__(self, store: Store, root: Path, *, enabled: bool = True,
                  backoff: float = 1.0, fence: Callable[[], None] | None = None,
+                 confirm: Callable[[], None] | None = None,
+                 critical: Callable[[str], bool] = lambda rel: False,
                  order: Callable[[str], int] = lambda rel: 0) -> None:
         self.store, self.root, self.enabled = store, root, enabled
         self.backoff = backoff
         self.order = order  # files of a generation go up sorted by it (stable)
-        self.fence = fence or (lambda: None)  # raises once another job owns the run
+        # Before every put: raises once the run may not be written (another job owns it);
+        # a StorageError means "cannot tell now" and the put waits and retries.
+        self.fence = fence or (lambda: None)
+        # Before the puts that decide what the run is (``critical``) and before actions
+        # (they delete): a stronger check, such as a conditional write of the run lock.
+        self.confirm = confirm or self.fence
+        self.critical = critical
         self.lost: Exception | None = None  # what the fence raised: nothing is sent after it
         self.staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
         self._stamps: dict[str, tuple[int, int]] = {}  # rel -> (size, mtime_ns) last committed
@@ -203,10 +211,12 @@ class Uploader:
         for rel, snap in gen.files.items():
             attempt = 0
             while True:
-                if self._closed or not self._ours():
+                if self._closed:
                     return False
                 self.sending = rel
                 try:
+                    if not self._ours(self.confirm if self.critical(rel) else self.fence):
+                        return False
                     self.store.put(snap.path, rel)
                     break
                 except StorageError as exc:
@@ -228,21 +238,23 @@ class Uploader:
                 self.error = None
         return True
 
-    def _ours(self) -> bool:
-        """Whether this job still owns the run; once not, it never writes there again."""
+    def _ours(self, check: Callable[[], None]) -> bool:
+        """Whether this job may still write the run; once not, it never writes there again.
+        A check that cannot reach the store raises its StorageError (the caller retries)."""
         if self.lost is None:
             try:
-                self.fence()
-            except Exception as exc:  # noqa: BLE001 - whatever the fence raises ends uploads
+                check()
+            except StorageError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - whatever else the fence raises ends uploads
                 log.error("uploads stopped: %s", exc)
                 self.lost = exc
         return self.lost is None
 
     def _act(self, action: Action) -> None:
-        if not self._ours():
-            return
         try:
-            action()
+            if self._ours(self.confirm):
+                action()
         except Exception as exc:  # noqa: BLE001 - housekeeping never fails the run
             log.warning("after upload: %s", exc)
 

@@ -85,6 +85,7 @@ class FaultProxy:
         self.held: re.Pattern | None = None  # see hold()
         self.holding = threading.Event()  # a held request has arrived
         self._released = threading.Event()
+        self._drop_held = False
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -136,9 +137,12 @@ class FaultProxy:
         self.holding.clear()
         self.held = re.compile(pattern)
 
-    def release(self) -> None:
-        """Let the held requests (and later ones) through."""
-        self.held = None
+    def release(self, drop: bool = False) -> None:
+        """Let the held requests (and later ones) through; ``drop``: close their connections
+        unanswered instead, as a client that died while they were in flight leaves them."""
+        self._drop_held = drop
+        if not drop:
+            self.held = None
         self._released.set()
 
     def _throttle(self, size: int) -> None:
@@ -204,6 +208,11 @@ class FaultProxy:
         if held is not None and held.search(f"{h.command} {urlsplit(h.path).path}"):
             self.holding.set()
             self._released.wait(600)
+            if self._drop_held:
+                self._log(h, at, 0)
+                h.close_connection = True
+                h.connection.shutdown(2)
+                return
         self._throttle(len(body))
         if fate == "slowdown":
             self._log(h, at, 503)

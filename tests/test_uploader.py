@@ -191,9 +191,11 @@ def test_a_generation_goes_up_in_dependency_order(tmp_path, uploaders):
     up.commit(["status.json", "backup/state.json", "training_log.csv", pair[1],
                "checkpoints/best.weights.h5", pair[0]], transient=pair)
     assert up.flush(timeout=10)
+    # The weights, the log that describes them, the record and the pointer that make them
+    # the resume point, the best checkpoint (never ahead of it), the status.
     assert [k for k, _ in store.puts] == [
-        pair[0], "checkpoints/best.weights.h5", pair[1], "backup/state.json",
-        "training_log.csv", "status.json"]
+        pair[0], "training_log.csv", pair[1], "backup/state.json",
+        "checkpoints/best.weights.h5", "status.json"]
 
 
 def test_epochs_faster_than_uploads_skip_to_the_newest_generation(tmp_path, uploaders, caplog):
@@ -216,11 +218,11 @@ def test_epochs_faster_than_uploads_skip_to_the_newest_generation(tmp_path, uplo
         assert up.flush(timeout=10)
     keys = [k for k, _ in store.puts]
     first = keys[:5]
-    assert first == ["backup/state-000001.weights.h5", "backup/state-000001.json",
-                     "backup/state.json", "training_log.csv", "status.json"]
-    assert keys[5:] == ["backup/state-000006.weights.h5", "checkpoints/best.weights.h5",
-                        "backup/state-000006.json", "backup/state.json", "training_log.csv",
-                        "status.json"]
+    assert first == ["backup/state-000001.weights.h5", "training_log.csv",
+                     "backup/state-000001.json", "backup/state.json", "status.json"]
+    assert keys[5:] == ["backup/state-000006.weights.h5", "training_log.csv",
+                        "backup/state-000006.json", "backup/state.json",
+                        "checkpoints/best.weights.h5", "status.json"]
     assert dict(store.puts)["status.json"] == b'{"epochs_done": 6}'
     assert dict(store.puts)["checkpoints/best.weights.h5"] == b"best of epoch 3"
     assert done == [1, 6]  # the skipped generations' actions never ran
@@ -253,8 +255,8 @@ def test_a_failed_upload_is_resent_before_anything_after_it(tmp_path, uploaders)
     up = uploaders(store, tmp_path / "run", backoff=0.02)
     commit_epoch(up, tmp_path / "run", 1)
     assert up.flush(timeout=10)
-    assert store.stored == ["backup/state-000001.weights.h5", "backup/state-000001.json",
-                            "backup/state.json", "training_log.csv", "status.json"]
+    assert store.stored == ["backup/state-000001.weights.h5", "training_log.csv",
+                            "backup/state-000001.json", "backup/state.json", "status.json"]
     assert [k for _, k in store.attempts[:4]] == ["backup/state-000001.weights.h5"] * 4
     gaps = [b[0] - a[0] for a, b in zip(store.attempts, store.attempts[1:3])]
     assert gaps[0] >= 0.02 and gaps[1] >= 0.04  # exponential backoff

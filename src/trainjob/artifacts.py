@@ -37,6 +37,9 @@ TENSORBOARD = "tensorboard"
 MANIFEST = "manifest.json"
 LOCK = "run.lock.json"
 BEST = "checkpoints/best.weights.h5"
+# Where ModelCheckpoint writes a new best; the run state moves it to BEST once the save
+# point of its epoch is recorded (a dot name: never uploaded or published).
+BEST_STAGED = "checkpoints/.best.staged.weights.h5"
 LAST = "checkpoints/last.weights.h5"
 MODEL = "model/model.keras"
 SAVED_MODEL = "model/saved_model"
@@ -54,13 +57,18 @@ RESUME_ENTRIES = (CONFIG, CLASSES, STATUS, LOG_CSV, HISTORY, BEST.split("/")[0] 
 
 
 def upload_rank(rel: str) -> int:
-    """The order of files within an upload generation: data before the records that name
-    it, the resume pointer after its pair, status after everything it describes, the
-    manifest last of all."""
-    if rel.endswith(".h5"):
-        return 0 if rel.startswith(BACKUP + "/") else 1
+    """The order of files within an upload generation, so that a kill between any two of
+    them leaves a run that resumes right: the resume weights, then the logs that describe
+    the save point (a resume trims rows that run ahead, but cannot invent missing ones),
+    then the record that makes it the resume point and the pointer to it, then the best
+    checkpoint and the rest (never ahead of the resume point), then the status, which
+    describes all of it, and the manifest last of all."""
     if rel.startswith(BACKUP + "/"):
+        if rel.endswith(".h5"):
+            return 0
         return 3 if rel == f"{BACKUP}/state.json" else 2
+    if rel in (LOG_CSV, HISTORY) or rel.startswith(TENSORBOARD + "/"):
+        return 1
     return {STATUS: 5, MANIFEST: 6}.get(rel, 4)
 
 

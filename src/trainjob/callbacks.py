@@ -17,7 +17,7 @@ from typing import Any
 import keras
 from keras.src.saving import saving_lib  # weights without optimizer state
 
-from trainjob.artifacts import BEST, LAST, LOG_CSV, RunFolder
+from trainjob.artifacts import BEST, BEST_STAGED, LAST, LOG_CSV, RunFolder
 from trainjob.config import Config
 from trainjob.errors import TrainingError
 from trainjob.hooks import hold, read_hooks
@@ -41,10 +41,12 @@ def exp_decay(base_lr: float, fine_tune_lr: float | None = None, from_epoch: int
 class WeightsCheckpoint(keras.callbacks.ModelCheckpoint):
     """ModelCheckpoint of the model's weights without the optimizer state: a third of the
     size (~94 MB instead of ~283 MB for ResNet50 with Adam), so each epoch uploads less.
-    The resume state under backup/ is what carries the optimizer."""
+    The resume state under backup/ is what carries the optimizer. ``label`` names it in
+    the saved callback state (the local path differs from pod to pod)."""
 
-    def __init__(self, filepath: str, **kwargs: Any) -> None:
+    def __init__(self, filepath: str, label: str, **kwargs: Any) -> None:
         super().__init__(filepath, save_weights_only=True, **kwargs)
+        self.label = label
 
     def _save_model(self, epoch: int, batch: int | None, logs: dict) -> None:
         filepath = self._get_file_path(epoch, batch, logs)
@@ -70,9 +72,11 @@ def make_callbacks(cfg: Config, run: RunFolder, keeper: RunKeeper) -> list[keras
         # a job that lost the run lock must stop before they run.
         keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: keeper.state.check()),
         *([ScriptedMetrics(hooks["metrics"])] if "metrics" in (hooks := test_hooks()) else []),
-        WeightsCheckpoint(str(run.path(BEST)), monitor=c.checkpoint_monitor,
+        # A new best goes to a staging name; RunState moves it into place once its
+        # epoch's save point is recorded, so it never runs ahead of the resume point.
+        WeightsCheckpoint(str(run.path(BEST_STAGED)), "best", monitor=c.checkpoint_monitor,
                           mode=c.checkpoint_mode, save_best_only=True),
-        WeightsCheckpoint(str(run.path(LAST))),
+        WeightsCheckpoint(str(run.path(LAST)), "last"),
         keras.callbacks.CSVLogger(str(run.path(LOG_CSV)), append=True),
     ]
     if c.early_stopping_patience > 0:
@@ -125,20 +129,22 @@ class RunKeeper(keras.callbacks.Callback):
         return self.state.history
 
     def set_peers(self, callbacks: list[keras.callbacks.Callback]) -> None:
-        """The callbacks whose state is saved, keyed by kind (and file, for checkpoints)."""
+        """The callbacks whose state is saved, keyed by kind (and label, for checkpoints)."""
         self._tracked = {}
         for cb in callbacks:
             for kind in CALLBACK_STATE:
                 if kind in (c.__name__ for c in type(cb).__mro__):
-                    self._tracked[f"{kind}:{getattr(cb, 'filepath', '')}"] = cb
+                    self._tracked[f"{kind}:{getattr(cb, 'label', '')}"] = cb
 
     def on_train_begin(self, logs: dict | None = None) -> None:
         restore = self.state.restore
         if not restore:
             return
+        saved = {checkpoint_key(key): value
+                 for key, value in restore.get("callbacks", {}).items()}
         for key, cb in self._tracked.items():
             base = key.split(":")[0]
-            for attr, value in restore.get("callbacks", {}).get(key, {}).items():
+            for attr, value in saved.get(key, {}).items():
                 if attr in CALLBACK_STATE[base]:
                     setattr(cb, attr, value)
         log.info("restored callback state: %s", restore.get("callbacks"))
@@ -198,6 +204,16 @@ class RunKeeper(keras.callbacks.Callback):
                                 for a in CALLBACK_STATE[key.split(":")[0]]}
                           for key, cb in self._tracked.items()},
         }
+
+
+def checkpoint_key(key: str) -> str:
+    """A saved callback's key as this version names it: trainjob <= 0.1 keyed checkpoints
+    by their local path ("ModelCheckpoint:/.../checkpoints/best.weights.h5")."""
+    kind, _, rest = key.partition(":")
+    for label in ("best", "last"):
+        if rest.endswith(f"/{label}.weights.h5"):
+            return f"{kind}:{label}"
+    return key
 
 
 def test_hooks() -> dict:

@@ -240,6 +240,8 @@ def _train(cfg: Config, run_dir: RunFolder, state: dict | None, lock: RunLock | 
         history = resume.trim_logs(run_dir, first_epoch) if state else []
         run_state = RunState(run_dir, fingerprint=fingerprint, history=history, stop=stop,
                              restore=state, fence=run_dir.check)
+        if state and not state.get("from_checkpoint"):
+            run_state.reconcile_best(functools.partial(callbacks_lib.save_model_weights, model))
         keeper = callbacks_lib.RunKeeper(run_state, steps_per_epoch=steps,
                                          backup_every_steps=cfg.output.backup_every_steps)
         callbacks = callbacks_lib.make_callbacks(cfg, run_dir, keeper)

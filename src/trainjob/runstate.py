@@ -10,13 +10,15 @@ writes the weights.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from trainjob import resume
-from trainjob.artifacts import BEST, HISTORY, LOG_CSV, STATUS, RunFolder
+from trainjob.artifacts import BEST, BEST_STAGED, HISTORY, LOG_CSV, STATUS, RunFolder
+from trainjob.digests import sha256
 from trainjob.errors import Preempted
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,8 @@ class RunState:
         self._stored_seq = self._good_seq  # the newest pair in the store
         self.phase: str | None = None  # the fine-tuning phase being trained (phases.py)
         self.epoch_writers: list[EpochWriter] = []
+        # The best checkpoint the newest save point follows on from: its sha256 and epoch.
+        self.best: dict | None = (restore or {}).get("best")
 
     def add_epoch_writer(self, writer: EpochWriter) -> None:
         """Call ``writer`` with the history now (a resumed run rewrites what it derives
@@ -86,10 +90,39 @@ class RunState:
         self.history.append(row)
         self.run.write(HISTORY, self.history, upload=False)
         derived = [rel for writer in self.epoch_writers for rel in writer(self.history)]
+        staged = self.run.path(BEST_STAGED)
+        if staged.exists():  # ModelCheckpoint found a new best in this epoch
+            self.best = {"sha256": sha256(staged), "epoch": epoch}
         self._write_pair(epoch + 1, 0, write_weights, iterations, callbacks)
+        if staged.exists():  # only now: the best never describes an epoch a resume redoes
+            os.replace(staged, self.run.path(BEST))
         self.run.set_status("running", epoch=epoch, epochs_done=epoch + 1, metrics=row,
                             phase=self.phase, upload=False)
         self._commit(f"epoch {epoch}", (BEST, *derived))
+
+    def reconcile_best(self, write_best: WriteWeights) -> None:
+        """On resume: make checkpoints/best.weights.h5 the one the save point follows on
+        from. A job stopped after storing the record but before the best checkpoint left
+        an older one behind: where the save point's own weights are the best (the best
+        epoch is the one it ends), ``write_best`` writes them again; otherwise that best
+        is lost, and the best checkpoint starts again from here (never a stale one)."""
+        path = self.run.path(BEST)
+        if self.best is None or (path.exists() and sha256(path) == self.best["sha256"]):
+            return
+        record = self.restore or {}
+        if self.best["epoch"] == int(record.get("epoch", 0)) - 1 and not record.get("step"):
+            write_best(path)
+            self.best = {"sha256": sha256(path), "epoch": self.best["epoch"]}
+            log.info("wrote %s again from the save point: its upload had not finished", BEST)
+            return
+        log.warning("%s is not the best epoch's (%d): its upload had not finished when the "
+                    "job stopped, and those weights are gone; the best checkpoint starts "
+                    "again from epoch %s", BEST, self.best["epoch"], record.get("epoch"))
+        path.unlink(missing_ok=True)
+        self.best = None
+        self.restore = {**record, "callbacks": {
+            key: value for key, value in record.get("callbacks", {}).items()
+            if not key.startswith("ModelCheckpoint")}}
 
     def _write_pair(self, epoch: int, step: int, write_weights: WriteWeights, iterations: int,
                     callbacks: dict[str, dict[str, Any]]) -> dict:
@@ -97,7 +130,7 @@ class RunState:
         self.seq += 1
         record = resume.write_point(self.run, self.seq, {
             "epoch": epoch, "step": step, "iterations": iterations, "callbacks": callbacks,
-            "phase": self.phase, "fingerprint": self.fingerprint,
+            "phase": self.phase, "fingerprint": self.fingerprint, "best": self.best,
             "saved": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }, write_weights)
         # Keep the pair this one follows on from (not seq - 1: that may be a broken pair
@@ -115,10 +148,14 @@ class RunState:
         seq = int(self.restore.get("seq", 0))
         self.restore = {**self.restore, "finished_training": True}
         # The pair's own record too, so a fallback to it knows training was over.
-        rels = [*([resume.pair_files(seq)[1]] if seq else []), resume.STATE]
+        weights, record = resume.pair_files(seq) if seq else (None, None)
+        rels = [*([record] if record else []), resume.STATE]
         for rel in rels:
             self.run.write(rel, self.restore, upload=False)
-        self.run.uploader.commit(rels, label="training finished")
+        # Without --sync nothing of the resume state is stored yet: store it whole, weights
+        # and best checkpoint too (a restart evaluates and publishes), never half of it.
+        whole = [] if self.run.sync or not weights else [weights, BEST]
+        self.run.uploader.commit([*whole, *rels], label="training finished")
 
     def _commit(self, label: str, extra: tuple[str, ...]) -> None:
         if not self.run.sync:

@@ -10,12 +10,12 @@ from typing import Any
 
 import click
 
-from trainjob import __version__
+from trainjob import __version__, sweep
 from trainjob.commands import dataset as dataset_commands
 from trainjob.commands import predict as predict_commands
 from trainjob.commands import runs as runs_commands
 from trainjob.commands.options import ENV_PREFIX, GroupedCommand, config_option
-from trainjob.config import Config, option_fields
+from trainjob.config import option_fields
 from trainjob.errors import ClusterError, ConfigError, Preempted, TrainJobError
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ def train(ctx: click.Context, **options: Any) -> None:
 
     Every option can also be set as TRAINJOB_<OPTION_NAME>, e.g. TRAINJOB_EPOCHS=50.
     """
-    cfg = Config.from_options(**options)
+    cfg = sweep.configure(options)  # with --sweep-file: one trial's settings and folder
     from trainjob import job  # after logging is set up, so TF's import stays quiet
 
     job.run(cfg)

@@ -99,8 +99,9 @@ def test_write_never_raises(tmp_path, monkeypatch):
     assert not (tmp_path / "missing").exists()
 
 
-def test_a_stuck_writer_never_blocks_another_thread(log_file):
+def test_a_stuck_writer_never_blocks_another_thread(log_file, monkeypatch):
     """A watchdog thread writes and exits even while another write holds the lock."""
+    monkeypatch.setattr(termination, "LOCK_WAIT_SECONDS", 0.3)  # 2 s in the job
     done = threading.Event()
     with termination._lock:  # as a writer stuck mid-write in the main thread would
         started = time.monotonic()

@@ -121,7 +121,7 @@ def kueue_validators() -> dict[str, jsonschema.Draft4Validator]:
         path = ROOT / "tests" / "data" / f"kueue-{kind.lower()}-crd-schema.json"
         schema = json.loads(path.read_text())
         assert KUEUE_RELEASE in schema["$comment"], path
-        assert f" v1beta2, from " in schema["$comment"], path
+        assert " v1beta2, from " in schema["$comment"], path
         out[kind] = jsonschema.Draft4Validator(strict_schema(schema))
     return out
 

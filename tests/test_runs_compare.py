@@ -17,7 +17,7 @@ from click.testing import CliRunner
 import runfolders
 from trainjob import runcompare
 from trainjob.cli import cli, main
-from trainjob.storage import S3Store
+from trainjob.storage import S3Store, open_store
 
 
 def settings(lr: float, freeze: int, index: int) -> dict:
@@ -155,15 +155,9 @@ def test_the_same_settings_everywhere_give_no_setting_columns(tmp_path):
         (tmp_path / name / "config.json").write_text(json.dumps({"settings": settings(
             0.1, 0, 0) | {"output": {"output": f"s3://x/{name}"}}}))
         (tmp_path / name / "status.json").write_text('{"state": "failed"}')
-    rows = runcompare.compare_runs(runcompare_store(tmp_path), 2)
+    rows = runcompare.compare_runs(open_store(str(tmp_path), 2), 2)
     assert [r.settings for r in rows] == [{}, {}]
     assert "the runs' settings do not differ" in runcompare.render(rows)
-
-
-def runcompare_store(path):
-    from trainjob.storage import open_store
-
-    return open_store(str(path), 2)
 
 
 def test_a_prefix_without_runs_is_exit_2_in_one_line(tmp_path, capsys):

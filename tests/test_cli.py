@@ -168,11 +168,17 @@ def env_value(f: dataclasses.Field):
 
 
 @pytest.mark.parametrize("name", [f.name for _, f in option_fields()])
-def test_every_option_has_a_working_env_twin(name, recorded):
+def test_every_option_has_a_working_env_twin(name, recorded, tmp_path):
     f = {f.name: f for _, f in option_fields()}[name]
-    value = env_value(f)
-    text = str(value).lower() if isinstance(value, bool) else str(value)
-    env = {f"TRAINJOB_{name.upper()}": text}
+    if name in ("sweep_file", "trial_index"):  # each needs the other: a sweep of 8 trials
+        sweep = tmp_path / "sweep.json"
+        sweep.write_text('{"trials": [{}, {}, {}, {}, {}, {}, {}, {}]}')
+        value = str(sweep) if name == "sweep_file" else 7
+        env = {"TRAINJOB_SWEEP_FILE": str(sweep), "TRAINJOB_TRIAL_INDEX": "7"}
+    else:
+        value = env_value(f)
+        text = str(value).lower() if isinstance(value, bool) else str(value)
+        env = {f"TRAINJOB_{name.upper()}": text}
     args = ["train"]
     if name != "data":
         args += REQUIRED[:2]

@@ -308,6 +308,29 @@ def test_build_context_keeps_out_venv_git_and_tests(engine, tmp_path):
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
 
 
+def termination_log(tmp_path: Path) -> tuple[Path, list[str]]:
+    """A host file bind-mounted as the container's termination log, as a kubelet mounts
+    /dev/termination-log, and the flags that name it to the job."""
+    log = tmp_path / "termination-log"
+    log.write_text("")
+    log.chmod(0o666)  # writable by the container's uid 1000, whatever the umask
+    return log, ["-v", f"{log}:/run/termination-log", "-e",
+                 "TRAINJOB_TERMINATION_LOG=/run/termination-log"]
+
+
+@pytest.mark.docker
+@pytest.mark.timeout(600)
+def test_a_bad_setting_leaves_its_line_in_the_termination_log(image, tmp_path):
+    log, flags = termination_log(tmp_path)
+    proc = docker("run", "--rm", "--read-only", "--tmpfs", "/tmp", "--user", "1000", *flags,
+                  image, "train", "--data", "ftp://mirror.example/caltech-101.zip",
+                  "--output", "s3://bucket/runs/r1", check=False)
+    assert proc.returncode == 2, proc.stderr
+    line = proc.stderr.strip().removeprefix("trainjob: error: ")
+    assert "unsupported URI scheme 'ftp://'" in line
+    assert log.read_text() == f"usage error (exit 2): {line}"
+
+
 def docker_env(s3) -> tuple[list[str], dict[str, str]]:
     """-e NAME flags (values come from the docker client's environment, not its argv)."""
     names = ["AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
@@ -355,6 +378,8 @@ def test_docker_stop_saves_resume_state_and_exits_143(image, s3, bucket, officia
     Path(hooks).chmod(0o644)  # readable by the container's user, whatever the umask
     flags += ["-v", f"{hooks}:/etc/trainjob-hooks.json:ro",
               "-e", "TRAINJOB_TEST_HOOKS=/etc/trainjob-hooks.json"]
+    log, log_flags = termination_log(tmp_path)
+    flags += log_flags
     name = f"trainjob-stop-{uuid.uuid4().hex[:8]}"
     # Many epochs and no early stopping: the run is still training when it is stopped.
     docker("run", "-d", "--name", name, *run_args(image, flags), "train",
@@ -392,5 +417,10 @@ def test_docker_stop_saves_resume_state_and_exits_143(image, s3, bucket, officia
         assert "runs/long/manifest.json" not in keys
         assert "SIGTERM" in logs.stdout + logs.stderr
         assert "stand-in backbone" in logs.stdout + logs.stderr  # the hook reached the job
+        # What Kubernetes would show in the pod's status: the stop, and where the run is.
+        message = log.read_text()
+        assert message.startswith("preempted (exit 143): stopped by "), message
+        assert message.endswith(f"; run s3://{bucket}/runs/long"), message
+        assert env["AWS_SECRET_ACCESS_KEY"] not in message
     finally:
         docker("rm", "-f", name, check=False)

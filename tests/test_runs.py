@@ -165,6 +165,20 @@ def test_list_never_imports_tensorflow(s3, runs_bucket, tmp_path):
     assert "done" in out and heavy == []
 
 
+def test_compare_imports_matplotlib_only_for_its_picture(s3, runs_bucket, tmp_path):
+    """`runs compare` loads neither TensorFlow, Keras nor matplotlib; --plot loads
+    matplotlib, and still not TensorFlow or Keras."""
+    prefix = f"s3://{runs_bucket}/runs/"
+    rc, out, err, heavy = cli_in_subprocess(s3, tmp_path, "runs", "compare", prefix)
+    assert rc == 0, err
+    assert "done" in out and "stale" in out and heavy == []
+    picture = tmp_path / "curves.png"
+    rc, out, err, heavy = cli_in_subprocess(s3, tmp_path, "runs", "compare", prefix,
+                                            "--plot", str(picture))
+    assert rc == 0, err
+    assert heavy == ["matplotlib"] and picture.stat().st_size > 0
+
+
 def test_list_a_missing_bucket_is_one_line_and_exit_4(s3, tmp_path):
     result = run_trainjob(["runs", "list", "s3://no-such-bucket-here/runs/"], s3.env(),
                           tmp_path)

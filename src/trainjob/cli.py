@@ -10,12 +10,12 @@ from typing import Any
 
 import click
 
-from trainjob import __version__
+from trainjob import __version__, sweep, termination
 from trainjob.commands import dataset as dataset_commands
 from trainjob.commands import predict as predict_commands
 from trainjob.commands import runs as runs_commands
 from trainjob.commands.options import ENV_PREFIX, GroupedCommand, config_option
-from trainjob.config import Config, option_fields
+from trainjob.config import option_fields
 from trainjob.errors import ClusterError, ConfigError, Preempted, TrainJobError
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,8 @@ def train(ctx: click.Context, **options: Any) -> None:
 
     Every option can also be set as TRAINJOB_<OPTION_NAME>, e.g. TRAINJOB_EPOCHS=50.
     """
-    cfg = Config.from_options(**options)
+    cfg = sweep.configure(options)  # with --sweep-file: one trial's settings and folder
+    termination.record_run(cfg.output.output)
     from trainjob import job  # after logging is set up, so TF's import stays quiet
 
     job.run(cfg)
@@ -72,44 +73,50 @@ cli.add_command(predict_commands.predict)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console-script entry: one line on stderr and a typed exit code for every failure."""
+    """Console-script entry: one line on stderr and a typed exit code for every failure, and
+    the same outcome in the termination message (termination.py) on every exit."""
     debug = "--debug" in (argv if argv is not None else sys.argv[1:]) or \
         os.environ.get(f"{ENV_PREFIX}_DEBUG", "").lower() in ("1", "true", "yes")
+    termination.record_run(None)
     try:
         rc = cli.main(args=argv, prog_name="trainjob", standalone_mode=False)
-        return rc if isinstance(rc, int) else 0
+        rc = rc if isinstance(rc, int) else 0
+        termination.write(rc, "")
+        return rc
     except click.exceptions.Exit as exc:
+        termination.write(exc.exit_code, "")
         return exc.exit_code
     except click.ClickException as exc:
         path = exc.ctx.command_path if getattr(exc, "ctx", None) else "trainjob train"
         hint = f" (see '{path} --help')" if isinstance(exc, click.UsageError) else ""
-        _fail(ConfigError(exc.format_message() + hint), debug)
-        return ConfigError.exit_code
+        return _fail(ConfigError(exc.format_message() + hint), debug)
     except click.exceptions.Abort:
-        _fail(TrainJobError("aborted"), debug)
-        return 130
+        return _fail(TrainJobError("aborted"), debug, 130)
     except (Preempted, ClusterError) as exc:
-        _fail(exc, debug)
+        code = _fail(exc, debug)
         # Inside the grace period: boto3's transfer threads still stuck on a hung store
         # would hold a normal interpreter exit until their time-outs, as would TensorFlow's
         # threads still waiting on a peer. What had to be saved is saved or abandoned by now.
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(exc.exit_code)
+        os._exit(code)
     except TrainJobError as exc:
-        _fail(exc, debug)
-        return exc.exit_code
+        return _fail(exc, debug)
     except Exception as exc:  # noqa: BLE001 - the last line of defence prints one line too
-        _fail(TrainJobError(f"unexpected {type(exc).__name__}: {exc} "
-                            "(rerun with --debug for the traceback and report it)"), debug)
-        return 1
+        return _fail(TrainJobError(f"unexpected {type(exc).__name__}: {exc} "
+                                   "(rerun with --debug for the traceback and report it)"),
+                     debug)
 
 
-def _fail(exc: BaseException, debug: bool) -> None:
+def _fail(exc: TrainJobError, debug: bool, code: int | None = None) -> int:
+    """Print the one error line, record it as the termination message; the exit code."""
     if debug:
         traceback.print_exc(file=sys.stderr)
     message = " ".join(str(exc).split())  # always exactly one line
     click.echo(f"trainjob: error: {message}", err=True)
+    code = exc.exit_code if code is None else code
+    termination.write(code, message)
+    return code
 
 
 if __name__ == "__main__":

@@ -252,6 +252,24 @@ class ClusterConfig:
             raise ConfigError("--cluster-timeout and --collective-timeout must be positive")
 
 
+@dataclass(frozen=True)
+class SweepConfig:
+    sweep_file: str | None = option(None, "A sweep: a JSON file of a grid or a list of "
+                                    "trials, keyed by these settings' names (sweep_file "
+                                    "aside). This job runs one trial, whose settings override "
+                                    "the others, into <--output>/trial-<NNN>.", type=str)
+    trial_index: int | None = option(None, "The trial of --sweep-file to run (default: "
+                                     "JOB_COMPLETION_INDEX, set in each pod of an Indexed "
+                                     "Job).", type=int)
+
+    def __post_init__(self) -> None:
+        if self.trial_index is not None and self.sweep_file is None:
+            raise ConfigError(f"--trial-index {self.trial_index} needs --sweep-file: give the "
+                              "sweep the index is a trial of")
+        if self.trial_index is not None and self.trial_index < 0:
+            raise ConfigError(f"--trial-index {self.trial_index} must be 0 or more")
+
+
 GROUPS: dict[str, type] = {
     "Data": DataConfig,
     "Split": SplitConfig,
@@ -261,7 +279,23 @@ GROUPS: dict[str, type] = {
     "Output": OutputConfig,
     "Runtime": RuntimeConfig,
     "Cluster": ClusterConfig,
+    "Sweep": SweepConfig,
 }
+
+
+@dataclass(frozen=True)
+class Trial:
+    """The trial of a sweep a run is (sweep.py): its index, the sweep's size, the file, and
+    the settings it overrides, in the file's order."""
+
+    index: int
+    count: int
+    source: str
+    settings: tuple[tuple[str, Any], ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "count": self.count, "sweep_file": self.source,
+                "settings": dict(self.settings)}
 
 
 @dataclass(frozen=True)
@@ -274,13 +308,15 @@ class Config:
     output: OutputConfig
     runtime: RuntimeConfig
     cluster: ClusterConfig
+    sweep: SweepConfig
+    trial: Trial | None = None  # not an option: set by sweep.configure from --sweep-file
 
     @classmethod
     def from_options(cls, **options: Any) -> Config:
         """Build from flat option values (as click passes them); unknown names are errors."""
         parts = {}
         known: set[str] = set()
-        for f, group in zip(dataclasses.fields(cls), GROUPS.values()):
+        for f, group in zip(_group_fields(), GROUPS.values()):
             names = {g.name for g in dataclasses.fields(group)}
             known |= names
             parts[f.name] = group(**{k: v for k, v in options.items() if k in names})
@@ -290,8 +326,13 @@ class Config:
         return cls(**parts)
 
     def to_dict(self) -> dict[str, Any]:
-        return {name: dataclasses.asdict(getattr(self, name)) for name in
-                (f.name for f in dataclasses.fields(self))}
+        """The settings, group by group (config.json's "settings")."""
+        return {f.name: dataclasses.asdict(getattr(self, f.name)) for f in _group_fields()}
+
+
+def _group_fields() -> list[dataclasses.Field]:
+    """Config's fields that hold an option group, in GROUPS' order."""
+    return [f for f in dataclasses.fields(Config) if f.name != "trial"]
 
 
 def option_fields() -> list[tuple[str, dataclasses.Field]]:

@@ -32,6 +32,8 @@ def write(cfg: Config, run_dir: RunFolder, dataset: dict, timings: dict,
         "timings_seconds": {k: round(v, 2) for k, v in timings.items()},
         "resumed_from_epoch": state["epoch"] if state else None,
         "distribution": distribution,
+        # The sweep trial this run is (--sweep-file): its index and the settings it set.
+        "trial": cfg.trial.to_dict() if cfg.trial else None,
     })
 
 

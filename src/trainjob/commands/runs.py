@@ -1,4 +1,4 @@
-"""``trainjob runs``: list, show and download run folders."""
+"""``trainjob runs``: list, show, compare and download run folders."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from trainjob import rundownload, runinfo, textfmt
+from trainjob import runcompare, rundownload, runinfo, textfmt
 from trainjob.artifacts import MANIFEST, STATUS
 from trainjob.commands import options
 from trainjob.errors import ConfigError
@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 @click.group(name="runs")
 def runs() -> None:
-    """List, show and download run folders (never imports TensorFlow)."""
+    """List, show, compare and download run folders (never imports TensorFlow)."""
     options.logs_to_stderr()
 
 
@@ -147,6 +147,31 @@ def render_log(rows: list[dict]) -> str:
 def _pairs(items: list[tuple[str, object]]) -> str:
     width = max(len(k) for k, _ in items)
     return "\n".join(f"  {k.ljust(width)}  {textfmt.cell(v)}" for k, v in items)
+
+
+@runs.command(name="compare")
+@click.argument("uri")
+@options.env_option("--sort", name="sort", type=click.Choice(list(runcompare.SORTS)),
+                    default=runcompare.DEFAULT_SORT, show_default=True,
+                    help="The metric that orders the runs, best first (accuracies highest "
+                    "first, losses lowest first).")
+@options.env_option("--plot", name="plot", metavar="FILE",
+                    type=click.Path(dir_okay=False, path_type=Path),
+                    help="Also draw the runs' validation curves side by side into FILE "
+                    "(.png, .svg, .pdf).")
+@options.json_output
+@options.threads
+def compare(uri: str, sort: str, plot: Path | None, as_json: bool, threads: int) -> None:
+    """The run folders under URI (e.g. a sweep's s3://bucket/sweeps/exp1/) side by side: the
+    settings that differ, validation accuracy and loss, test accuracy, epochs, state."""
+    rows = runcompare.compare_runs(open_checked(uri, threads), threads, sort)
+    if as_json:
+        click.echo(json.dumps([r.to_dict() for r in rows], indent=2, default=str))
+    else:
+        click.echo(runcompare.render(rows, sort))
+    if plot is not None:
+        runcompare.plot_curves(rows, plot)
+        click.echo(f"validation curves of {len(rows)} runs written to {plot}", err=True)
 
 
 @runs.command(name="download")

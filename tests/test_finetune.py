@@ -205,7 +205,7 @@ def test_resume_across_the_phase_boundary(s3, bucket, dataset, tmp_path):
     def run_until(epochs_done: int, pause_after: int, name: str) -> str:
         log = tmp_path / f"{name}.log"
         env = s3.env(TRAINJOB_TEST_HOOKS=_hooks(tmp_path, **SMALL_STAND_IN,
-                                                hold={f"epoch:{pause_after}": 120}))
+                                                hold={f"epoch:{pause_after}": 600}))
         proc = start_trainjob(args, env, tmp_path / name, log)  # a new pod each time
         _wait_for(lambda: _status(s3, bucket, prefix).get("epochs_done", 0) >= epochs_done,
                   proc, log)

@@ -86,8 +86,12 @@ def test_takeover_fences_the_old_holder(how, seaweed, tmp_path, monkeypatch):
         assert line, holder.communicate(timeout=30)[1][-3000:]
         first = json.loads(line)
         assert first["heartbeat_every"] == beat  # the hooks file reached the process
-        if how == "force":
-            time.sleep(beat * 4)  # a few heartbeats first
+        if how == "force":  # a few heartbeats first: counted where they land
+            deadline = time.monotonic() + 60
+            while sum(1 for s in proxy.seen if s.method == "PUT" and s.status == 200
+                      and s.at > first["acquired_at"]) < 4:
+                assert time.monotonic() < deadline and holder.poll() is None, "no heartbeats"
+                time.sleep(0.05)
         point_boto3_at(seaweed, monkeypatch, tmp_path)  # the new job talks to the server directly
         store = S3Store(bucket, "run", threads=2)
         taker = RunLock(store, stale_after=None if how == "force" else 0.5)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import signal
 import subprocess
 import time
@@ -53,7 +54,16 @@ def _csv_epochs(s3, bucket: str, prefix: str) -> list[int]:
     return [int(r["epoch"]) for r in rows]
 
 
+# Seconds added to every training step of the jobs these tests start, when set: the suite
+# run as on a machine much slower than this one (docs/testing.md, "Speed"). Unset, steps
+# run as fast as the machine goes (the stand-in backbone's take milliseconds).
+PACE = os.environ.get("TRAINJOB_TEST_PACE")
+
+
 def _hooks(tmp_path: Path, file: str = "hooks.json", **hooks) -> str:
+    """A test hooks file for a job (hooks.py): holds, stand-in backbone, lock timings."""
+    if PACE is not None:
+        hooks["sleep_after_batch"] = float(PACE)
     path = tmp_path / file
     path.write_text(json.dumps(hooks))
     return str(path)
@@ -80,10 +90,11 @@ def test_official_zip_killed_resumed_and_pulled(server, bucket, dataset, class_f
     stand_in = {} if s3.kind == "moto" else STAND_IN
     args = [*plain, "--tensorboard", "--export", "saved_model"]
     log = tmp_path / "first.log"
-    # A pause after epoch index 1, so the stop lands at a known point, after status shows it:
-    # long for the kill; for the lock, long enough to take it (with a heartbeat a second).
-    hooks = ({"hold": {"epoch:1": 120}} if s3.kind == "moto"
-             else {"hold": {"epoch:1": 15}, "lock_heartbeat_seconds": 1, **stand_in})
+    # Held after epoch index 1 until the test releases it, so the stop lands at a known
+    # point, once the status shows it (the lock is beaten every second for the take-over).
+    release = tmp_path / "release"
+    hooks = {"hold": {"epoch:1": {"seconds": 600, "until_file": str(release)}},
+             **({} if s3.kind == "moto" else {"lock_heartbeat_seconds": 1, **stand_in})}
     proc = start_trainjob(args, s3.env(TRAINJOB_TEST_HOOKS=_hooks(tmp_path, **hooks)),
                           tmp_path / "home", log)
     _wait_for(lambda: _status(s3, bucket, prefix).get("epochs_done", 0) >= 2, proc, log)
@@ -91,7 +102,7 @@ def test_official_zip_killed_resumed_and_pulled(server, bucket, dataset, class_f
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     else:
-        _take_the_lock_from(proc, log, s3, bucket, prefix, monkeypatch, tmp_path)
+        _take_the_lock_from(proc, log, release, s3, bucket, prefix, monkeypatch, tmp_path)
     assert not any(k.endswith("manifest.json") for k in s3.keys(bucket, prefix + "/"))
     state = s3.read_json(bucket, f"{prefix}/backup/state.json")
     assert state["epoch"] == 2
@@ -184,11 +195,12 @@ def test_official_zip_killed_resumed_and_pulled(server, bucket, dataset, class_f
     assert config2["settings"]["model"]["weights"].endswith("weights/best.weights.h5")
 
 
-def _take_the_lock_from(proc, log: Path, s3, bucket: str, prefix: str, monkeypatch,
-                        tmp_path: Path) -> None:
-    """Another owner takes a running job's run lock: the job stops writing the run and exits
-    6, one error line, status left "running". (test_lock_processes.py tests the lock's
-    compare-and-swap and races with small processes; here it is the real job.)"""
+def _take_the_lock_from(proc, log: Path, release: Path, s3, bucket: str, prefix: str,
+                        monkeypatch, tmp_path: Path) -> None:
+    """Another owner takes a held job's run lock: once the job has noticed (its error line),
+    it is released, and it must write nothing more and exit 6, one error line, status left
+    "running". (test_lock_processes.py tests the lock's compare-and-swap and races with
+    small processes; here it is the real job.)"""
     def etags() -> dict[str, str]:
         """Every object of the run but the lock, with its ETag."""
         out = {}
@@ -203,8 +215,9 @@ def _take_the_lock_from(proc, log: Path, s3, bucket: str, prefix: str, monkeypat
     taker = RunLock(S3Store(bucket, prefix, threads=2))
     try:
         taker.acquire(force=True, timeout=10, poll=0.05)
-        time.sleep(2.0)  # one heartbeat (1 s) and a margin: the job knows by now
         frozen = etags()
+        _wait_for(lambda: "lost the run lock" in log.read_text(), proc, log)
+        release.touch()
         assert proc.wait(timeout=120) == 6, log.read_text()[-3000:]
         assert etags() == frozen, "the job wrote after losing the lock"
         assert RunLock(S3Store(bucket, prefix)).store.read_json(LOCK)["token"] == taker.token
@@ -296,13 +309,15 @@ def test_sigterm_mid_epoch_then_late_sigterm_then_resume(s3, bucket, class_folde
             "--early-stopping-monitor", "scripted", "--early-stopping-mode", "min",
             "--early-stopping-patience", "2", *SMALL]
     scripted = {"scripted": [1.0, 0.5, 0.6, 0.7, 0.8]}
-    paced = {**STAND_IN, "sleep_after_batch": 0.8}  # ResNet50's step: signals land mid-epoch
     log = tmp_path / "first.log"
-    hooks = _hooks(tmp_path, metrics=scripted, **paced)
+    # Held in epoch 1 after batch 4 (its save point after batch 2 is made), until the
+    # signal: the signal lands mid-epoch whatever the machine's speed.
+    hooks = _hooks(tmp_path, metrics=scripted, **STAND_IN,
+                   hold={"batch:1:4": {"seconds": 600, "until_signal": True}})
     with FaultProxy(s3.endpoint) as link:
         env = s3.env(AWS_ENDPOINT_URL=link.endpoint, TRAINJOB_TEST_HOOKS=hooks)
         proc = start_trainjob([*args, "--grace-seconds", "10"], env, tmp_path / "home", log)
-        _wait_for(lambda: _status(s3, bucket, "runs/term").get("epochs_done", 0) >= 1, proc, log)
+        _wait_for(lambda: "test hook: holding at batch:1:4" in log.read_text(), proc, log)
 
         # While it runs, a second job on the same output waits for the lock, then gives up.
         other = run_trainjob([*args, "--lock-timeout", "3"], s3.env(), tmp_path / "other",
@@ -310,12 +325,11 @@ def test_sigterm_mid_epoch_then_late_sigterm_then_resume(s3, bucket, class_folde
         assert other.returncode == 2, other.stderr
         assert len(other.error_lines()) == 1 and "run.lock.json" in other.error_lines()[0]
 
-        # Right after a new save point reaches the bucket (the rerun resumes there, so
+        # Once the save point after batch 2 is in the bucket (the rerun resumes there, so
         # little training is lost), the link turns too slow for checkpoints (small
         # requests still pass): the stop's own save point cannot go up in its grace period.
-        stored = _status(s3, bucket, "runs/term", "backup/state.json").get("seq")
-        _wait_for(lambda: (_status(s3, bucket, "runs/term", "backup/state.json")
-                           .get("seq") != stored), proc, log)
+        _wait_for(lambda: (lambda s: (s.get("epoch"), s.get("step")) == (1, 2))(
+            _status(s3, bucket, "runs/term", "backup/state.json")), proc, log)
         link.stall_bodies_over = 2**20
         started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
@@ -324,26 +338,29 @@ def test_sigterm_mid_epoch_then_late_sigterm_then_resume(s3, bucket, class_folde
     assert rc == 143, log.read_text()[-3000:]
     assert elapsed < 10 + 2, f"took {elapsed:.1f}s with --grace-seconds 10"
     assert "grace period over before all uploads finished" in log.read_text()
+    assert "trainjob: error: stopped by signal in epoch 1 after batch 4" in log.read_text()
     # The status the bucket holds still gets its small write: preempted, not running.
     status = s3.read_json(bucket, "runs/term/status.json")
     assert status["state"] == "preempted", status
     state = s3.read_json(bucket, "runs/term/backup/state.json")
-    assert state["epoch"] >= 1
+    assert (state["epoch"], state["step"]) == (1, 2)
     assert not any(k.endswith("run.lock.json") for k in s3.keys(bucket, "runs/term/"))
 
     # The rerun resumes exactly at the save point the bucket holds. A second SIGTERM lands
-    # late in it, after the last batch of epoch 2 (during its save): that one used to be
-    # ignored, and the job went on to evaluate and publish. It must stop with 143 before
-    # publishing.
+    # late in it, right after epoch 2 is saved: that one used to be ignored, and the job
+    # went on to evaluate and publish. It must stop there, with 143, before publishing.
     log2 = tmp_path / "second.log"
-    env2 = s3.env(TRAINJOB_TEST_HOOKS=_hooks(tmp_path, metrics=scripted, **paced,
-                                             hold={"epoch:2": 6}))
+    env2 = s3.env(TRAINJOB_TEST_HOOKS=_hooks(
+        tmp_path, metrics=scripted, **STAND_IN,
+        hold={"epoch:2": {"seconds": 600, "until_signal": True}}))
     proc = start_trainjob(args, env2, tmp_path / "home", log2)
-    _wait_for(lambda: _status(s3, bucket, "runs/term").get("epochs_done", 0) >= 3, proc, log2)
+    _wait_for(lambda: "test hook: holding at epoch:2" in log2.read_text(), proc, log2)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 143, log2.read_text()[-3000:]
     assert f"resuming at epoch {state['epoch']}, batch {state['step']}" in log2.read_text()
-    assert s3.read_json(bucket, "runs/term/status.json")["state"] == "preempted"
+    stopped = s3.read_json(bucket, "runs/term/status.json")
+    assert (stopped["state"], stopped["error"]) == ("preempted", "stopped by signal after "
+                                                    "epoch 2"), stopped
     assert not any(k.endswith("manifest.json") for k in s3.keys(bucket, "runs/term/"))
     # Epoch 1 was the best (0.5), epoch 2 worse: one epoch of patience used, kept in the bucket.
     saved = s3.read_json(bucket, "runs/term/backup/state.json")["callbacks"]
@@ -357,7 +374,7 @@ def test_sigterm_mid_epoch_then_late_sigterm_then_resume(s3, bucket, class_folde
         "host": "gone-pod", "pid": 1, "token": "x", "started": time.time() - 7200,
         "heartbeat": time.time() - 3600}).encode())
     with FaultProxy(s3.endpoint, slowdown=0.20, drop=0.05, seed=1) as proxy:
-        hooks = _hooks(tmp_path, metrics=scripted, **paced)
+        hooks = _hooks(tmp_path, metrics=scripted, **STAND_IN)
         result = run_trainjob(args, s3.env(AWS_ENDPOINT_URL=proxy.endpoint, AWS_MAX_ATTEMPTS="10",
                                            TRAINJOB_TEST_HOOKS=hooks), tmp_path / "home2")
         injected = proxy.injected
@@ -375,12 +392,14 @@ def test_sigterm_mid_epoch_then_late_sigterm_then_resume(s3, bucket, class_folde
 
 
 def test_second_sigterm_exits_at_once(s3, bucket, dataset, tmp_path):
+    """The second signal exits at once, even while the first step holds the main thread
+    (a first trace can take minutes): the signal watchdog's thread ends the process."""
     args = ["train", "--data", dataset, "--output", f"s3://{bucket}/runs/term2",
             "--epochs", "3", "--steps-per-epoch", "50", *SMALL]
     log = tmp_path / "job.log"
-    proc = start_trainjob(args, s3.env(), tmp_path / "home", log)
-    _wait_for(lambda: "Epoch 1/3" in log.read_text(), proc, log)
-    time.sleep(2)  # inside the first epoch's batches
+    hooks = _hooks(tmp_path, **STAND_IN, hold={"first_step": 600})
+    proc = start_trainjob(args, s3.env(TRAINJOB_TEST_HOOKS=hooks), tmp_path / "home", log)
+    _wait_for(lambda: "test hook: holding at first_step" in log.read_text(), proc, log)
     started = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     time.sleep(0.05)
@@ -395,11 +414,14 @@ def test_uploads_failing_after_retries_exit_4_and_keep_local_files(s3, bucket, d
         args = ["train", "--data", dataset, "--output", f"s3://{bucket}/runs/dead",
                 "--epochs", "3", "--steps-per-epoch", "2", "--upload-timeout", "15", *SMALL]
         log = tmp_path / "job.log"
+        release = tmp_path / "release"
         env = s3.env(AWS_ENDPOINT_URL=proxy.endpoint, AWS_MAX_ATTEMPTS="2",
-                     TRAINJOB_TEST_HOOKS=_hooks(tmp_path, **STAND_IN, hold={"epoch:0": 3}))
+                     TRAINJOB_TEST_HOOKS=_hooks(tmp_path, **STAND_IN, hold={"epoch:0": {
+                         "seconds": 600, "until_file": str(release)}}))
         proc = start_trainjob(args, env, tmp_path / "home", log)
-        _wait_for(lambda: "Epoch 1/3" in log.read_text(), proc, log)
-        proxy.fail_everything()
+        _wait_for(lambda: "test hook: holding at epoch:0" in log.read_text(), proc, log)
+        proxy.fail_everything()  # the endpoint dies after the first epoch
+        release.touch()
         rc = proc.wait(timeout=600)
     text = log.read_text()
     assert rc == 4, text[-3000:]

@@ -39,7 +39,10 @@ def test_a_first_step_longer_than_the_grace_period_still_stops_in_time(s3, bucke
             "--steps-per-epoch", "2", "--grace-seconds", "10", *SMALL]
     log = tmp_path / "job.log"
     hooks = _hooks(tmp_path, **STAND_IN, hold={"first_step": 120})
-    proc = start_trainjob(args, s3.env(TRAINJOB_TEST_HOOKS=hooks), tmp_path / "home", log)
+    message = tmp_path / "termination-log"
+    proc = start_trainjob(args, s3.env(TRAINJOB_TEST_HOOKS=hooks,
+                                       TRAINJOB_TERMINATION_LOG=str(message)),
+                          tmp_path / "home", log)
     _wait_for(lambda: "test hook: holding at first_step" in log.read_text(), proc, log)
     started = time.monotonic()
     proc.send_signal(signal.SIGTERM)
@@ -54,3 +57,26 @@ def test_a_first_step_longer_than_the_grace_period_still_stops_in_time(s3, bucke
     assert not any(k.endswith("run.lock.json") for k in s3.keys(bucket, prefix + "/"))
     errors = [line for line in text.splitlines() if line.startswith("trainjob: error")]
     assert len(errors) == 1 and "grace period ran out" in errors[0], errors
+    assert message.read_text().startswith("preempted (exit 143): stopped by SIGTERM: the "
+                                          "grace period ran out"), message.read_text()
+
+
+def test_a_signal_during_the_last_epochs_save_stops_before_publishing(s3, bucket, dataset,
+                                                                       tmp_path):
+    """A SIGTERM that arrives while the final epoch is saved (nothing left to train, so no
+    batch end will come) stops the job there: exit 143, status preempted, no manifest. It
+    used to be ignored, and the job went on to evaluate and publish."""
+    prefix = "runs/last-epoch"
+    args = ["train", "--data", dataset, "--output", f"s3://{bucket}/{prefix}", "--epochs", "1",
+            "--steps-per-epoch", "2", *SMALL]
+    log = tmp_path / "job.log"
+    hooks = _hooks(tmp_path, **STAND_IN, hold={"epoch:0": {"seconds": 600,
+                                                           "until_signal": True}})
+    proc = start_trainjob(args, s3.env(TRAINJOB_TEST_HOOKS=hooks), tmp_path / "home", log)
+    _wait_for(lambda: "test hook: holding at epoch:0" in log.read_text(), proc, log)
+    proc.send_signal(signal.SIGTERM)
+    assert _exit_code(proc, 60, log) == 143, log.read_text()[-3000:]
+    status = _status(s3, bucket, prefix)
+    assert (status["state"], status["error"]) == ("preempted", "stopped by signal after epoch 0")
+    assert status["epochs_done"] == 1
+    assert not any(k.endswith("manifest.json") for k in s3.keys(bucket, prefix + "/"))

@@ -51,7 +51,9 @@ def test_fast_epochs_keep_the_bucket_advancing_and_a_random_kill_resumes(s3, buc
             "--steps-per-epoch", "1", "--no-restore-best", "--early-stopping-patience", "0",
             *SMALL]
     log = tmp_path / "first.log"
-    hooks = _hooks(tmp_path, **STAND_IN)
+    # Held after its last epoch: however fast the machine trains, the kill lands in a
+    # running job (it used to land in a finished one, which had removed backup/).
+    hooks = _hooks(tmp_path, **STAND_IN, hold={"epoch:7": 600})
     with FaultProxy(s3.endpoint, slowdown=0.0, drop=0.0, bytes_per_second=40 * MB) as proxy:
         proc = start_trainjob(args, s3.env(AWS_ENDPOINT_URL=proxy.endpoint,
                                            TRAINJOB_TEST_HOOKS=hooks), tmp_path / "h", log)
@@ -72,7 +74,9 @@ def test_fast_epochs_keep_the_bucket_advancing_and_a_random_kill_resumes(s3, buc
         "the regime under test (epochs faster than uploads) was not reached"
     state = bucket_generation(s3, bucket, prefix)
 
-    result = run_trainjob(args, s3.env(TRAINJOB_TEST_HOOKS=hooks), tmp_path / "h2")
+    result = run_trainjob(args, s3.env(TRAINJOB_TEST_HOOKS=_hooks(tmp_path, "h2.json",
+                                                                  **STAND_IN)),
+                          tmp_path / "h2")
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
     assert f"resuming at epoch {state['epoch']}, batch 0" in result.stdout
     assert_complete_run(s3, bucket, prefix, epochs=8)
@@ -121,19 +125,21 @@ def test_shutdown_fits_the_grace_period_when_the_store_hangs(s3, bucket, dataset
     args = ["train", "--data", dataset, "--output", f"s3://{bucket}/{prefix}", "--epochs", "3",
             "--steps-per-epoch", "10", "--grace-seconds", "8", *SMALL]
     log = tmp_path / "job.log"
-    # The stand-in's steps take ResNet50's time here (half a second), so that the signal
-    # lands inside training.
-    hooks = _hooks(tmp_path, **STAND_IN, sleep_after_batch=0.5)
+    # Held inside the second epoch until the signal: it lands inside training, after a
+    # save point, whatever the machine's speed.
+    hooks = _hooks(tmp_path, **STAND_IN,
+                   hold={"batch:1:3": {"seconds": 600, "until_signal": True}})
     with FaultProxy(s3.endpoint, slowdown=0.0, drop=0.0) as proxy:
         proc = start_trainjob(args, s3.env(AWS_ENDPOINT_URL=proxy.endpoint,
                                            TRAINJOB_TEST_HOOKS=hooks), tmp_path / "home", log)
-        # Past the first epoch: a signal can only act at a batch end.
-        _wait_for(lambda: _status(s3, bucket, prefix).get("epochs_done", 0) >= 1, proc, log)
+        _wait_for(lambda: "test hook: holding at batch:1:3" in log.read_text(), proc, log)
         proxy.stalled.set()
-        time.sleep(1)
         started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(timeout=60)
         elapsed = time.monotonic() - started
-    assert rc == 143, log.read_text()[-3000:]
+    text = log.read_text()
+    assert rc == 143, text[-3000:]
     assert elapsed < 8 + 2, f"shutdown took {elapsed:.1f}s with --grace-seconds 8"
+    errors = [line for line in text.splitlines() if line.startswith("trainjob: error")]
+    assert errors == ["trainjob: error: stopped by signal in epoch 1 after batch 3"], errors

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from trainjob import (cache, cluster as clusters, datasets, datasource, phases, resume,
-                      runconfig, storage, weights)
+                      runconfig, storage, termination, weights)
 from trainjob.artifacts import (BACKUP, CLASSES, LAST, MANIFEST, METRICS, MODEL, PLOT,
                                 RUN_ENTRIES, STATUS, RunFolder, plot_history, read_json)
 from trainjob.cluster import Cluster
@@ -36,6 +36,7 @@ STATUS_RESERVE_SECONDS = 2.0  # of the grace period: marking the stored status, 
 
 def run(cfg: Config) -> None:
     stop = resume.StopSignal(cfg.runtime.grace_seconds)
+    stop.on_exit = termination.write  # the watchdog's exits are told like any other
     stop.install()
     group = clusters.resolve(cfg.cluster)  # None: this job trains alone
     if group and cfg.optim.batch_size % group.size:

@@ -18,11 +18,12 @@ import re
 import shutil
 from pathlib import Path
 
+# Imported plainly: the test extra installs them (jsonschema with kubernetes-validate), and a
+# missing one must fail the run, never skip the module.
+import jsonschema
+import kubernetes_validate
 import pytest
-
-yaml = pytest.importorskip("yaml")
-kubernetes_validate = pytest.importorskip("kubernetes_validate")
-jsonschema = pytest.importorskip("jsonschema")
+import yaml
 
 from test_k8s import (AWS_KEYS, strict_k8s_errors, COMPONENTS, K8S, KUBERNETES_VERSIONS, ROOT, find, load_all,
                       render, require_kustomize)

@@ -204,8 +204,16 @@ def _assert_fails_cleanly(s3, bucket: str, tmp_path: Path, case: tuple) -> Resul
     assert lines[0].startswith("trainjob: error: ")
     assert "Traceback" not in result.stderr + result.stdout
     assert not any(k.endswith("manifest.json") for k in s3.keys(bucket))
-    assert not (tmp_path.parent / "evil.txt").exists()
+    assert not _escaped(tmp_path), "a member of the tar-slip archive was written"
     return result
+
+
+def _escaped(tmp_path: Path) -> list[Path]:
+    """Where the tar-slip archive's ``../../evil.txt`` landed, if anywhere: extraction runs
+    under TRAINJOB_HOME's cache, deep inside tmp_path, so the whole tree is searched (and
+    the folders above it, for a member that climbed higher)."""
+    found = list(tmp_path.rglob("evil.txt"))
+    return found + [p / "evil.txt" for p in tmp_path.parents[:3] if (p / "evil.txt").exists()]
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))

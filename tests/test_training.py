@@ -3,6 +3,7 @@ and RunKeeper's resume state (callback state, optimizer, NaN, signals)."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import keras
@@ -116,16 +117,27 @@ def test_compile_model_builds_the_metrics_so_the_first_step_is_traced_once():
 
 
 @pytest.mark.training
-def test_resume_state_restores_callbacks_and_optimizer(run):
-    """What Keras' BackupAndRestore forgets: EarlyStopping/ReduceLROnPlateau/checkpoint state."""
+def test_resume_state_restores_callbacks_and_optimizer(run, tmp_path, monkeypatch):
+    """What Keras' BackupAndRestore forgets: EarlyStopping/ReduceLROnPlateau/checkpoint state.
+
+    The monitored metric is scripted to improve, then worsen (best 0.5 at epoch 1, 0.7 at
+    epoch 2), so each callback ends with ``wait`` 1: a real loss keeps improving here, and
+    a ``wait`` of 0 on both sides would hide one that is never restored."""
+    hooks = tmp_path / "hooks.json"
+    hooks.write_text(json.dumps({"metrics": {"scripted": [1.0, 0.5, 0.7]}}))
+    monkeypatch.setenv("TRAINJOB_TEST_HOOKS", str(hooks))
     x, y = _data()
-    cfg = _cfg(early_stopping_patience=5, early_stopping_monitor="loss", reduce_lr_monitor="loss",
-               checkpoint_monitor="loss")
+    cfg = _cfg(early_stopping_patience=5, early_stopping_monitor="scripted",
+               early_stopping_mode="min", reduce_lr_monitor="scripted", reduce_lr_mode="min",
+               reduce_lr_patience=5, checkpoint_monitor="scripted", checkpoint_mode="min")
     model = _tiny()
     keeper = _keeper(run, steps=4)
     callbacks = cb.make_callbacks(cfg, run, keeper)
     model.fit(x, y, batch_size=8, epochs=3, callbacks=callbacks, verbose=0)
     es = next(c for c in callbacks if isinstance(c, keras.callbacks.EarlyStopping))
+    rl = next(c for c in callbacks if isinstance(c, keras.callbacks.ReduceLROnPlateau))
+    assert (es.best, es.wait, es.best_epoch) == (0.5, 1, 1)
+    assert (rl.best, rl.wait) == (0.5, 1)
     state = resume.load_state(run)
     assert state["epoch"] == 3 and state["step"] == 0
     assert state["iterations"] == 12
@@ -143,10 +155,10 @@ def test_resume_state_restores_callbacks_and_optimizer(run):
         c.on_train_begin()
     es2 = next(c for c in callbacks2 if isinstance(c, keras.callbacks.EarlyStopping))
     rl2 = next(c for c in callbacks2 if isinstance(c, keras.callbacks.ReduceLROnPlateau))
-    assert es2.best == pytest.approx(es.best) and es2.wait == es.wait
-    assert rl2.best == pytest.approx(state["callbacks"]["ReduceLROnPlateau:"]["best"])
+    assert (es2.best, es2.wait, es2.best_epoch) == (0.5, 1, 1)
+    assert (rl2.best, rl2.wait) == (0.5, 1)
     best = next(c for c in callbacks2 if isinstance(c, cb.WeightsCheckpoint) and c.save_best_only)
-    assert best.best == pytest.approx(state["callbacks"][f"ModelCheckpoint:{best.filepath}"]["best"])
+    assert best.best == 0.5
 
 
 @pytest.mark.training

@@ -140,22 +140,31 @@ def test_second_job_never_deletes_an_extraction_in_progress(tmp_path):
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
 
-    job_a = start("a", 40)  # paused after its last member, before the completion marker
-    assert wait_for(flags / "a.paused", 60)
-    job_b = start("b", 1)  # would pause after its first member, if it extracted at all
-    # B either finds A's lock held (b.waiting) or, unguarded, extracts (b.paused): whichever
-    # comes first says whether B reached the lock while A still held it.
-    reached = first_of([flags / "b.waiting", flags / "b.paused"], 60)
-    assert reached == flags / "b.waiting", f"job B did not wait for job A's lock: {reached}"
-    assert job_b.poll() is None and not (flags / "b.paused").exists(), "B stopped waiting"
-    (flags / "a.go").touch()
-    out_a, err_a = job_a.communicate(timeout=60)
-    (flags / "b.go").touch()
-    out_b, err_b = job_b.communicate(timeout=60)
-    assert job_a.returncode == 0, err_a
-    assert job_b.returncode == 0, err_b
-    assert len(json.loads(out_a)) == 40, "job A's extraction was wiped under it by job B"
-    assert len(json.loads(out_b)) == 40
+    jobs: list[subprocess.Popen] = []
+    try:
+        job_a = start("a", 40)  # paused after its last member, before the completion marker
+        jobs.append(job_a)
+        assert wait_for(flags / "a.paused", 60)
+        job_b = start("b", 1)  # would pause after its first member, if it extracted at all
+        jobs.append(job_b)
+        # B either finds A's lock held (b.waiting) or, unguarded, extracts (b.paused):
+        # whichever comes first says whether B reached the lock while A still held it.
+        reached = first_of([flags / "b.waiting", flags / "b.paused"], 60)
+        assert reached == flags / "b.waiting", f"job B did not wait for job A's lock: {reached}"
+        assert job_b.poll() is None and not (flags / "b.paused").exists(), "B stopped waiting"
+        (flags / "a.go").touch()
+        out_a, err_a = job_a.communicate(timeout=60)
+        (flags / "b.go").touch()
+        out_b, err_b = job_b.communicate(timeout=60)
+        assert job_a.returncode == 0, err_a
+        assert job_b.returncode == 0, err_b
+        assert len(json.loads(out_a)) == 40, "job A's extraction was wiped under it by job B"
+        assert len(json.loads(out_b)) == 40
+    finally:  # a failed assertion leaves the jobs paused on their flags
+        for job in jobs:
+            if job.poll() is None:
+                job.kill()
+                job.communicate()
     assert not (flags / "b.paused").exists(), "job B extracted again what job A had built"
 
 

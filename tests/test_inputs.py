@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainjob import inputs
+import imagefiles
+from trainjob import datasets, inputs
 from trainjob.datasets import Sample
 
 N, CLASSES, SIZE = 20, 4, 16
@@ -216,3 +217,22 @@ with cache.session():
     # The holder is gone and its lockfile stays, as after a kill: now it is stale.
     assert len(list(_stream(samples, 0, 1, cache="file", tmp=cache_dir))) == len(samples) // 4 + 1
     assert prefix.with_name(f"{prefix.name}.index").exists() and not lockfile.exists()
+
+
+@pytest.mark.parametrize("name", list(imagefiles.FILES))
+def test_every_image_the_scan_accepts_decodes_to_the_colours_pillow_shows(name, tmp_path):
+    """Each format and mode the scan accepts, through the scan's check and then the
+    pipeline's decode at the image's own size (the resize is the identity), against
+    Pillow's RGB of the original: a paletted BMP read as grey palette indices, say, fails."""
+    path = tmp_path / name
+    imagefiles.FILES[name](path)
+    (tmp_path / "converted").mkdir()
+    checked = datasets.check_image(path, tmp_path / "converted")
+    assert checked.usable is not None, f"{name} ({checked.mode}): {checked.reason}"
+    decoded = inputs.decode_image(str(checked.usable), imagefiles.SIDE).numpy()
+    expected = imagefiles.pillow_rgb(path)
+    assert decoded.shape == expected.shape == (imagefiles.SIDE, imagefiles.SIDE, 3)
+    worst = int(np.abs(decoded.astype(int) - expected.astype(int)).max())
+    how = "as is" if checked.usable == path else "converted"
+    assert worst == 0, f"{name} ({checked.mode}, {how}) decodes up to {worst} levels off " \
+                       "Pillow's colours"

@@ -69,6 +69,56 @@ def test_evaluate_reports_mean_per_class_accuracy():
     assert m["loss"] == pytest.approx(expected, rel=1e-5)
 
 
+def _headed(bias: list[float] | None = None) -> keras.Model:
+    """_tiny's model with its head set by hand: the identity on _data's one-hot inputs (it
+    answers right), or a bias that outweighs them (it answers that class whatever it sees)."""
+    model = _tiny()
+    kernel = np.eye(4, 3, dtype="float32") * 10
+    if bias is not None:
+        kernel[:] = 0
+    model.layers[-1].set_weights([kernel, np.array(bias or [0, 0, 0], "float32")])
+    return model
+
+
+def test_evaluate_warns_when_the_answers_collapse_to_one_class(caplog):
+    import tensorflow as tf
+
+    x, y = _data(30)
+    test = [Sample(str(i), int(label)) for i, label in enumerate(y.argmax(1))]
+    assert max(np.bincount(y.argmax(1))) < 15  # the truth is spread over the three
+    ds = tf.data.Dataset.from_tensor_slices(x).batch(8)
+    names = ["red", "green", "blue"]
+    caplog.set_level("WARNING", logger="trainjob.training")
+    m = training.evaluate(_headed(bias=[0, 5, 0]), ds, test, names)
+    assert m["answers"]["collapsed"] is True and m["answers"]["classes_answered"] == 1
+    assert (m["answers"]["top_class"], m["answers"]["top_share"]) == ("green", 1.0)
+    [warning] = m["warnings"]
+    assert "collapsed" in warning and "'green' for 100% of the test images" in warning
+    assert "\n" not in warning and warning in caplog.text
+    caplog.clear()
+    learned = training.evaluate(_headed(), ds, test, names)
+    assert learned["accuracy"] == 1.0
+    assert learned["answers"]["collapsed"] is False and learned["warnings"] == []
+    assert "collapsed" not in caplog.text
+
+
+@pytest.mark.parametrize("truth, answers, collapsed", [
+    ([6, 6, 6], [18, 0, 0], True),      # one class for everything
+    ([6, 6, 6], [13, 5, 0], True),      # more than twice the largest class, over half
+    ([6, 6, 6], [12, 0, 6], False),     # two classes merged: a bad model, not a collapse
+    ([18, 2], [20, 0], False),          # the truth itself is one class, nearly
+    ([50] * 10, [260, 240] + [0] * 8, True),       # two of ten, one over half
+    ([50] * 10, [200, 200, 100] + [0] * 7, False),  # three of ten, none over half: the limit
+])
+def test_the_collapse_rule(truth, answers, collapsed):
+    """More than half the answers, and more than twice the largest true class (counts)."""
+    assert sum(truth) == sum(answers)
+    labels = np.repeat(np.arange(len(truth)), truth)
+    predicted = np.repeat(np.arange(len(answers)), answers)
+    names = [f"c{i}" for i in range(len(truth))]
+    assert training.answer_spread(labels, predicted, names)["collapsed"] is collapsed
+
+
 def test_exp_decay_is_the_reference_scheduler():
     schedule = cb.exp_decay(1e-3)
     assert schedule(0, 5.0) == 1e-3 and schedule(9, 5.0) == 1e-3

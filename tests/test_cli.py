@@ -165,7 +165,7 @@ def test_cache_and_work_dirs_default_under_trainjob_home(env, root):
             f"main(['train', *{REQUIRED!r}])\n"
             "print(got[0].data.cache_dir, got[0].runtime.work_dir)")
     base = {k: v for k, v in os.environ.items() if not k.startswith("TRAINJOB_")}
-    proc = subprocess.run([sys.executable, "-c", code], env={**base, **env},
+    proc = subprocess.run([sys.executable, "-c", code], env={**base, **env}, check=False,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == [f"{root}/cache", f"{root}/work"]

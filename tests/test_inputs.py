@@ -8,11 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import imagefiles
 import numpy as np
 import pytest
 from PIL import Image
 
-import imagefiles
 from trainjob import datasets, inputs
 from trainjob.datasets import Sample
 

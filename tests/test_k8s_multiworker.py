@@ -18,10 +18,9 @@ import re
 import shutil
 from pathlib import Path
 
-# Imported plainly: the test extra installs them (jsonschema with kubernetes-validate), and a
-# missing one must fail the run, never skip the module.
+# Imported plainly (kubernetes-validate through test_k8s): the test extra installs them
+# (jsonschema with kubernetes-validate), and a missing one must fail the run, never skip.
 import jsonschema
-import kubernetes_validate
 import pytest
 import yaml
 

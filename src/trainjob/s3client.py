@@ -21,7 +21,6 @@ import botocore.utils
 
 from trainjob.errors import StorageError
 
-
 # Query parameters that carry a secret, by name, any case: a signature (AWS X-Amz-Signature,
 # GCS X-Goog-Signature, Azure SAS sig), a credential or a token (X-Amz-Credential,
 # X-Amz-Security-Token, access_token...), keys and passwords.

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -77,9 +78,20 @@ def make_archive(path: Path, n: int = 40, salt: int = 0) -> Path:
 # --- extraction folders -----------------------------------------------------------------------
 
 UNPACK_PAUSED = """
-    import tarfile
+    import fcntl, tarfile
     from trainjob import datasets
     archive, extract_root, flags, name, pause_at = {args}
+    real_flock = fcntl.flock
+
+    def flock(fd, operation):  # the real flock; <name>.waiting when another job holds it
+        if not operation & fcntl.LOCK_NB:
+            try:
+                return real_flock(fd, operation | fcntl.LOCK_NB)
+            except BlockingIOError:
+                (Path(flags) / f"{{name}}.waiting").touch()
+        return real_flock(fd, operation)
+
+    fcntl.flock = flock
     real = tarfile.TarFile._extract_member
     done = [0]
 
@@ -98,12 +110,18 @@ UNPACK_PAUSED = """
 
 
 def wait_for(path: Path, timeout: float) -> bool:
+    return first_of([path], timeout) == path
+
+
+def first_of(paths: list[Path], timeout: float) -> Path | None:
+    """The first of ``paths`` to exist (checked in order), or None after ``timeout``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if path.exists():
-            return True
+        for path in paths:
+            if path.exists():
+                return path
         time.sleep(0.02)
-    return False
+    return None
 
 
 def test_second_job_never_deletes_an_extraction_in_progress(tmp_path):
@@ -122,18 +140,32 @@ def test_second_job_never_deletes_an_extraction_in_progress(tmp_path):
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
 
-    job_a = start("a", 40)  # paused after its last member, before the completion marker
-    assert wait_for(flags / "a.paused", 60)
-    job_b = start("b", 1)  # would pause after its first member, if it extracted at all
-    wait_for(flags / "b.paused", 3)
-    (flags / "a.go").touch()
-    out_a, err_a = job_a.communicate(timeout=60)
-    (flags / "b.go").touch()
-    out_b, err_b = job_b.communicate(timeout=60)
-    assert job_a.returncode == 0, err_a
-    assert job_b.returncode == 0, err_b
-    assert len(json.loads(out_a)) == 40, "job A's extraction was wiped under it by job B"
-    assert len(json.loads(out_b)) == 40
+    jobs: list[subprocess.Popen] = []
+    try:
+        job_a = start("a", 40)  # paused after its last member, before the completion marker
+        jobs.append(job_a)
+        assert wait_for(flags / "a.paused", 60)
+        job_b = start("b", 1)  # would pause after its first member, if it extracted at all
+        jobs.append(job_b)
+        # B either finds A's lock held (b.waiting) or, unguarded, extracts (b.paused):
+        # whichever comes first says whether B reached the lock while A still held it.
+        reached = first_of([flags / "b.waiting", flags / "b.paused"], 60)
+        assert reached == flags / "b.waiting", f"job B did not wait for job A's lock: {reached}"
+        assert job_b.poll() is None and not (flags / "b.paused").exists(), "B stopped waiting"
+        (flags / "a.go").touch()
+        out_a, err_a = job_a.communicate(timeout=60)
+        (flags / "b.go").touch()
+        out_b, err_b = job_b.communicate(timeout=60)
+        assert job_a.returncode == 0, err_a
+        assert job_b.returncode == 0, err_b
+        assert len(json.loads(out_a)) == 40, "job A's extraction was wiped under it by job B"
+        assert len(json.loads(out_b)) == 40
+    finally:  # a failed assertion leaves the jobs paused on their flags
+        for job in jobs:
+            if job.poll() is None:
+                job.kill()
+                job.communicate()
+    assert not (flags / "b.paused").exists(), "job B extracted again what job A had built"
 
 
 def test_pruning_skips_a_folder_another_process_uses(tmp_path):
@@ -264,7 +296,9 @@ HOLD_FETCH = """
 """
 
 
-def test_a_prefix_in_use_is_not_rewritten_until_the_job_using_it_ends(s3env, bucket, tmp_path):
+def test_a_prefix_in_use_is_not_rewritten_until_the_job_using_it_ends(s3env, bucket, tmp_path,
+                                                                     caplog):
+    caplog.set_level(logging.WARNING, logger="trainjob.cache")
     client = s3env.client()
     for name in ("a/1.jpg", "a/2.jpg", "b/1.jpg"):
         client.put_object(Bucket=bucket, Key=f"data/{name}", Body=f"v1 {name}".encode())
@@ -277,9 +311,16 @@ def test_a_prefix_in_use_is_not_rewritten_until_the_job_using_it_ends(s3env, buc
     second: list[storage.FetchResult] = []
     fetcher = threading.Thread(target=lambda: second.append(storage.fetch(uri, cache_dir, 2)))
     fetcher.start()
-    fetcher.join(2.0)
     mirror = cache_dir / "s3" / bucket / "data"
     try:
+        # The second fetch says when it found the prefix in use and started to wait: wait
+        # for that line (or for the fetch to end without it), then check it is still waiting.
+        deadline = time.monotonic() + 60
+        while fetcher.is_alive() and not _waiting_logged(caplog) and \
+                time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert _waiting_logged(caplog), "the second fetch never waited for the job using it"
+        assert fetcher.is_alive(), "the second fetch stopped waiting while the job runs"
         assert (mirror / "a" / "2.jpg").exists(), "deleted under a running job"
         assert (mirror / "b" / "1.jpg").read_text() == "v1 b/1.jpg", "rewritten under a job"
     finally:
@@ -290,3 +331,8 @@ def test_a_prefix_in_use_is_not_rewritten_until_the_job_using_it_ends(s3env, buc
     assert sorted(p.relative_to(mirror).as_posix() for p in mirror.rglob("*") if p.is_file()) \
         == ["a/1.jpg", "b/1.jpg"]
     assert (mirror / "b" / "1.jpg").read_text() == "v2 b/1.jpg"
+
+
+def _waiting_logged(caplog) -> bool:
+    return any("in use by another job on this host; waiting" in r.getMessage()
+               for r in caplog.records)

@@ -109,15 +109,66 @@ def test_main_version_returns_zero(capsys):
 
 # --- building the config ------------------------------------------------------------------
 
-def test_cli_defaults_equal_config_defaults(recorded):
+# What a user is told the defaults are (README's Options table, the exit codes and the
+# multi-worker section, --help where the README gives none), written out: comparing the CLI
+# with Config's defaults would compare one field with itself.
+DOCUMENTED_DEFAULTS = {
+    # Data
+    "include_background": False, "max_extract_bytes": 32 * 2**30, "max_bad_fraction": 0.05,
+    "pipeline_cache": "auto",
+    # Split
+    "val_fraction": 0.15, "test_fraction": 0.15, "train_per_class": None, "seed": 42,
+    # Model
+    "weights": "none", "image_size": 224, "precision": "auto", "jit_compile": "auto",
+    # Optimization
+    "epochs": 50, "batch_size": 32, "optimizer": "adam", "learning_rate": 3e-4,
+    "momentum": 0.9, "label_smoothing": 0.0, "lr_schedule": "none", "class_weight": "none",
+    "steps_per_epoch": None, "validation_freq": 1, "shuffle": True, "augment": True,
+    "freeze_backbone_epochs": 0, "fine_tune_learning_rate": None, "lr_scaling": "none",
+    # Callbacks
+    "early_stopping_patience": 10, "early_stopping_monitor": "val_accuracy",
+    "early_stopping_min_delta": 0.0, "early_stopping_mode": "auto",
+    "checkpoint_monitor": "val_loss", "checkpoint_mode": "auto", "reduce_lr": True,
+    "reduce_lr_monitor": "val_loss", "reduce_lr_mode": "auto", "reduce_lr_factor": 0.1,
+    "reduce_lr_patience": 10, "reduce_lr_min_delta": 1e-4, "reduce_lr_cooldown": 0,
+    "reduce_lr_min_lr": 0.0, "restore_best": True,
+    # Output
+    "overwrite": False, "force": False, "lock_timeout": None, "sync": True,
+    "backup_every_steps": 0, "upload_timeout": 600.0, "export": "none", "tensorboard": False,
+    # Runtime
+    "threads": 16, "grace_seconds": 25.0, "verbose_fit": "auto",
+    # Cluster
+    "workers": 1, "worker_hosts": "{job}-{index}.{service}", "worker_service": "trainjob-workers",
+    "worker_port": 2222, "cluster_timeout": 600.0, "collective_timeout": 300.0,
+}
+HOME_DEFAULTS = ("cache_dir", "work_dir")  # $TRAINJOB_HOME/cache and /work: a subprocess
+
+
+def test_cli_defaults_are_the_documented_ones(recorded):
+    names = {f.name for _, f in option_fields()}
+    assert names == set(DOCUMENTED_DEFAULTS) | {"data", "output", *HOME_DEFAULTS}, \
+        "an option without a documented default here (or one that is gone)"
     result = invoke(["train", *REQUIRED])
     assert result.exit_code == 0, result.output
     [cfg] = recorded
-    expected = Config.from_options(data=REQUIRED[1], output=REQUIRED[3])
-    for _, f in option_fields():
-        if f.name in ("cache_dir", "work_dir"):  # depend on TRAINJOB_HOME at import time
-            continue
-        assert find(cfg, f.name) == find(expected, f.name), f.name
+    for name, expected in DOCUMENTED_DEFAULTS.items():
+        assert find(cfg, name) == expected, name
+    assert cfg.optim.fine_tune_rate == pytest.approx(3e-5)  # a tenth of --learning-rate
+
+
+@pytest.mark.parametrize("env, root", [({"TRAINJOB_HOME": "/srv/tj"}, "/srv/tj"),
+                                       ({"HOME": "/home/u"}, "/home/u/.cache/trainjob")])
+def test_cache_and_work_dirs_default_under_trainjob_home(env, root):
+    """Read when the module is imported, as in a container: a fresh interpreter each."""
+    code = ("import trainjob.job; got = []; trainjob.job.run = got.append\n"
+            "from trainjob.cli import main\n"
+            f"main(['train', *{REQUIRED!r}])\n"
+            "print(got[0].data.cache_dir, got[0].runtime.work_dir)")
+    base = {k: v for k, v in os.environ.items() if not k.startswith("TRAINJOB_")}
+    proc = subprocess.run([sys.executable, "-c", code], env={**base, **env}, check=False,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [f"{root}/cache", f"{root}/work"]
 
 
 def test_options_reach_the_config(recorded):

@@ -105,19 +105,29 @@ def test_invalid_settings_raise_config_error(overrides, names):
     assert "\n" not in message
 
 
-@pytest.mark.parametrize("field, uri", [
-    ("data", "gs://bucket/caltech-101.zip"),
-    ("data", "http://example.com/caltech-101.zip"),
-    ("data", "s3:///no-bucket.zip"),
-    ("output", "ftp://host/runs/exp1"),
-    ("output", "gs://runs/exp1"),
-    ("weights", "gs://models/resnet.weights.h5"),
+UNSUPPORTED = "use s3://bucket/key or a local path"
+
+
+@pytest.mark.parametrize("field, uri, expected", [
+    ("data", "gs://bucket/caltech-101.zip", ["unsupported URI scheme 'gs://'", UNSUPPORTED]),
+    ("data", "http://example.com/caltech-101.zip", ["unsupported URI scheme 'http://'",
+                                                     UNSUPPORTED]),
+    ("data", "s3:///no-bucket.zip", ["names no bucket", "use s3://bucket/key"]),
+    ("output", "ftp://host/runs/exp1", ["unsupported URI scheme 'ftp://'", UNSUPPORTED]),
+    ("output", "gs://runs/exp1", ["unsupported URI scheme 'gs://'", UNSUPPORTED]),
+    ("weights", "gs://models/resnet.weights.h5", ["unsupported URI scheme 'gs://'",
+                                                  UNSUPPORTED]),
 ])
-def test_unknown_uri_schemes_raise_config_error(field, uri):
+def test_unknown_uri_schemes_raise_config_error(field, uri, expected):
+    """One line naming the URI, what is wrong with it and what to use instead (any message
+    holding "bucket" passed before, and every one of these does)."""
     with pytest.raises(ConfigError) as err:
         make(**{field: uri})
     assert err.value.exit_code == 2
-    assert uri in str(err.value) or "bucket" in str(err.value)
+    message = str(err.value)
+    assert repr(uri) in message and "\n" not in message, message
+    for needle in expected:
+        assert needle in message, message
 
 
 @pytest.mark.parametrize("field, uri", [

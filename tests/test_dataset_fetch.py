@@ -5,6 +5,7 @@ is the bucket."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import threading
@@ -19,11 +20,13 @@ MiB = 1024**2
 
 class Publisher:
     """Serves ``data`` at /caltech-101.zip; honours Range; ``cut_next`` cuts the next
-    response after that many bytes; ``ranges`` records the Range header of each GET."""
+    response after that many bytes; ``refuse_next`` answers the next GET with that HTTP
+    status; ``ranges`` records the Range header of each GET."""
 
     def __init__(self, data: bytes) -> None:
         self.data = data
         self.cut_next: int | None = None
+        self.refuse_next: int | None = None
         self.honour_range = True
         self.ranges: list[str | None] = []
         publisher = self
@@ -34,6 +37,10 @@ class Publisher:
 
             def do_GET(self) -> None:
                 publisher.ranges.append(self.headers.get("Range"))
+                refuse, publisher.refuse_next = publisher.refuse_next, None
+                if refuse:
+                    self.send_error(refuse)
+                    return
                 body, start = publisher.data, 0
                 match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
                 if match and publisher.honour_range:
@@ -105,6 +112,55 @@ def test_fetch_resumes_a_cut_download_and_uploads_multipart(s3, bucket, publishe
     third = run_trainjob(args, s3.env(), tmp_path)  # all there: no download, no upload
     assert third.returncode == 0 and "(already there)" in third.stdout
     assert len(publisher.ranges) == 2
+
+
+# A presigned S3 URL's secrets (credential, session token, signature) and an Azure SAS sig,
+# URL-encoded as given; MARKS are what must not appear anywhere, encoded or not.
+SECRET_QUERY = ("X-Amz-Algorithm=AWS4-HMAC-SHA256"
+                "&X-Amz-Credential=AKIDSECRET4711%2F20260101%2Fus-east-1%2Fs3%2Faws4_request"
+                "&X-Amz-Date=20260101T000000Z&X-Amz-Expires=3600&X-Amz-SignedHeaders=host"
+                "&x-amz-security-token=TOKENSECRET0815&X-Amz-Signature=5ec2e7c0ffee5ec2e7"
+                "&sv=2022-11-02&sig=SASSIGSECRET%2Bq%3D")
+MARKS = ["AKIDSECRET4711", "TOKENSECRET0815", "5ec2e7c0ffee5ec2e7", "SASSIGSECRET"]
+
+
+def assert_no_secret(output: str, *folders) -> None:
+    for mark in MARKS:
+        assert mark not in output, f"{mark} in the output"
+        for folder in folders:
+            for path in (p for p in folder.rglob("*") if p.is_file()):
+                assert mark.encode() not in path.read_bytes(), f"{mark} in {path}"
+
+
+def test_no_secret_of_a_presigned_url_is_printed_or_kept(s3, bucket, publisher, tmp_path):
+    """A presigned or SAS URL is a credential: through an HTTP error, a download that breaks
+    off, its resume and the upload, no output line, error or file holds its secrets."""
+    url = f"{publisher.url}?{SECRET_QUERY}"
+    args = ["-v", "--debug", "dataset", "fetch", "caltech101", "--to", f"s3://{bucket}/d/",
+            "--url", url, "--md5", hashlib.md5(publisher.data).hexdigest()]
+    publisher.refuse_next = 403
+    refused = run_trainjob(args, s3.env(), tmp_path)
+    assert refused.returncode == 4, refused.stderr
+    [line] = errors(refused.stderr)
+    assert "HTTP 403" in line and "X-Amz-Signature=REDACTED" in line and "sig=REDACTED" in line
+    assert_no_secret(refused.stdout + refused.stderr, tmp_path)
+
+    publisher.cut_next = MiB
+    cut = run_trainjob(args, s3.env(), tmp_path)
+    assert cut.returncode == 4 and "broke off" in errors(cut.stderr)[0], cut.stderr
+    [sidecar] = tmp_path.rglob("*.part.json")
+    kept = json.loads(sidecar.read_text())
+    assert kept["url_sha256"] == hashlib.sha256(url.encode()).hexdigest()
+    assert kept["url"].startswith(publisher.url) and "REDACTED" in kept["url"]
+    assert_no_secret(cut.stdout + cut.stderr, tmp_path)
+
+    resumed = run_trainjob(args, s3.env(), tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert publisher.ranges[-1] == f"bytes={MiB}-", publisher.ranges  # the sidecar matched
+    assert "resuming" in resumed.stderr and "X-Amz-Credential=REDACTED" in resumed.stderr
+    assert s3.read(bucket, "d/caltech-101.zip") == publisher.data
+    head = s3.client().head_object(Bucket=bucket, Key="d/caltech-101.zip")
+    assert_no_secret(resumed.stdout + resumed.stderr + json.dumps(head["Metadata"]), tmp_path)
 
 
 def test_multipart_above_the_part_size(s3env, s3, bucket, tmp_path):

@@ -8,11 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import imagefiles
 import numpy as np
 import pytest
 from PIL import Image
 
-from trainjob import inputs
+from trainjob import datasets, inputs
 from trainjob.datasets import Sample
 
 N, CLASSES, SIZE = 20, 4, 16
@@ -22,14 +23,25 @@ N, CLASSES, SIZE = 20, 4, 16
 def samples(tmp_path) -> list[Sample]:
     out = []
     for i in range(N):
-        # Each image is a flat grey whose level encodes its index: easy to identify later.
         path = tmp_path / f"{i}.png"
-        Image.fromarray(np.full((20, 30, 3), i * 10, np.uint8)).save(path)
+        Image.fromarray(_structured(i)).save(path)
         out.append(Sample(str(path), i % CLASSES))
     gray = tmp_path / "gray.jpg"
     Image.fromarray(np.full((10, 10), 250, np.uint8)).save(gray)
     out.append(Sample(str(gray), 0))
     return out
+
+
+def _structured(i: int) -> np.ndarray:
+    """Image i: red is flat at i * 10, so any crop, flip or zoom keeps it and the index can be
+    read back; green is a left-to-right gradient and blue marks the top-left corner, so a
+    flip, a crop or a zoom changes the picture (a flat grey one would come back unchanged,
+    hiding an augmentation that ignores its seed)."""
+    image = np.zeros((20, 30, 3), np.uint8)
+    image[..., 0] = i * 10
+    image[..., 1] = np.linspace(0, 255, 30, dtype=np.uint8)[None, :]
+    image[:6, :6, 2] = 255
+    return image
 
 
 def _stream(samples, first, last, *, skip=0, augment=False, seed=3, cache="memory", tmp=None):
@@ -68,12 +80,17 @@ def test_resumed_stream_repeats_the_uninterrupted_one(samples):
     per_epoch = len(samples) // 4 + 1
     full = list(_stream(samples, 0, 4, augment=True))
     resumed = list(_stream(samples, 2, 4, augment=True))
+    assert len(resumed) == len(full) - 2 * per_epoch
     for (a, la), (b, lb) in zip(full[2 * per_epoch:], resumed):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
         np.testing.assert_array_equal(la.numpy(), lb.numpy())
     mid = list(_stream(samples, 2, 4, skip=2, augment=True))
     assert len(mid) == len(resumed) - 2
     np.testing.assert_array_equal(mid[0][0].numpy(), resumed[2][0].numpy())
+    # The equality above means something only if augmentation did change the images.
+    plain = list(_stream(samples, 2, 4))
+    assert _order(plain) == _order(resumed)
+    assert any(not np.array_equal(a.numpy(), p.numpy()) for (a, _), (p, _) in zip(resumed, plain))
 
 
 def test_another_seed_gives_another_order(samples):
@@ -85,6 +102,12 @@ def test_augmentation_changes_images_but_not_their_range(samples):
     augmented = np.concatenate([x.numpy() for x, _ in _stream(samples, 0, 1, augment=True)])
     assert augmented.shape == plain.shape
     assert augmented.min() >= 0 and augmented.max() <= 255
+    # Same order (same seed), so image k of one is image k of the other.
+    assert _order(_stream(samples, 0, 1, augment=True)) == _order(_stream(samples, 0, 1))
+    changed = [not np.array_equal(a, p) for a, p in zip(augmented, plain)]
+    assert sum(changed) >= len(changed) // 2, f"augmentation changed {sum(changed)} images"
+    # A flip or a crop moves the gradient and the corner mark, never the flat red channel.
+    np.testing.assert_array_equal(augmented[..., 0], plain[..., 0])
 
 
 def test_file_cache_survives_a_killed_writer(samples, tmp_path):
@@ -156,7 +179,7 @@ def test_file_cache_is_not_served_stale_when_an_image_changes_in_place(samples, 
     """A prefix re-synced in place keeps its paths: the cache key must see the new content."""
     cache_dir = tmp_path / "tfcache"
     first = [x.numpy() for x, _ in inputs.decoded(samples, SIZE, "file", cache_dir, "train")]
-    assert first[3].max() == 30
+    assert first[3][..., 0].max() == 30
     Image.fromarray(np.full((20, 30, 3), 200, np.uint8)).save(samples[3].path)
     os.utime(samples[3].path, ns=(1_700_000_000_000_000_000,) * 2)  # a different mtime, surely
     again = [x.numpy() for x, _ in inputs.decoded(samples, SIZE, "file", cache_dir, "train")]
@@ -194,3 +217,22 @@ with cache.session():
     # The holder is gone and its lockfile stays, as after a kill: now it is stale.
     assert len(list(_stream(samples, 0, 1, cache="file", tmp=cache_dir))) == len(samples) // 4 + 1
     assert prefix.with_name(f"{prefix.name}.index").exists() and not lockfile.exists()
+
+
+@pytest.mark.parametrize("name", list(imagefiles.FILES))
+def test_every_image_the_scan_accepts_decodes_to_the_colours_pillow_shows(name, tmp_path):
+    """Each format and mode the scan accepts, through the scan's check and then the
+    pipeline's decode at the image's own size (the resize is the identity), against
+    Pillow's RGB of the original: a paletted BMP read as grey palette indices, say, fails."""
+    path = tmp_path / name
+    imagefiles.FILES[name](path)
+    (tmp_path / "converted").mkdir()
+    checked = datasets.check_image(path, tmp_path / "converted")
+    assert checked.usable is not None, f"{name} ({checked.mode}): {checked.reason}"
+    decoded = inputs.decode_image(str(checked.usable), imagefiles.SIDE).numpy()
+    expected = imagefiles.pillow_rgb(path)
+    assert decoded.shape == expected.shape == (imagefiles.SIDE, imagefiles.SIDE, 3)
+    worst = int(np.abs(decoded.astype(int) - expected.astype(int)).max())
+    how = "as is" if checked.usable == path else "converted"
+    assert worst == 0, f"{name} ({checked.mode}, {how}) decodes up to {worst} levels off " \
+                       "Pillow's colours"

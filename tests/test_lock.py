@@ -206,8 +206,12 @@ def test_heartbeat_thread_keeps_the_lock_fresh(store, locks, monkeypatch):
         time.sleep(0.05)
     assert store.read_json(LOCK)["heartbeat"] > first, "no heartbeat from the thread"
     lock.release()
-    time.sleep(0.2)
+    lock._thread.join(5)  # any beat still to come has come
+    assert not lock._thread.is_alive(), "the heartbeat thread outlived release()"
     assert store.read_json(LOCK) is None, "a heartbeat after release() re-created the lock"
+    # A beat after the delete is a conditional write to a missing object: refused, and read
+    # as a take-over. Only a release that waits for the beat in flight avoids that.
+    assert not lock.lost.is_set(), "a heartbeat after release() marked the lock lost"
 
 
 class SlowBeatStore(LocalStore):
@@ -217,12 +221,17 @@ class SlowBeatStore(LocalStore):
         super().__init__(root)
         self.gate = threading.Event()
         self.beat_writing = threading.Event()
+        self.beat_landed = threading.Event()
 
     def put_if_match(self, key, data, etag):
-        if threading.current_thread().name == "trainjob-lock":
-            self.beat_writing.set()
-            self.gate.wait(5)
-        return super().put_if_match(key, data, etag)
+        if threading.current_thread().name != "trainjob-lock":
+            return super().put_if_match(key, data, etag)
+        self.beat_writing.set()
+        self.gate.wait(5)
+        try:
+            return super().put_if_match(key, data, etag)
+        finally:
+            self.beat_landed.set()
 
 
 def test_release_waits_for_a_heartbeat_in_flight(tmp_path, locks, monkeypatch):
@@ -233,8 +242,12 @@ def test_release_waits_for_a_heartbeat_in_flight(tmp_path, locks, monkeypatch):
     assert store.beat_writing.wait(5)
     threading.Timer(0.3, store.gate.set).start()  # the beat's write lands a little later
     lock.release()
-    time.sleep(0.5)
+    assert store.beat_landed.is_set(), "release() returned with a heartbeat still in flight"
+    lock._thread.join(5)  # whatever the beat does next, it has done
     assert store.read_json(LOCK) is None
+    # The late beat would meet a deleted lock (a refused conditional write), which reads as a
+    # take-over: the job would think another one owns the run it has just let go of.
+    assert not lock.lost.is_set(), "a heartbeat landing after the delete marked the lock lost"
 
 
 # --- compare-and-swap and fencing -------------------------------------------------------------

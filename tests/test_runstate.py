@@ -113,8 +113,10 @@ def test_no_usable_pair_falls_back_to_the_last_checkpoint(folder):
     write_json(folder.path(HISTORY), [{"epoch": 0}, {"epoch": 1}])
     folder.path("checkpoints").mkdir()
     folder.path("checkpoints/last.weights.h5").write_bytes(b"w")
+    write_json(folder.path("config.json"), {"settings": {}, "fingerprint": {"seed": 42}})
     record = resume.from_last_checkpoint(folder)
     assert record["epoch"] == 2 and record["from_checkpoint"] == "checkpoints/last.weights.h5"
+    assert record["fingerprint"] == {"seed": 42}  # checked like any resume (test_job.py)
 
 
 def test_a_signal_stops_after_the_epoch_is_saved(folder):

@@ -65,6 +65,36 @@ def test_redact_keeps_host_and_port():
     assert s3client.redact("http://user:secret@minio:9000/") == "http://minio:9000/"
 
 
+@pytest.mark.parametrize("url, expected", [
+    # AWS SigV4 presigned: credential, session token and signature; the rest as written
+    (("https://b.s3.amazonaws.com/k.zip?X-Amz-Algorithm=AWS4-HMAC-SHA256"
+      "&X-Amz-Credential=AKID%2F20260101%2Fus-east-1%2Fs3%2Faws4_request&X-Amz-Date=20260101T0"
+      "&X-Amz-Expires=3600&X-Amz-SignedHeaders=host&X-Amz-Security-Token=T0K"
+      "&X-Amz-Signature=5f"),
+     ("https://b.s3.amazonaws.com/k.zip?X-Amz-Algorithm=AWS4-HMAC-SHA256"
+      "&X-Amz-Credential=REDACTED&X-Amz-Date=20260101T0&X-Amz-Expires=3600"
+      "&X-Amz-SignedHeaders=host&X-Amz-Security-Token=REDACTED&X-Amz-Signature=REDACTED")),
+    # SigV2 presigned, lower case
+    ("https://h/k?AWSAccessKeyId=AKID&Expires=9&signature=S1&x-amz-security-token=T",
+     ("https://h/k?AWSAccessKeyId=REDACTED&Expires=9&signature=REDACTED"
+      "&x-amz-security-token=REDACTED")),
+    # Azure SAS
+    ("https://a.blob.core.windows.net/c/f.zip?sv=2022-11-02&se=2026-01-01&sp=r&SIG=ab%2Bc%3D",
+     "https://a.blob.core.windows.net/c/f.zip?sv=2022-11-02&se=2026-01-01&sp=r&SIG=REDACTED"),
+    # GCS V4 signed
+    (("https://storage.googleapis.com/b/o?X-Goog-Algorithm=GOOG4-RSA-SHA256"
+      "&X-Goog-Credential=x&X-Goog-Signature=ff"),
+     ("https://storage.googleapis.com/b/o?X-Goog-Algorithm=GOOG4-RSA-SHA256"
+      "&X-Goog-Credential=REDACTED&X-Goog-Signature=REDACTED")),
+    # user:password, an OAuth token, an API key; a parameter merely ending in "key" is kept
+    ("http://u:p@h:9/a?access_token=t&key=k&monkey=3",
+     "http://h:9/a?access_token=REDACTED&key=REDACTED&monkey=3"),
+    ("https://h/a.zip?version=2", "https://h/a.zip?version=2"),
+])
+def test_redact_removes_the_secrets_of_signed_urls(url, expected):
+    assert s3client.redact(url) == expected
+
+
 # --- the client ----------------------------------------------------------------------------
 
 def test_client_settings_for_s3_compatible_servers(s3env):

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from trainjob import cache
@@ -35,9 +36,11 @@ __all__ = ["ARCHIVE_SUFFIXES", "Catalog", "Sample", "Splits", "check_files", "ch
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
                   ".ppm", ".pgm"}
 BACKGROUND = "BACKGROUND_Google"
-# Formats and modes tf.io.decode_image reads as RGB directly; anything else is converted once.
-TF_NATIVE = {"JPEG": {"RGB", "L"}, "PNG": {"RGB", "RGBA", "L", "LA", "P", "I;16", "I"},
-             "GIF": {"P", "L", "RGB"}, "BMP": {"RGB", "L", "P"}}
+# Formats and modes the pipeline (inputs.decode_image) reads to the colours Pillow shows;
+# anything else is converted once. Not BMP: TensorFlow returns a paletted BMP's palette
+# indices as grey and cannot read 4- or 16-bit ones. Not GIF: it blacks out the transparent
+# colour. (tests/test_inputs.py checks every format and mode against Pillow.)
+TF_NATIVE = {"JPEG": {"RGB", "L"}, "PNG": {"RGB", "RGBA", "L", "LA", "P", "I;16", "I"}}
 # A converted image no scan has used for this long goes, when no job on the host uses the folder.
 CONVERTED_MAX_AGE = 14 * 86_400
 GRAYSCALE_MODES = {"1", "L", "LA", "I", "I;16", "F"}
@@ -206,13 +209,22 @@ def check_image(path: Path, converted_dir: Path) -> Checked:
                 # Identical files (duplicates across classes) convert in parallel: each
                 # writer has its own temporary name, and the atomic rename lets both win.
                 tmp = out.with_name(f".{out.stem}-{threading.get_ident()}.png")
-                img.convert("RGB").save(tmp)
+                to_rgb(img).save(tmp)
                 os.replace(tmp, out)
             return Checked(out, "", *what)
     except UnidentifiedImageError:
         return Checked(None, "not an image")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         return Checked(None, f"unreadable image: {exc}")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Pillow's RGB of ``img``; 16-bit grey by the high byte of each sample, as Pillow reduces
+    16-bit colour and TensorFlow 16-bit PNGs: its ``convert`` clips at 255 (white)."""
+    if img.mode.startswith("I;16"):
+        return Image.fromarray((np.asarray(img).astype(np.uint32) >> 8).astype(np.uint8)
+                               ).convert("RGB")
+    return img.convert("RGB")
 
 
 def check_usable(catalog: Catalog, max_bad_fraction: float) -> None:

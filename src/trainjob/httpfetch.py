@@ -1,7 +1,8 @@
 """Downloading one published file over HTTP(S): resumable, checked by size and md5.
 
-The bytes go to ``<name>.part`` in a cache folder, with a sidecar recording the URL and
-the server's validators (ETag, Last-Modified). A rerun after an interruption asks only for
+The bytes go to ``<name>.part`` in a cache folder, with a sidecar recording the URL (its
+sha256, and the URL without its secrets for humans: a presigned or SAS URL is a credential)
+and the server's validators (ETag, Last-Modified). A rerun after an interruption asks only for
 the rest (``Range``, with ``If-Range`` so a changed file starts over); a server that
 ignores ranges gets a fresh download. Only a file whose size and md5 match is renamed to
 its final name; one that does not match is deleted and reported (DataError, exit 3).
@@ -9,6 +10,7 @@ its final name; one that does not match is deleted and reported (DataError, exit
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import json
 import logging
@@ -139,13 +141,20 @@ def _read_meta(path: Path, url: str) -> dict | None:
         meta = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return meta if isinstance(meta, dict) and meta.get("url") == url else None
+    return meta if isinstance(meta, dict) and meta.get("url_sha256") == _url_digest(url) \
+        else None
 
 
 def _write_meta(path: Path, url: str, response, total: int | None) -> None:
-    path.write_text(json.dumps({"url": url, "etag": response.headers.get("ETag"),
+    path.write_text(json.dumps({"url_sha256": _url_digest(url), "url": redact(url),
+                                "etag": response.headers.get("ETag"),
                                 "last_modified": response.headers.get("Last-Modified"),
                                 "total": total}))
+
+
+def _url_digest(url: str) -> str:
+    """Matches a sidecar to its URL, secrets included, without keeping them on disk."""
+    return hashlib.sha256(url.encode()).hexdigest()
 
 
 def _discard(part: Path, meta_path: Path) -> None:

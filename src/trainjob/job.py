@@ -180,7 +180,7 @@ def _train(cfg: Config, run_dir: RunFolder, state: dict | None, lock: RunLock | 
     if state:
         resume.check_compatible(state, fingerprint)
     run_dir.write(CLASSES, {str(i): name for i, name in enumerate(catalog.classes)})
-    runconfig.write(cfg, run_dir, dataset_summary, timings, state)
+    runconfig.write(cfg, run_dir, dataset_summary, timings, state, fingerprint=fingerprint)
 
     # TensorFlow is imported only now: bad input fails above in a second, with no TF noise.
     from trainjob import callbacks as callbacks_lib, inputs, model as models, training
@@ -230,7 +230,7 @@ def _train(cfg: Config, run_dir: RunFolder, state: dict | None, lock: RunLock | 
             if val_base is not None else None
         if lock:  # the chief records how the run is spread
             runconfig.write(settings, run_dir, dataset_summary, timings, state,
-                            runconfig.distribution(cfg, group, replicas))
+                            runconfig.distribution(cfg, group, replicas), fingerprint)
         with strategy.scope():
             model = models.build_model(cfg.model, num_classes, initial)
             training.compile_model(model, cfg, num_classes)
@@ -308,7 +308,7 @@ def _train(cfg: Config, run_dir: RunFolder, state: dict | None, lock: RunLock | 
         run_dir.set_status("succeeded", error=None, finished=time.time(),
                            epochs_done=len(keeper.history))
         runconfig.write(settings, run_dir, dataset_summary, timings, state,
-                        runconfig.distribution(cfg, group, replicas))
+                        runconfig.distribution(cfg, group, replicas), fingerprint)
         lock.check()
         run_dir.publish(timeout=cfg.output.upload_timeout, shield=stop.shield)
         stop.exit_code = 0  # published: a signal from now on ends the job with success

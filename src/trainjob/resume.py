@@ -26,8 +26,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from trainjob.artifacts import BACKUP, HISTORY, LAST, LOG_CSV, RunFolder, read_json, sha256, \
-    write_json
+from trainjob.artifacts import BACKUP, CLASSES, CONFIG, HISTORY, LAST, LOG_CSV, RunFolder, \
+    read_json, sha256, write_json
 from trainjob.errors import ConfigError, Preempted
 
 if TYPE_CHECKING:  # TensorFlow stays unimported until training starts
@@ -299,14 +299,49 @@ def load_state(run: RunFolder) -> dict | None:
 
 def from_last_checkpoint(run: RunFolder) -> dict | None:
     """With no usable save point: continue from checkpoints/last.weights.h5, if there is
-    one, after the epochs history.json records (the optimizer restarts from zero)."""
+    one, after the epochs history.json records (the optimizer restarts from zero).
+
+    The record carries the settings the run was trained with, so that the resume is checked
+    like any other (``check_compatible``); with no record of them, ConfigError."""
     if not run.path(LAST).is_file():
         return None
     history = read_json(run.path(HISTORY), []) or []
-    record = {"epoch": len(history), "step": 0, "from_checkpoint": LAST, "callbacks": {}}
+    saved, source = recorded_fingerprint(run)
+    record = {"epoch": len(history), "step": 0, "from_checkpoint": LAST, "callbacks": {},
+              "fingerprint": saved}
     log.warning("no usable resume point: continuing from %s after epoch %d, with a fresh "
-                "optimizer state", LAST, len(history))
+                "optimizer state; the settings are checked against %s", LAST, len(history),
+                source)
     return record
+
+
+def recorded_fingerprint(run: RunFolder) -> tuple[dict, str]:
+    """(the settings the run started with, where they were found): the newest readable save
+    point record (whatever became of its weights), else config.json's fingerprint, else
+    what config.json's settings and classes.json tell (a run of an older trainjob)."""
+    records = [pair_files(seq)[1] for seq in reversed(saved_points(run))] + [STATE]
+    for rel in records:
+        record = read_json(run.path(rel))
+        if isinstance(record, dict) and record.get("fingerprint"):
+            return record["fingerprint"], rel
+    config = read_json(run.path(CONFIG))
+    if isinstance(config, dict) and config.get("fingerprint"):
+        return config["fingerprint"], CONFIG
+    if isinstance(config, dict) and isinstance(config.get("settings"), dict):
+        return _from_settings(config["settings"], read_json(run.path(CLASSES))), \
+            f"{CONFIG}'s settings"
+    raise ConfigError(
+        f"cannot resume {run.store.uri} from {LAST}: no save point record under {BACKUP}/ and "
+        f"no {CONFIG} tell the settings it was trained with, so a changed --seed or split "
+        "could not be noticed; nothing was deleted: pass --overwrite to start afresh")
+
+
+# The settings in a fingerprint, and the group of Config (and of config.json's settings) each
+# belongs to; besides them, the class list and the images of each split.
+FINGERPRINT_SETTINGS = {"image_size": "model", "optimizer": "optim", "seed": "split",
+                        "val_fraction": "split", "test_fraction": "split",
+                        "train_per_class": "split", "batch_size": "optim",
+                        "steps_per_epoch": "optim", "freeze_backbone_epochs": "optim"}
 
 
 def fingerprint(cfg: Config, catalog: Catalog, splits: Splits) -> dict:
@@ -319,15 +354,24 @@ def fingerprint(cfg: Config, catalog: Catalog, splits: Splits) -> dict:
         return hashlib.sha1("\n".join(names).encode()).hexdigest()
 
     return {
-        "classes": hashlib.sha1("\n".join(catalog.classes).encode()).hexdigest(),
-        "image_size": cfg.model.image_size, "optimizer": cfg.optim.optimizer,
-        "seed": cfg.split.seed, "val_fraction": cfg.split.val_fraction,
-        "test_fraction": cfg.split.test_fraction,
-        "train_per_class": cfg.split.train_per_class, "batch_size": cfg.optim.batch_size,
-        "steps_per_epoch": cfg.optim.steps_per_epoch,
-        "freeze_backbone_epochs": cfg.optim.freeze_backbone_epochs,
+        "classes": _classes_digest(catalog.classes),
+        **{key: getattr(getattr(cfg, group), key) for key, group in FINGERPRINT_SETTINGS.items()},
         "samples": digest(splits.train + splits.val + splits.test) + ":" + digest(splits.train),
     }
+
+
+def _classes_digest(names: list[str]) -> str:
+    return hashlib.sha1("\n".join(names).encode()).hexdigest()
+
+
+def _from_settings(settings: dict, classes: object) -> dict:
+    """The part of a fingerprint config.json's settings (and classes.json) can tell: all but
+    the images of each split."""
+    out = {key: settings[group][key] for key, group in FINGERPRINT_SETTINGS.items()
+           if key in settings.get(group, {})}
+    if isinstance(classes, dict):
+        out["classes"] = _classes_digest([classes[str(i)] for i in range(len(classes))])
+    return out
 
 
 OPTION_NAMES = {"samples": "the dataset's images", "classes": "the class list"}

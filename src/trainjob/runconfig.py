@@ -21,10 +21,14 @@ def distribution(cfg: Config, group: Cluster | None, replicas: int) -> dict:
 
 
 def write(cfg: Config, run_dir: RunFolder, dataset: dict, timings: dict,
-          state: dict | None, distribution: dict | None = None) -> None:
-    """Write config.json (again at the end, with the timings of every step)."""
+          state: dict | None, distribution: dict | None = None,
+          fingerprint: dict | None = None) -> None:
+    """Write config.json (again at the end, with the timings of every step). ``fingerprint``
+    (``resume.fingerprint``) lets a resume from the last checkpoint alone check the settings
+    when no save point record is left."""
     run_dir.write(CONFIG, {
         "settings": cfg.to_dict(),
+        "fingerprint": fingerprint,
         "versions": versions(),
         "hardware": {"platform": platform.platform(), "cpus": os.cpu_count(),
                      "gpus": gpu_names()},

@@ -6,10 +6,11 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import re
 import threading
 import weakref
 from collections.abc import Iterator
-from urllib.parse import urlsplit
+from urllib.parse import unquote_plus, urlsplit
 
 import boto3
 import boto3.exceptions
@@ -20,13 +21,27 @@ import botocore.utils
 
 from trainjob.errors import StorageError
 
+# Query parameters that carry a secret, by name, any case: a signature (AWS X-Amz-Signature,
+# GCS X-Goog-Signature, Azure SAS sig), a credential or a token (X-Amz-Credential,
+# X-Amz-Security-Token, access_token...), keys and passwords.
+_SECRET_PARAM = re.compile(r"(?:^|[-_])(?:sig|signature|credential|token|key|apikey|password|"
+                           r"secret)$|accesskeyid$", re.IGNORECASE)
+REDACTED = "REDACTED"
+
 
 def redact(uri: str) -> str:
-    """Drop any user:password from a URL so it can be logged."""
+    """``uri`` fit to log, show or store: without user:password, and with the value of every
+    query parameter that carries a secret (``_SECRET_PARAM``) replaced by REDACTED; the
+    rest is kept as written."""
     parts = urlsplit(uri)
     if parts.password or parts.username:
-        return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
-    return uri
+        parts = parts._replace(netloc=parts.netloc.rpartition("@")[2])
+    if parts.query:
+        fields = [f"{name}={REDACTED}" if _SECRET_PARAM.search(unquote_plus(name)) else field
+                  for field in parts.query.split("&")
+                  for name in [field.partition("=")[0]]]
+        parts = parts._replace(query="&".join(fields))
+    return parts.geturl()
 
 
 _client_lock = threading.Lock()

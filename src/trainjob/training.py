@@ -24,6 +24,10 @@ from trainjob.runinfo import top_confusions
 log = logging.getLogger(__name__)
 
 RECORDED_CONFUSIONS = 20  # metrics.json's top_confusions; the whole matrix is there too
+# The final model's answers have collapsed when its most frequent answer takes more than half
+# the test images and more than COLLAPSE_RATIO times the share of the largest true class: a
+# model that answers (nearly) one class whatever it sees, while the truth is spread.
+COLLAPSE_RATIO = 2
 
 
 def make_strategy(devices: list[str] | None = None) -> tf.distribute.Strategy:
@@ -180,6 +184,7 @@ def evaluate(model: keras.Model, test_ds: tf.data.Dataset, test: list[Sample],
                  for i, name in enumerate(classes) if np.any(labels == i)}
     matrix = confusion_matrix(labels, predicted, len(classes)).tolist()
     names = {str(i): name for i, name in enumerate(classes)}
+    answers = answer_spread(labels, predicted, classes)
     return {
         "test_images": len(test),
         "loss": float(-np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-7, 1)))),
@@ -190,4 +195,30 @@ def evaluate(model: keras.Model, test_ds: tf.data.Dataset, test: list[Sample],
         "confusion_matrix": matrix,
         "top_confusions": top_confusions({"confusion_matrix": matrix}, names,
                                          RECORDED_CONFUSIONS),
+        "answers": answers,
+        "warnings": [collapse_warning(answers)] if answers["collapsed"] else [],
     }
+
+
+def answer_spread(labels: np.ndarray, predicted: np.ndarray, classes: list[str]) -> dict:
+    """How the test answers spread over the classes, against the truth; ``collapsed`` by the
+    rule above (COLLAPSE_RATIO)."""
+    answered = np.bincount(predicted, minlength=len(classes))
+    truth = np.bincount(labels, minlength=len(classes))
+    top, n = int(np.argmax(answered)), len(labels)
+    # In counts, not shares: 12 of 18 against 2 x 6 is not a collapse, whatever the rounding.
+    collapsed = bool(2 * answered[top] > n and answered[top] > COLLAPSE_RATIO * truth.max())
+    return {"top_class": classes[top], "top_count": int(answered[top]),
+            "top_share": float(answered[top] / n), "largest_true_share": float(truth.max() / n),
+            "classes_answered": int(np.count_nonzero(answered)), "collapsed": collapsed}
+
+
+def collapse_warning(answers: dict) -> str:
+    """The one line that says the final model answers (nearly) one class; logged, and kept
+    in metrics.json's ``warnings``."""
+    message = (f"the final model's test answers collapsed: {answers['top_class']!r} for "
+               f"{answers['top_share']:.0%} of the test images, where the largest class is "
+               f"{answers['largest_true_share']:.0%} of them: it does not tell the classes "
+               "apart in inference mode (see README, 'Collapsed answers')")
+    log.warning("%s", message)
+    return message

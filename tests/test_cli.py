@@ -140,6 +140,8 @@ DOCUMENTED_DEFAULTS = {
     # Cluster
     "workers": 1, "worker_hosts": "{job}-{index}.{service}", "worker_service": "trainjob-workers",
     "worker_port": 2222, "cluster_timeout": 600.0, "collective_timeout": 300.0,
+    # Sweep
+    "sweep_file": None, "trial_index": None,
 }
 HOME_DEFAULTS = ("cache_dir", "work_dir")  # $TRAINJOB_HOME/cache and /work: a subprocess
 

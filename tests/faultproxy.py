@@ -13,7 +13,9 @@ and deletes nothing (a bucket policy that denies s3:DeleteObject, an object lock
 Event) turns the endpoint into a black hole that never answers; ``stall_bodies_over`` (a
 size in bytes, settable at any time) leaves only the requests with larger bodies
 unanswered: a link too slow for checkpoints that still carries small JSON files.
-``fail_everything`` and ``recover`` start and end an outage.
+``fail_everything`` and ``recover`` start and end an outage. ``hold(predicate)`` keeps the
+requests that ``predicate(method, path)`` picks waiting, unforwarded, until ``release()``
+(then they go through as sent): a store write that lands only when the test says so.
 
 ``lost_reply`` forwards a share of requests whole, so the server acts on them, then cuts
 the connection before the reply: the client retries a request that already happened.
@@ -32,6 +34,7 @@ import re
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
@@ -70,6 +73,9 @@ class FaultProxy:
         self._link_free_at = 0.0
         self.stalled = threading.Event()  # set: requests hang unanswered (a black hole)
         self.stall_bodies_over: int | None = None  # larger bodies hang unanswered
+        self._hold_if: Callable[[str, str], bool] | None = None
+        self._released = threading.Event()
+        self.held: list[tuple[str, str]] = []  # (method, path) of every request held so far
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
         self.injected: Counter[str] = Counter()
@@ -115,6 +121,16 @@ class FaultProxy:
     def recover(self) -> None:
         """The endpoint is back: requests pass again."""
         self.dead = False
+
+    def hold(self, predicate: Callable[[str, str], bool]) -> None:
+        """From now on, requests for which ``predicate(method, path)`` is true wait here."""
+        self._released.clear()
+        self._hold_if = predicate
+
+    def release(self) -> None:
+        """The held requests go on to the server, and no new ones are held."""
+        self._hold_if = None
+        self._released.set()
 
     def _throttle(self, size: int) -> None:
         """Hold the request until a link of ``bytes_per_second`` would have carried it."""
@@ -170,6 +186,11 @@ class FaultProxy:
             self._log(h, at, 0)
             time.sleep(600)  # never answers; the client's own time-outs must cope
             return
+        hold_if = self._hold_if
+        if hold_if is not None and hold_if(h.command, h.path):
+            with self.lock:
+                self.held.append((h.command, h.path))
+            self._released.wait(600)  # the client may time out and retry meanwhile
         self._throttle(len(body))
         if fate == "slowdown":
             self._log(h, at, 503)

@@ -17,6 +17,7 @@ import tensorflow as tf
 
 from trainjob.cluster import Cluster, wait_for_peers
 from trainjob.errors import ClusterError
+from trainjob.hooks import injected_error
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,17 @@ def all_sum(strategy: tf.distribute.Strategy, values: np.ndarray | list[float]) 
 
         _SUMS[id(strategy)] = reduce
     return _SUMS[id(strategy)](tf.constant(np.asarray(values, np.float64))).numpy()
+
+
+def inject(point: str) -> None:
+    """Test hook: raise the error a test asked for at this collective (hooks.injected_error)."""
+    name = injected_error(point)
+    if name is None:
+        return
+    message = f"test hook: {name} at the {point} collective"
+    if name == "MemoryError":
+        raise MemoryError(message)
+    raise getattr(tf.errors, name)(None, None, message)
 
 
 def peer_failure(exc: BaseException, cluster: Cluster, collective_timeout: float) -> ClusterError:

@@ -13,6 +13,12 @@ SECONDS like a step that does not return (a signal is not noticed meanwhile);
 signal came, so that the signal is handled right at that point. Points: ``first_step``
 (before the process's first training step), ``batch:E:S`` (after batch S, counted from 1,
 of epoch E), ``epoch:E`` (after epoch E is saved), ``after_training``.
+
+``{"collective_error": {"<point>": "<error>"}}`` makes this process's collective at a named
+point (``step``: a training step, ``validation``: the all-reduce of the validation figures)
+raise that error instead of running: a TensorFlow error's class name
+(``ResourceExhaustedError``, ``UnavailableError``...) or ``MemoryError``. A test gives the
+hook to one worker to fail it there.
 """
 
 from __future__ import annotations
@@ -71,3 +77,8 @@ def hold(point: str, signalled: Callable[[], bool] = lambda: False) -> None:
         if until_signal and signalled():
             return
         time.sleep(min(POLL_SECONDS, max(0.0, deadline - time.monotonic())))
+
+
+def injected_error(point: str) -> str | None:
+    """Test hook: the error this process's collective at ``point`` must raise, if any."""
+    return read_hooks().get("collective_error", {}).get(point)

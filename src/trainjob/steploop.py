@@ -75,6 +75,7 @@ def fit(model: keras.Model, train_ds: tf.data.Dataset, *, strategy: tf.distribut
         for batch in range(steps):
             callback_list.on_train_batch_begin(batch)
             try:
+                collective.inject("step")
                 sums = train_step(tf.constant(1.0 if stop.signalled else 0.0)).numpy()
             except collective.PEER_ERRORS as exc:
                 raise collective.peer_failure(exc, cluster, cfg.cluster.collective_timeout) \
@@ -127,6 +128,7 @@ def _validator(model: keras.Model, strategy: tf.distribute.Strategy, val_ds: tf.
         totals = np.zeros(4)
         for x, y in val_ds:
             totals += batch_sums(x, y).numpy()
+        collective.inject("validation")
         return _logs(collective.all_sum(strategy, totals))
 
     return evaluate

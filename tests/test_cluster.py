@@ -149,3 +149,115 @@ def test_linear_lr_scaling_multiplies_both_rates_by_the_replicas():
     assert scale_learning_rates(explicit, 2).optim.fine_tune_rate == pytest.approx(0.02)
     unscaled = Config.from_options(data="/d", output="/o", learning_rate=0.001)
     assert scale_learning_rates(unscaled, 4).optim.learning_rate == 0.001
+
+
+def test_barrier_carries_the_chiefs_start_and_the_chief_waits_until_each_worker_took_it():
+    """The chief's knock names the save point; the others act on it (here: a fetch that
+    takes a while) before they knock on the chief's port, so the chief leaves the barrier
+    only after every worker has it."""
+    clusters = _pair(free_ports(3))
+    record = {"seq": 7, "epoch": 2, "step": 1, "weights_sha256": "ab" * 32,
+              "callbacks": {"EarlyStopping:": {"best": 0.5, "wait": 1}}, "pad": "x" * 200_000}
+    announced = {"start": "pair", "record": record}  # more than one recv() of the knock
+    took: dict[int, float] = {}
+    left: dict[int, tuple[float, dict | None]] = {}
+    errors: list[BaseException] = []
+
+    def take(index: int):
+        def on_announce(message: dict, deadline: float) -> None:
+            assert message == {**announced, "worker": 0} and deadline > time.monotonic()
+            time.sleep(1.0)  # a download: the chief must still be waiting afterwards
+            took[index] = time.monotonic()
+        return on_announce
+
+    def worker(cluster: Cluster) -> None:
+        try:
+            got = wait_for_peers(cluster, timeout=20,
+                                 announce=announced if cluster.is_chief else None,
+                                 on_announce=None if cluster.is_chief else take(cluster.index))
+            left[cluster.index] = (time.monotonic(), got)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(c,)) for c in clusters]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors
+    assert sorted(took) == [1, 2]
+    assert left[0][0] >= max(took.values())
+    assert left[0][1] == announced
+    assert left[1][1] == left[2][1] == {**announced, "worker": 0}
+
+
+def test_a_worker_that_cannot_take_the_chiefs_start_keeps_the_chief_out():
+    chief, other = _pair(free_ports(2))
+    failures: list[BaseException] = []
+
+    def cannot(message: dict, deadline: float) -> None:
+        raise ClusterError("worker 1: the chief starts from save point 3, but it was not stored")
+
+    def worker() -> None:
+        try:
+            wait_for_peers(other, timeout=10, on_announce=cannot)
+        except ClusterError as exc:
+            failures.append(exc)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    with pytest.raises(ClusterError, match=r"worker 1 \(127\.0\.0\.1:\d+\) did not join"):
+        wait_for_peers(chief, timeout=3, announce={"start": "fresh"})
+    thread.join(15)
+    assert [str(f) for f in failures] == [
+        "worker 1: the chief starts from save point 3, but it was not stored"]
+
+
+def test_barrier_ignores_what_is_not_a_knock():
+    chief, other = _pair(free_ports(2))
+    port = int(chief.workers[0].rpartition(":")[2])
+    result: list[dict | None] = []
+    thread = threading.Thread(target=lambda: result.append(
+        wait_for_peers(chief, timeout=10, announce={"start": "fresh"})))
+    thread.start()
+    deadline = time.monotonic() + 10
+    for junk in (b"GET / HTTP/1.1\r\n\r\n", b'{"worker": "0"}\n', b"[1]\n"):
+        while True:  # until the chief listens
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1) as conn:
+                    conn.sendall(junk)
+                break
+            except OSError:
+                assert time.monotonic() < deadline and thread.is_alive(), "the chief never listened"
+                time.sleep(0.05)
+    assert wait_for_peers(other, timeout=10, on_announce=lambda m, d: None) == \
+        {"start": "fresh", "worker": 0}
+    thread.join(15)
+    assert result == [{"start": "fresh"}]
+
+
+def test_start_vector_names_both_starts_when_workers_differ():
+    from trainjob.startpoint import disagreement, named_start, start_vector
+
+    chief = {"seq": 12, "epoch": 2, "step": 2, "weights_sha256": "x"}
+    older = {"seq": 11, "epoch": 2, "step": 0, "weights_sha256": "y"}
+    digest_a, digest_b = "1f" * 32, "e0" * 32
+    same = start_vector(chief, digest_a, 0, 3) + start_vector(chief, digest_a, 1, 3) + \
+        start_vector(chief, digest_a, 2, 3)
+    assert disagreement(same, 3) is None
+    assert named_start(same, 3) == "save point 12 (epoch 2, batch 2), weights 1f1f1f1f1f"
+    # The all-reduce divides each worker's vector by its replicas and sums them: a sum of
+    # thirds must still name the same digest.
+    assert disagreement(sum([same / 3] * 3), 3) is None
+    apart = start_vector(chief, digest_a, 0, 2) + start_vector(older, digest_b, 1, 2)
+    assert disagreement(apart, 2) == (
+        "worker 0 starts from save point 12 (epoch 2, batch 2), weights 1f1f1f1f1f and "
+        "worker 1 from save point 11 (epoch 2, batch 0), weights e0e0e0e0e0")
+    fresh = start_vector(None, digest_a, 0, 2) + start_vector(
+        {"from_checkpoint": "checkpoints/last.weights.h5", "epoch": 3}, digest_a, 1, 2)
+    assert disagreement(fresh, 2) == (
+        "worker 0 starts from a fresh start, weights 1f1f1f1f1f and worker 1 from "
+        "checkpoints/last.weights.h5 (epoch 3), weights 1f1f1f1f1f")
+    # Same save point, different weights (a broken load): still a mismatch.
+    assert disagreement(start_vector(chief, digest_a, 0, 2) + start_vector(chief, digest_b, 1, 2),
+                        2) is not None

@@ -15,8 +15,9 @@ signal came, so that the signal is handled right at that point. Points: ``first_
 of epoch E), ``epoch:E`` (after epoch E is saved), ``after_training``.
 
 ``{"collective_error": {"<point>": "<error>"}}`` makes this process's collective at a named
-point (``step``: a training step, ``validation``: the all-reduce of the validation figures)
-raise that error instead of running: a TensorFlow error's class name
+point (``step``: a training step, ``validation``: the all-reduce of the validation figures,
+``start``: the check before the first step that all workers start alike) raise that error
+instead of running: a TensorFlow error's class name
 (``ResourceExhaustedError``, ``UnavailableError``...) or ``MemoryError``. A test gives the
 hook to one worker to fail it there.
 """

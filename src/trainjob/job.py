@@ -48,11 +48,12 @@ def run(cfg: Config) -> None:
         return
     if group and not group.is_chief:
         # Another worker holds the lock and writes the run folder; this one trains in a
-        # private folder and only reads the run (its resume state) from --output.
+        # private folder, from the save point the chief names at start-up (collective.join).
         with (cache.session(),
               RunFolder(Path(cfg.runtime.work_dir) / f"worker-{group.index}", store,
                         read_only=True) as run_dir):
-            _train(cfg, run_dir, _prepare(cfg, run_dir), None, stop, {}, group)
+            _clear_local(run_dir.local)
+            _train(cfg, run_dir, None, None, stop, {}, group)
         return
     lock = RunLock(store)
     lock.acquire(force=cfg.output.force, timeout=cfg.output.lock_timeout)
@@ -163,20 +164,15 @@ def _train(cfg: Config, run_dir: RunFolder, state: dict | None, lock: RunLock | 
         steps = inputs.steps_for(len(splits.train), cfg.optim.batch_size, cfg.optim.steps_per_epoch)
         # Before any TensorFlow op (collectives are configured at start-up), and after the
         # data, so that peers that fetch it slower are not timed out meanwhile.
-        if group:
+        if group:  # from the save point the chief names
             from trainjob import collective, steploop
-            strategy = collective.make_strategy(
-                group, cluster_timeout=cfg.cluster.cluster_timeout,
-                collective_timeout=cfg.cluster.collective_timeout)
-            # TensorFlow's coordination service installs a SIGTERM handler of its own (its
-            # preemption notifier): take the signal back, so that the group stops our way.
-            stop.install()
-            stop.collective = True  # a signal stops the group at one agreed step
+            strategy, state, replicas = collective.join(cfg, group, run_dir, state, stop,
+                                                        fingerprint)
         else:
             strategy = training.make_strategy()
+            replicas = strategy.num_replicas_in_sync
         train_base = inputs.decoded(splits.train, cfg.model.image_size, cfg.data.pipeline_cache,
                                     work, "train")
-        replicas = strategy.num_replicas_in_sync
         if cfg.optim.batch_size % replicas:
             raise ConfigError(f"--batch-size {cfg.optim.batch_size} is the global batch: it "
                               f"must divide evenly among the {replicas} replicas")
@@ -209,6 +205,8 @@ def _train(cfg: Config, run_dir: RunFolder, state: dict | None, lock: RunLock | 
             # Inside the scope: the optimizer's slots must be the strategy's variables too.
             if state:
                 _restore(model, run_dir, state, callbacks_lib)
+        if group:  # every worker starts alike, or none does
+            collective.check_start(strategy, group, model, state, cfg.cluster.collective_timeout)
         first_epoch = state["epoch"] if state else 0
         history = resume.trim_logs(run_dir, first_epoch) if state else []
         run_state = RunState(run_dir, fingerprint=fingerprint, history=history, stop=stop,
@@ -326,9 +324,6 @@ def _prepare(cfg: Config, run_dir: RunFolder) -> dict | None:
 
     A run whose state is unusable is never deleted: only --overwrite starts afresh."""
     store = run_dir.store
-    if cfg.output.overwrite and run_dir.read_only:  # the chief removes it; start afresh
-        _clear_local(run_dir.local)
-        return None
     if cfg.output.overwrite:
         log.info("--overwrite: removing the previous run at %s", store.uri)
         run_dir.fence()

@@ -261,3 +261,31 @@ def test_start_vector_names_both_starts_when_workers_differ():
     # Same save point, different weights (a broken load): still a mismatch.
     assert disagreement(start_vector(chief, digest_a, 0, 2) + start_vector(chief, digest_b, 1, 2),
                         2) is not None
+
+
+@pytest.mark.parametrize("exc, code, words", [
+    (MemoryError(), 5, "worker 1: out of memory while training"),
+    (type("ResourceExhaustedError", (Exception,), {})("OOM when allocating"), 5,
+     "worker 1: out of memory while training"),
+    (type("InternalError", (Exception,), {})(
+        "Graph execution error:\n\nDetected at node X\nboom"), 5,
+     "worker 1: TensorFlow failed while training: boom"),
+    (ClusterError("worker 1: a peer worker died"), 4, "worker 1: a peer worker died"),
+    # A peer lost outside the guarded collectives (e.g. while variables are broadcast).
+    (type("UnavailableError", (Exception,), {})("Graph execution error:\nSocket closed"), 4,
+     "worker 1: a peer worker died or stopped responding: UnavailableError: Socket closed;"),
+    (type("DeadlineExceededError", (Exception,), {})("timed out"), 4,
+     "worker 1: a peer worker died or stopped responding: DeadlineExceededError"),
+])
+def test_worker_failures_map_to_the_documented_codes(exc, code, words):
+    from trainjob.errors import as_job_error
+
+    error = as_job_error(exc, "worker 1: ", peers=True)
+    assert error.exit_code == code and str(error).startswith(words), str(error)
+
+
+def test_a_lone_worker_keeps_peer_errors_as_they_are():
+    from trainjob.errors import as_job_error
+
+    unavailable = type("UnavailableError", (Exception,), {})("no peers here")
+    assert as_job_error(unavailable) is unavailable

@@ -21,7 +21,7 @@ from trainjob import resume, startpoint
 from trainjob.artifacts import RunFolder
 from trainjob.cluster import Cluster, wait_for_peers
 from trainjob.config import Config
-from trainjob.errors import ClusterError
+from trainjob.errors import ClusterError, first_line
 from trainjob.hooks import injected_error
 from trainjob.resume import StopSignal
 from trainjob.training import weights_digest
@@ -91,7 +91,7 @@ def make_strategy(cluster: Cluster, *, cluster_timeout: float, collective_timeou
         strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
     except (ValueError, RuntimeError, tf.errors.OpError) as exc:
         raise ClusterError(f"worker {cluster.index} ({cluster.workers[cluster.index]}) could "
-                           f"not join the cluster: {_cause(exc)[:300]}") from exc
+                           f"not join the cluster: {first_line(exc)[:300]}") from exc
     log.info("cluster formed: %d workers, %d replicas", cluster.size,
              strategy.num_replicas_in_sync)
     return strategy
@@ -140,16 +140,5 @@ def peer_failure(exc: BaseException, cluster: Cluster, collective_timeout: float
     """The one line for a collective that failed because a peer did."""
     return ClusterError(
         f"worker {cluster.index}: a peer worker died or stopped responding (collective "
-        f"time-out {collective_timeout:g}s): {type(exc).__name__}: {_cause(exc)[:200]}; the "
+        f"time-out {collective_timeout:g}s): {type(exc).__name__}: {first_line(exc)[:200]}; the "
         "group must restart, and resumes from the last save point")
-
-
-# TensorFlow's messages may open with "Graph execution error:" and a trace of the graph.
-_FRAME = ("Graph execution error", "[[", "Detected at node", "File ", "The error could be",
-          "Additional GRPC", "Stack trace", "{{")
-
-
-def _cause(exc: BaseException) -> str:
-    """The first line of a TensorFlow error that is not part of its frame."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return next((line for line in lines if not line.startswith(_FRAME)), type(exc).__name__)

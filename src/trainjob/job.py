@@ -21,8 +21,7 @@ from trainjob.artifacts import (BACKUP, CLASSES, LAST, MANIFEST, METRICS, MODEL,
                                 RUN_ENTRIES, STATUS, RunFolder, plot_history, read_json)
 from trainjob.cluster import Cluster
 from trainjob.config import Config
-from trainjob.errors import (ConfigError, LostOwnership, Preempted, StorageError, TrainingError,
-                             TrainJobError)
+from trainjob.errors import ConfigError, LostOwnership, Preempted, StorageError, as_job_error
 from trainjob.hooks import hold
 from trainjob.lock import RunLock
 from trainjob.runstate import RunState
@@ -53,7 +52,12 @@ def run(cfg: Config) -> None:
               RunFolder(Path(cfg.runtime.work_dir) / f"worker-{group.index}", store,
                         read_only=True) as run_dir):
             _clear_local(run_dir.local)
-            _train(cfg, run_dir, None, None, stop, {}, group)
+            try:
+                _train(cfg, run_dir, None, None, stop, {}, group)
+            except Exception as exc:  # out of memory is exit 5 here too, as on the chief
+                if (error := as_job_error(exc, f"worker {group.index}: ", peers=True)) is exc:
+                    raise
+                raise error from exc
         return
     lock = RunLock(store)
     lock.acquire(force=cfg.output.force, timeout=cfg.output.lock_timeout)
@@ -126,7 +130,7 @@ def _run_locked(cfg: Config, run_dir: RunFolder, lock: RunLock, stop: resume.Sto
                 _within(STATUS_RESERVE_SECONDS, functools.partial(
                     run_dir.mark_stored_status, "preempted", error=str(exc)), "trainjob-status")
             raise
-        error = _as_job_error(exc)
+        error = as_job_error(exc, peers=group is not None)
         run_dir.set_status("failed", error=str(error))
         _flush_quietly(run_dir, min(FAILURE_FLUSH_SECONDS, cfg.output.upload_timeout))
         log.error("run failed; local run folder kept at %s", run_dir.local)
@@ -371,19 +375,6 @@ def _local_run_dir(cfg: Config) -> Path:
         return Path(key).expanduser().absolute()
     digest = hashlib.sha1(cfg.output.output.rstrip("/").encode()).hexdigest()[:16]
     return Path(cfg.runtime.work_dir) / "runs" / digest
-
-
-def _as_job_error(exc: BaseException) -> BaseException:
-    """Out-of-memory and similar become TrainingError (exit 5); typed errors pass through."""
-    if isinstance(exc, TrainJobError):
-        return exc
-    name = type(exc).__name__
-    if isinstance(exc, MemoryError) or name == "ResourceExhaustedError":
-        return TrainingError("out of memory while training: lower --batch-size or --image-size")
-    if name in ("InvalidArgumentError", "UnknownError", "InternalError"):
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else name
-        return TrainingError(f"TensorFlow failed while training: {first[:300]}")
-    return exc
 
 
 @contextmanager

@@ -23,6 +23,7 @@ from trainjob.cluster import Cluster, wait_for_peers
 from trainjob.config import Config
 from trainjob.errors import ClusterError, first_line
 from trainjob.hooks import injected_error
+from trainjob.model import gpus
 from trainjob.resume import StopSignal
 from trainjob.training import weights_digest
 
@@ -37,8 +38,15 @@ def join(cfg: Config, cluster: Cluster, run_dir: RunFolder, state: dict | None,
          stop: StopSignal, fingerprint: dict) -> tuple[tf.distribute.Strategy, dict | None, int]:
     """The strategy, the save point this worker starts from, and the run's replica count.
 
-    The chief names its save point at the start-up barrier, and each other worker fetches
-    exactly that one before the cluster forms."""
+    A run whose training is finished needs no cluster: the chief evaluates and publishes
+    alone, on the default strategy (its peers left once that was stored: startpoint.py).
+    Otherwise the chief names its save point at the start-up barrier, and each other worker
+    fetches exactly that one before the cluster forms."""
+    if cluster.is_chief and state and state.get("finished_training"):
+        log.info("training is finished: worker 0 evaluates and publishes alone, without the "
+                 "cluster")
+        # The run's replicas (for config.json): the pods of a Job are alike.
+        return tf.distribute.get_strategy(), state, cluster.size * max(1, len(gpus()))
     chosen = {"state": state}
 
     def take(announced: dict, deadline: float) -> None:
@@ -62,6 +70,8 @@ def check_start(strategy: tf.distribute.Strategy, cluster: Cluster, model, state
                 collective_timeout: float) -> None:
     """Before the first step: every worker restored the save point the chief named and holds
     the same weights (and optimizer state), or ClusterError (exit 4) naming both starts."""
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return  # the chief alone, after training
     digest = weights_digest([*model.weights, *model.optimizer.variables])
     shared = shared_sum(strategy, startpoint.start_vector(state, digest, cluster.index,
                                                           cluster.size),

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from trainjob import (cache, cluster as clusters, datasets, datasource, phases, resume,
-                      runconfig, storage, weights)
+                      runconfig, startpoint, storage, weights)
 from trainjob.artifacts import (BACKUP, CLASSES, LAST, MANIFEST, METRICS, MODEL, PLOT,
                                 RUN_ENTRIES, STATUS, RunFolder, plot_history, read_json)
 from trainjob.cluster import Cluster
@@ -48,6 +48,8 @@ def run(cfg: Config) -> None:
     if group and not group.is_chief:
         # Another worker holds the lock and writes the run folder; this one trains in a
         # private folder, from the save point the chief names at start-up (collective.join).
+        if not cfg.output.overwrite and startpoint.finished(store, group.index):
+            return
         with (cache.session(),
               RunFolder(Path(cfg.runtime.work_dir) / f"worker-{group.index}", store,
                         read_only=True) as run_dir):
@@ -168,7 +170,7 @@ def _train(cfg: Config, run_dir: RunFolder, state: dict | None, lock: RunLock | 
         steps = inputs.steps_for(len(splits.train), cfg.optim.batch_size, cfg.optim.steps_per_epoch)
         # Before any TensorFlow op (collectives are configured at start-up), and after the
         # data, so that peers that fetch it slower are not timed out meanwhile.
-        if group:  # from the save point the chief names
+        if group:  # from the save point the chief names; the chief alone after training
             from trainjob import collective, steploop
             strategy, state, replicas = collective.join(cfg, group, run_dir, state, stop,
                                                         fingerprint)
@@ -251,6 +253,7 @@ def _train(cfg: Config, run_dir: RunFolder, state: dict | None, lock: RunLock | 
         training.record_weights(model, Path(cfg.runtime.work_dir) / "worker-weights.json",
                                 worker=group.index, epochs=len(keeper.history))
         if not group.is_chief:
+            startpoint.wait_until_finished(run_dir.store, cfg.output.upload_timeout, group.index)
             log.info("worker %d: training done; the chief evaluates and publishes", group.index)
             return
 

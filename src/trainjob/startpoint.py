@@ -1,4 +1,4 @@
-"""Where several workers start.
+"""Where several workers start, and when those that are not the chief may leave.
 
 The chief alone chooses the save point, under the run lock, from what the bucket holds once
 the run is its own; it names it over the start-up barrier (``cluster.wait_for_peers``), and
@@ -6,8 +6,11 @@ every other worker fetches exactly that one, checked by its sha256. A worker tha
 itself could read the bucket while the previous chief was still uploading its last save
 point, and train from older weights than the chief's. Before the first step, a vector with
 each worker's save point and weights digest in its own slots, summed across workers, shows
-that all of them start from the same place (``collective.check_start``). Nothing here
-imports TensorFlow.
+that all of them start from the same place (``collective.check_start``).
+
+After training, a worker that is not the chief leaves only once the bucket records that
+training is finished: a chief restarted after that evaluates and publishes alone, without
+peers that would never come back. Nothing here imports TensorFlow.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from trainjob import resume
 from trainjob.artifacts import HISTORY, LAST, LOG_CSV, RunFolder
 from trainjob.digests import sha256
 from trainjob.errors import ClusterError, StorageError
-from trainjob.storage import check_inside
+from trainjob.storage import Store, check_inside
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +105,33 @@ def _fetched(run_dir: RunFolder, key: str, expected: str | None) -> str | None:
         return f"could not be read ({exc})"
     got = sha256(dest)
     return None if got == expected else f"had sha256 {got[:12]}, not {str(expected)[:12]}"
+
+
+def finished(store: Store, index: int | None = None) -> bool:
+    """Whether the bucket's resume state says that training is over (logged for worker
+    ``index``, which then has nothing to do)."""
+    try:
+        done = bool((store.read_json(resume.STATE) or {}).get("finished_training"))
+    except StorageError:
+        return False
+    if done and index is not None:
+        log.info("worker %d: training is finished (%s); the chief evaluates and publishes "
+                 "alone", index, store.child(resume.STATE))
+    return done
+
+
+def wait_until_finished(store: Store, timeout: float, index: int) -> None:
+    """A worker that is not the chief, after training: return once the bucket records that
+    training is finished, so that a chief restarted from then on publishes alone (until
+    then, it needs this worker to train the rest again)."""
+    deadline = time.monotonic() + timeout
+    while not finished(store):
+        if time.monotonic() >= deadline:
+            raise ClusterError(
+                f"worker {index}: the chief did not store the end of training "
+                f"({store.child(resume.STATE)}) within --upload-timeout {timeout:g}s; the "
+                "group must restart, and resumes from the last save point")
+        time.sleep(POLL_SECONDS)
 
 
 def start_vector(state: dict | None, digest: str, index: int, size: int) -> np.ndarray:

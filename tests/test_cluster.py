@@ -289,3 +289,73 @@ def test_a_lone_worker_keeps_peer_errors_as_they_are():
 
     unavailable = type("UnavailableError", (Exception,), {})("no peers here")
     assert as_job_error(unavailable) is unavailable
+
+
+def _announced_pair(weights: bytes, sha: str | None = None) -> dict:
+    """A chief's announcement of save point 3, whose weights hold ``weights``."""
+    import hashlib
+
+    return {"start": "pair", "record": {
+        "seq": 3, "epoch": 1, "step": 2, "weights": "state-000003.weights.h5",
+        "weights_sha256": sha or hashlib.sha256(weights).hexdigest()}}
+
+
+def test_a_worker_waits_for_the_chiefs_save_point_to_be_stored(s3env, s3, bucket, tmp_path,
+                                                               caplog):
+    """The chief may name a save point the bucket does not show yet: the worker fetches it
+    once it is there, checked by its sha256, with the logs it continues."""
+    caplog.set_level("INFO", logger="trainjob.startpoint")
+    from trainjob.artifacts import RunFolder
+    from trainjob.startpoint import fetch
+    from trainjob.storage import S3Store
+
+    weights = b"weights of save point 3"
+    announced = _announced_pair(weights)
+    s3.client().put_object(Bucket=bucket, Key="runs/x/history.json", Body=b"[]")
+    got: list[dict] = []
+    with RunFolder(tmp_path / "worker-1", S3Store(bucket, "runs/x"), read_only=True) as run:
+        thread = threading.Thread(target=lambda: got.append(
+            fetch(announced, run, time.monotonic() + 60, 1)))
+        thread.start()
+        deadline = time.monotonic() + 30
+        while "(it was not stored)" not in caplog.text:  # it looked, and waits
+            assert time.monotonic() < deadline and thread.is_alive(), caplog.text
+            time.sleep(0.05)
+        s3.client().put_object(Bucket=bucket, Key="runs/x/backup/state-000003.weights.h5",
+                               Body=weights)
+        thread.join(70)
+        assert got == [announced["record"]]
+        assert (run.local / "backup/state-000003.weights.h5").read_bytes() == weights
+        assert (run.local / "history.json").read_text() == "[]"
+
+
+def test_a_save_point_that_never_matches_its_sha256_is_one_line_and_exit_4(s3env, s3, bucket,
+                                                                          tmp_path):
+    from trainjob.artifacts import RunFolder
+    from trainjob.startpoint import fetch
+    from trainjob.storage import S3Store
+
+    s3.client().put_object(Bucket=bucket, Key="runs/x/backup/state-000003.weights.h5",
+                           Body=b"other weights")
+    announced = _announced_pair(b"", sha="ab" * 32)
+    with RunFolder(tmp_path / "worker-1", S3Store(bucket, "runs/x"), read_only=True) as run:
+        with pytest.raises(ClusterError) as caught:
+            fetch(announced, run, time.monotonic() + 2, 1)
+    assert caught.value.exit_code == 4
+    assert str(caught.value).startswith(
+        f"worker 1: the chief starts from save point 3 (epoch 1, batch 2), but s3://{bucket}/"
+        "runs/x/backup/state-000003.weights.h5 had sha256 ")
+    assert str(caught.value).endswith(", not abababababab by the end of --cluster-timeout; "
+                                      "check the bucket, then restart the group")
+
+
+def test_an_announcement_cannot_name_a_file_outside_the_save_points(s3env, s3, bucket, tmp_path):
+    from trainjob.artifacts import RunFolder
+    from trainjob.startpoint import fetch
+    from trainjob.storage import S3Store
+
+    announced = {"start": "pair", "record": {"seq": 3, "weights": "../../../../etc/passwd",
+                                             "weights_sha256": "ab" * 32}}
+    with RunFolder(tmp_path / "worker-1", S3Store(bucket, "runs/x"), read_only=True) as run:
+        with pytest.raises(ClusterError, match="which is not a save point's weights"):
+            fetch(announced, run, time.monotonic() + 2, 1)

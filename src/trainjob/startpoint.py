@@ -71,10 +71,15 @@ def fetch(announced: dict, run_dir: RunFolder, deadline: float, index: int) -> d
                            f"({str(announced)[:200]}); run the same trainjob on every worker")
     key, expected = (LAST, announced.get("sha256")) if start == "checkpoint" else \
         (resume.weights_of(record), record.get("weights_sha256"))
-    if start == "pair" and not _PAIR_WEIGHTS.match(key.rpartition("/")[2]):
+    if start == "pair" and key != resume.LEGACY_WEIGHTS and \
+            not _PAIR_WEIGHTS.match(key.rpartition("/")[2]):
         raise ClusterError(f"worker {index}: the chief named {key!r}, which is not a save "
                            "point's weights; run the same trainjob on every worker")
+    waited = False
     while (why := _fetched(run_dir, key, expected)) is not None:
+        if not waited:
+            log.info("worker %d: waiting for %s (it %s)", index, run_dir.store.child(key), why)
+            waited = True
         if time.monotonic() >= deadline:
             raise ClusterError(
                 f"worker {index}: the chief starts from {describe(record)}, but "

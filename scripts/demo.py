@@ -23,6 +23,9 @@ from s3server import start_seaweed, stop_server  # noqa: E402
 OUT = HERE.parent / ".demo"
 
 
+PICTURES = ("history.png", "confusion.png", "per_class.png")  # downloaded into .demo/
+
+
 def main() -> int:
     OUT.mkdir(exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="trainjob-demo-"))
@@ -51,11 +54,15 @@ def main() -> int:
         print("\nrun folder s3://runs/demo:")
         for key, size in sorted(server.keys("runs", "demo/").items()):
             print(f"  {size:>12,d}  {key}")
-        plot = OUT / "history.png"
-        client.download_file("runs", "demo/history.png", str(plot))
-        print(f"\nhistory plot downloaded to {plot}")
-        print(f"metrics: {server.read('runs', 'demo/metrics.json').decode()[:400]}")
-        return 0
+        for picture in PICTURES:
+            client.download_file("runs", f"demo/{picture}", str(OUT / picture))
+        # The last screen: the run as `trainjob runs show` tells it (a table, not raw JSON).
+        show = [sys.executable, "-m", "trainjob.cli", "runs", "show", "s3://runs/demo"]
+        print(f"\n$ trainjob runs show s3://runs/demo")
+        sys.stdout.flush()
+        rc = subprocess.call(show, env=env)
+        print(f"\npictures: {', '.join(str(OUT / p) for p in PICTURES)}")
+        return rc
     finally:
         stop_server(server)
         subprocess.call(["rm", "-rf", str(work)])

@@ -149,3 +149,213 @@ def test_linear_lr_scaling_multiplies_both_rates_by_the_replicas():
     assert scale_learning_rates(explicit, 2).optim.fine_tune_rate == pytest.approx(0.02)
     unscaled = Config.from_options(data="/d", output="/o", learning_rate=0.001)
     assert scale_learning_rates(unscaled, 4).optim.learning_rate == 0.001
+
+
+def test_barrier_carries_the_chiefs_start_and_the_chief_waits_until_each_worker_took_it():
+    """The chief's knock names the save point; the others act on it (here: a fetch that
+    takes a while) before they knock on the chief's port, so the chief leaves the barrier
+    only after every worker has it."""
+    clusters = _pair(free_ports(3))
+    record = {"seq": 7, "epoch": 2, "step": 1, "weights_sha256": "ab" * 32,
+              "callbacks": {"EarlyStopping:": {"best": 0.5, "wait": 1}}, "pad": "x" * 200_000}
+    announced = {"start": "pair", "record": record}  # more than one recv() of the knock
+    took: dict[int, float] = {}
+    left: dict[int, tuple[float, dict | None]] = {}
+    errors: list[BaseException] = []
+
+    def take(index: int):
+        def on_announce(message: dict, deadline: float) -> None:
+            assert message == {**announced, "worker": 0} and deadline > time.monotonic()
+            time.sleep(1.0)  # a download: the chief must still be waiting afterwards
+            took[index] = time.monotonic()
+        return on_announce
+
+    def worker(cluster: Cluster) -> None:
+        try:
+            got = wait_for_peers(cluster, timeout=20,
+                                 announce=announced if cluster.is_chief else None,
+                                 on_announce=None if cluster.is_chief else take(cluster.index))
+            left[cluster.index] = (time.monotonic(), got)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(c,)) for c in clusters]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors
+    assert sorted(took) == [1, 2]
+    assert left[0][0] >= max(took.values())
+    assert left[0][1] == announced
+    assert left[1][1] == left[2][1] == {**announced, "worker": 0}
+
+
+def test_a_worker_that_cannot_take_the_chiefs_start_keeps_the_chief_out():
+    chief, other = _pair(free_ports(2))
+    failures: list[BaseException] = []
+
+    def cannot(message: dict, deadline: float) -> None:
+        raise ClusterError("worker 1: the chief starts from save point 3, but it was not stored")
+
+    def worker() -> None:
+        try:
+            wait_for_peers(other, timeout=10, on_announce=cannot)
+        except ClusterError as exc:
+            failures.append(exc)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    with pytest.raises(ClusterError, match=r"worker 1 \(127\.0\.0\.1:\d+\) did not join"):
+        wait_for_peers(chief, timeout=3, announce={"start": "fresh"})
+    thread.join(15)
+    assert [str(f) for f in failures] == [
+        "worker 1: the chief starts from save point 3, but it was not stored"]
+
+
+def test_barrier_ignores_what_is_not_a_knock():
+    chief, other = _pair(free_ports(2))
+    port = int(chief.workers[0].rpartition(":")[2])
+    result: list[dict | None] = []
+    thread = threading.Thread(target=lambda: result.append(
+        wait_for_peers(chief, timeout=10, announce={"start": "fresh"})))
+    thread.start()
+    deadline = time.monotonic() + 10
+    for junk in (b"GET / HTTP/1.1\r\n\r\n", b'{"worker": "0"}\n', b"[1]\n"):
+        while True:  # until the chief listens
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1) as conn:
+                    conn.sendall(junk)
+                break
+            except OSError:
+                assert time.monotonic() < deadline and thread.is_alive(), "the chief never listened"
+                time.sleep(0.05)
+    assert wait_for_peers(other, timeout=10, on_announce=lambda m, d: None) == \
+        {"start": "fresh", "worker": 0}
+    thread.join(15)
+    assert result == [{"start": "fresh"}]
+
+
+def test_start_vector_names_both_starts_when_workers_differ():
+    from trainjob.startpoint import disagreement, named_start, start_vector
+
+    chief = {"seq": 12, "epoch": 2, "step": 2, "weights_sha256": "x"}
+    older = {"seq": 11, "epoch": 2, "step": 0, "weights_sha256": "y"}
+    digest_a, digest_b = "1f" * 32, "e0" * 32
+    same = start_vector(chief, digest_a, 0, 3) + start_vector(chief, digest_a, 1, 3) + \
+        start_vector(chief, digest_a, 2, 3)
+    assert disagreement(same, 3) is None
+    assert named_start(same, 3) == "save point 12 (epoch 2, batch 2), weights 1f1f1f1f1f"
+    # The all-reduce divides each worker's vector by its replicas and sums them: a sum of
+    # thirds must still name the same digest.
+    assert disagreement(sum([same / 3] * 3), 3) is None
+    apart = start_vector(chief, digest_a, 0, 2) + start_vector(older, digest_b, 1, 2)
+    assert disagreement(apart, 2) == (
+        "worker 0 starts from save point 12 (epoch 2, batch 2), weights 1f1f1f1f1f and "
+        "worker 1 from save point 11 (epoch 2, batch 0), weights e0e0e0e0e0")
+    fresh = start_vector(None, digest_a, 0, 2) + start_vector(
+        {"from_checkpoint": "checkpoints/last.weights.h5", "epoch": 3}, digest_a, 1, 2)
+    assert disagreement(fresh, 2) == (
+        "worker 0 starts from a fresh start, weights 1f1f1f1f1f and worker 1 from "
+        "checkpoints/last.weights.h5 (epoch 3), weights 1f1f1f1f1f")
+    # Same save point, different weights (a broken load): still a mismatch.
+    assert disagreement(start_vector(chief, digest_a, 0, 2) + start_vector(chief, digest_b, 1, 2),
+                        2) is not None
+
+
+@pytest.mark.parametrize("exc, code, words", [
+    (MemoryError(), 5, "worker 1: out of memory while training"),
+    (type("ResourceExhaustedError", (Exception,), {})("OOM when allocating"), 5,
+     "worker 1: out of memory while training"),
+    (type("InternalError", (Exception,), {})(
+        "Graph execution error:\n\nDetected at node X\nboom"), 5,
+     "worker 1: TensorFlow failed while training: boom"),
+    (ClusterError("worker 1: a peer worker died"), 4, "worker 1: a peer worker died"),
+    # A peer lost outside the guarded collectives (e.g. while variables are broadcast).
+    (type("UnavailableError", (Exception,), {})("Graph execution error:\nSocket closed"), 4,
+     "worker 1: a peer worker died or stopped responding: UnavailableError: Socket closed;"),
+    (type("DeadlineExceededError", (Exception,), {})("timed out"), 4,
+     "worker 1: a peer worker died or stopped responding: DeadlineExceededError"),
+])
+def test_worker_failures_map_to_the_documented_codes(exc, code, words):
+    from trainjob.errors import as_job_error
+
+    error = as_job_error(exc, "worker 1: ", peers=True)
+    assert error.exit_code == code and str(error).startswith(words), str(error)
+
+
+def test_a_lone_worker_keeps_peer_errors_as_they_are():
+    from trainjob.errors import as_job_error
+
+    unavailable = type("UnavailableError", (Exception,), {})("no peers here")
+    assert as_job_error(unavailable) is unavailable
+
+
+def _announced_pair(weights: bytes, sha: str | None = None) -> dict:
+    """A chief's announcement of save point 3, whose weights hold ``weights``."""
+    import hashlib
+
+    return {"start": "pair", "record": {
+        "seq": 3, "epoch": 1, "step": 2, "weights": "state-000003.weights.h5",
+        "weights_sha256": sha or hashlib.sha256(weights).hexdigest()}}
+
+
+def test_a_worker_waits_for_the_chiefs_save_point_to_be_stored(s3env, s3, bucket, tmp_path,
+                                                               caplog):
+    """The chief may name a save point the bucket does not show yet: the worker fetches it
+    once it is there, checked by its sha256, with the logs it continues."""
+    caplog.set_level("INFO", logger="trainjob.startpoint")
+    from trainjob.artifacts import RunFolder
+    from trainjob.startpoint import fetch
+    from trainjob.storage import S3Store
+
+    weights = b"weights of save point 3"
+    announced = _announced_pair(weights)
+    s3.client().put_object(Bucket=bucket, Key="runs/x/history.json", Body=b"[]")
+    got: list[dict] = []
+    with RunFolder(tmp_path / "worker-1", S3Store(bucket, "runs/x"), read_only=True) as run:
+        thread = threading.Thread(target=lambda: got.append(
+            fetch(announced, run, time.monotonic() + 60, 1)))
+        thread.start()
+        deadline = time.monotonic() + 30
+        while "(it was not stored)" not in caplog.text:  # it looked, and waits
+            assert time.monotonic() < deadline and thread.is_alive(), caplog.text
+            time.sleep(0.05)
+        s3.client().put_object(Bucket=bucket, Key="runs/x/backup/state-000003.weights.h5",
+                               Body=weights)
+        thread.join(70)
+        assert got == [announced["record"]]
+        assert (run.local / "backup/state-000003.weights.h5").read_bytes() == weights
+        assert (run.local / "history.json").read_text() == "[]"
+
+
+def test_a_save_point_that_never_matches_its_sha256_is_one_line_and_exit_4(s3env, s3, bucket,
+                                                                          tmp_path):
+    from trainjob.artifacts import RunFolder
+    from trainjob.startpoint import fetch
+    from trainjob.storage import S3Store
+
+    s3.client().put_object(Bucket=bucket, Key="runs/x/backup/state-000003.weights.h5",
+                           Body=b"other weights")
+    announced = _announced_pair(b"", sha="ab" * 32)
+    with RunFolder(tmp_path / "worker-1", S3Store(bucket, "runs/x"), read_only=True) as run:
+        with pytest.raises(ClusterError) as caught:
+            fetch(announced, run, time.monotonic() + 2, 1)
+    assert caught.value.exit_code == 4
+    assert str(caught.value).startswith(
+        f"worker 1: the chief starts from save point 3 (epoch 1, batch 2), but s3://{bucket}/"
+        "runs/x/backup/state-000003.weights.h5 had sha256 ")
+    assert str(caught.value).endswith(", not abababababab by the end of --cluster-timeout; "
+                                      "check the bucket, then restart the group")
+
+
+def test_an_announcement_cannot_name_a_file_outside_the_save_points(s3env, s3, bucket, tmp_path):
+    from trainjob.artifacts import RunFolder
+    from trainjob.startpoint import fetch
+    from trainjob.storage import S3Store
+
+    announced = {"start": "pair", "record": {"seq": 3, "weights": "../../../../etc/passwd",
+                                             "weights_sha256": "ab" * 32}}
+    with RunFolder(tmp_path / "worker-1", S3Store(bucket, "runs/x"), read_only=True) as run:
+        with pytest.raises(ClusterError, match="which is not a save point's weights"):
+            fetch(announced, run, time.monotonic() + 2, 1)

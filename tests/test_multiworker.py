@@ -1,11 +1,21 @@
 """Several workers: real `trainjob train` processes on 127.0.0.1 forming a
 MultiWorkerMirroredStrategy cluster, against a real S3 server over HTTP.
 
-One run is shared: the Indexed-Job launch gets SIGTERM, its restart (configured by
-TF_CONFIG) loses a peer to SIGKILL, and the next restart is the complete two-worker run
-checked file by file. The cluster is the subject, so the workers train the stand-in
-backbone (ResNet50's weight count, a sliver of its compute): two processes tracing ResNet50
-at once cost about a minute of both cores per launch.
+One run is shared, over five launches (the suite's time budget):
+
+1. the Indexed-Job launch gets SIGTERM on worker 1 while the chief's last save point is held
+   in a proxy on its way to the bucket;
+2. worker 1's replacement starts meanwhile, the chief's once that save point has landed
+   (TF_CONFIG): both start from the chief's save point; worker 1 then runs out of memory in
+   the validation collective (a test hook), and the chief loses its peer there;
+3. the next restart trains to the end, and its chief is SIGKILLed after training;
+4. both are relaunched: worker 1 exits at once, and the chief evaluates and publishes alone,
+   without the cluster;
+5. one worker trains the same run with Keras' fit, and the run folders are compared.
+
+The cluster is the subject, so the workers train the small stand-in backbone (ResNet50's
+kinds of layer, few weights): two processes tracing ResNet50 at once cost about a minute
+of both cores per launch.
 """
 
 from __future__ import annotations
@@ -20,24 +30,20 @@ import pytest
 
 from conftest import (consecutive_free_ports, free_ports, SMALL, SMALL_STAND_IN, run_trainjob,
                       start_trainjob)
+from faultproxy import FaultProxy
 from test_e2e import assert_complete_run
 from test_resume import _csv_epochs, _hooks, _status, _wait_for
 
 pytestmark = pytest.mark.e2e
 
-EPOCHS = 4  # the signal may land in epoch 1 or 2; the kill needs an epoch after that
+EPOCHS = 4
 STEPS = 4  # global batches of 8 per epoch
+BARRIER = "waiting up to"  # collective.make_strategy's line, as a worker enters the barrier
 
 
 def _tf_config(ports: list[int], index: int) -> str:
     return json.dumps({"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
                        "task": {"type": "worker", "index": index}})
-
-
-def _tf_config_envs(s3, hooks: str) -> list[dict[str, str]]:
-    """Each worker's environment for a group configured by TF_CONFIG, on fresh ports."""
-    ports = free_ports(2)
-    return [s3.env(TF_CONFIG=_tf_config(ports, i), TRAINJOB_TEST_HOOKS=hooks) for i in range(2)]
 
 
 def _args(dataset: str, out: str, *extra: str) -> list[str]:
@@ -46,14 +52,25 @@ def _args(dataset: str, out: str, *extra: str) -> list[str]:
             *SMALL, *extra]
 
 
-def _start_pair(args: list[str], envs: list[dict], tmp_path: Path, tag: str
-                ) -> list[tuple[subprocess.Popen, Path]]:
-    """Two workers, each with its own TRAINJOB_HOME (no shared filesystem)."""
-    out = []
-    for i, env in enumerate(envs):
-        log = tmp_path / f"{tag}-worker{i}.log"
-        out.append((start_trainjob(args, env, tmp_path / f"home{i}", log), log))
-    return out
+@pytest.fixture
+def started():
+    """Every worker process a test starts; those still running at its end are killed."""
+    procs: list[subprocess.Popen] = []
+    yield procs
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _start(args: list[str], env: dict, tmp_path: Path, tag: str, index: int,
+           started: list) -> tuple[subprocess.Popen, Path]:
+    """Worker ``index``, with its own TRAINJOB_HOME (no shared filesystem), kept across
+    launches like a node's cache."""
+    log = tmp_path / f"{tag}-worker{index}.log"
+    proc = start_trainjob(args, env, tmp_path / f"home{index}", log)
+    started.append(proc)
+    return proc, log
 
 
 def _wait_all(pair, timeout: float = 600) -> list[int]:
@@ -66,6 +83,10 @@ def _wait_all(pair, timeout: float = 600) -> list[int]:
                 p.kill()
             pytest.fail(f"a worker hung; its log:\n{log.read_text()[-3000:]}")
     return codes
+
+
+def _error_lines(log: Path) -> list[str]:
+    return [line for line in log.read_text().splitlines() if line.startswith("trainjob: error:")]
 
 
 def _weights(tmp_path: Path, index: int) -> dict:
@@ -84,83 +105,135 @@ def _published_trainable_digest(s3, bucket: str, prefix: str, tmp_path: Path) ->
 
 
 @pytest.mark.timeout(1800)
-def test_sigterm_then_peer_killed_then_group_restart_completes(s3, bucket, dataset, tmp_path):
-    """One run, three launches of the group (the suite's time budget): SIGTERM to the
-    worker that is not the chief (an Indexed Job's pods); the restart (TF_CONFIG) loses a
-    peer to SIGKILL; the next restart completes. Then one worker with Keras' fit makes the
-    same run folder."""
+def test_sigterm_then_peer_killed_then_group_restart_completes(s3, bucket, dataset, tmp_path,
+                                                                started):
+    """The five launches of the module's docstring, on one run folder."""
     prefix = "runs/multi"
     out = f"s3://{bucket}/{prefix}"
-    first_port = consecutive_free_ports(2)
+    stand_in = _hooks(tmp_path, "stand_in.json", **SMALL_STAND_IN)
+
     # 1. Configured as in an Indexed Job: JOB_COMPLETION_INDEX, --workers and a host
-    #    pattern (here one host, a port per worker). SIGTERM to the worker that is not the
-    #    chief, inside epoch 1: the whole group stops at one agreed step.
-    # Steps paced to last about as long as ResNet50's would (two workers, 32 px: ~4 s), so
-    # the signal lands inside training; the small stand-in spares the CPU of all-reducing
-    # and saving 94 MB at every step and epoch end.
-    paced = _hooks(tmp_path, "paced.json", **SMALL_STAND_IN, sleep_after_batch=2.0)
-    indexed = [s3.env(JOB_COMPLETION_INDEX=str(i), TRAINJOB_TEST_HOOKS=paced) for i in range(2)]
+    #    pattern (here one host, a port per worker). Worker 1 waits after the first batch of
+    #    epoch 1 until its SIGTERM, so the group stops at a known step (epoch 1, batch 2: a
+    #    save point). The chief talks to the store through a proxy, which holds its writes
+    #    under backup/ from the signal on: its last save point is on its way, not stored.
+    first_port = consecutive_free_ports(2)
+    held = _hooks(tmp_path, "held.json", **SMALL_STAND_IN,
+                  hold={"batch:1:1": {"seconds": 300, "until_signal": True}})
     args = _args(dataset, out, "--workers", "2", "--worker-hosts", "127.0.0.1:{port}",
                  "--worker-port", str(first_port), "--backup-every-steps", "2")
-    pair = _start_pair(args, indexed, tmp_path, "first")
-    (chief, chief_log), (other, other_log) = pair
-    _wait_for(lambda: _status(s3, bucket, prefix).get("epochs_done", 0) >= 1, chief, chief_log)
-    started = time.monotonic()
-    other.send_signal(signal.SIGTERM)
-    # The signalled worker is the one on a grace clock (its pod is being deleted); the chief
-    # was not signalled, and stops once it has flushed the agreed save point.
-    assert other.wait(timeout=60) == 143, other_log.read_text()[-3000:]
-    assert time.monotonic() - started < 25, "the signalled worker overran --grace-seconds"
-    assert _wait_all(pair, timeout=120) == [143, 143], chief_log.read_text()[-3000:]
+    with FaultProxy(s3.endpoint) as link:
+        # The chief's grace period outlasts the start of worker 1's replacement, whatever
+        # the machine's speed; the test ends the hold well before it runs out.
+        chief, chief_log = _start(args, s3.env(
+            JOB_COMPLETION_INDEX="0", TRAINJOB_TEST_HOOKS=stand_in,
+            AWS_ENDPOINT_URL=link.endpoint, TRAINJOB_GRACE_SECONDS="240"),
+            tmp_path, "first", 0, started)
+        other, other_log = _start(args, s3.env(JOB_COMPLETION_INDEX="1",
+                                               TRAINJOB_TEST_HOOKS=held),
+                                  tmp_path, "first", 1, started)
+        _wait_for(lambda: "holding at batch:1:1" in other_log.read_text(), other, other_log)
+        link.hold(rf"^PUT /{bucket}/{prefix}/backup/")
+        signalled = time.monotonic()
+        other.send_signal(signal.SIGTERM)
+        # The signalled worker is the one on a grace clock (its pod is being deleted).
+        assert other.wait(timeout=60) == 143, other_log.read_text()[-3000:]
+        assert time.monotonic() - signalled < 25, "the signalled worker overran --grace-seconds"
+        # Only the chief writes to --output: the other worker's files stay in its own folder.
+        assert (tmp_path / "home1" / "work" / "worker-1" / "status.json").exists()
+        _wait_for(link.holding.is_set, chief, chief_log)  # the last save point is on its way
+        stale = _status(s3, bucket, prefix, "backup/state.json")
+
+        # 2. Worker 1's replacement starts while the bucket still holds the older save
+        #    point; once it waits at the start-up barrier, the old chief's upload lands
+        #    (inside its grace period), then the chief's replacement starts.
+        ports = free_ports(2)
+        oom = _hooks(tmp_path, "oom.json", **SMALL_STAND_IN,
+                     collective_error={"validation": "ResourceExhaustedError"})
+        other, other_log = _start(_args(dataset, out), s3.env(
+            TF_CONFIG=_tf_config(ports, 1), TRAINJOB_TEST_HOOKS=oom), tmp_path, "second", 1,
+            started)
+        _wait_for(lambda: BARRIER in other_log.read_text(), other, other_log)
+        assert chief.poll() is None, "the old chief gave up its last save point"
+        link.release()
+        assert chief.wait(timeout=120) == 143, chief_log.read_text()[-3000:]
+    assert "a peer worker was signalled" in chief_log.read_text()
     assert _status(s3, bucket, prefix)["state"] == "preempted"
     state = s3.read_json(bucket, f"{prefix}/backup/state.json")
-    assert state["epoch"] >= 1
-    assert "a peer worker was signalled" in chief_log.read_text()
-    # Only the chief writes to --output: the other worker's files stay in its own folder.
-    assert (tmp_path / "home1" / "work" / "worker-1" / "status.json").exists()
+    assert (state["epoch"], state["step"]) == (1, 2), state
+    assert (stale.get("epoch"), stale.get("step")) != (1, 2), "the hold came too late"
     config = s3.read_json(bucket, f"{prefix}/config.json")
     assert config["distribution"]["workers"] == 2 and config["distribution"]["replicas"] == 2
     assert config["distribution"]["cluster"]["source"].startswith("JOB_COMPLETION_INDEX")
 
-    # 2. The group restarts, configured by TF_CONFIG this time, and resumes where the
-    #    signal stopped it. The other worker pauses after that epoch, so the chief is inside
-    #    the next one, waiting on it, when it is SIGKILLed: the chief fails that step and
-    #    exits 4 within the collective time-out, naming the cause.
-    envs = _tf_config_envs(s3, paced)
-    envs[1]["TRAINJOB_TEST_HOOKS"] = _hooks(tmp_path, "pause.json", **SMALL_STAND_IN,
-                                            hold={f"epoch:{state['epoch']}": 120})
-    pair = _start_pair(_args(dataset, out), envs, tmp_path, "second")
-    (chief, chief_log), (other, other_log) = pair
-    _wait_for(lambda: _status(s3, bucket, prefix).get("epochs_done", 0) > state["epoch"],
-              chief, chief_log)
-    other.send_signal(signal.SIGKILL)
-    started = time.monotonic()
-    rc = chief.wait(timeout=150)
-    assert rc == 4, chief_log.read_text()[-3000:]
-    assert time.monotonic() - started < 90 + 15, "the survivor outlived --collective-timeout"
-    assert "a peer worker died or stopped responding" in chief_log.read_text()
-    assert _status(s3, bucket, prefix)["state"] == "failed"
-    for log in (chief_log, other_log):
-        assert f"resuming at epoch {state['epoch']}, batch {state['step']}" in log.read_text()
-
-    # 3. The next restart resumes at the epoch the chief died in and publishes once.
-    stand_in = _hooks(tmp_path, "stand_in.json", **SMALL_STAND_IN)
-    envs = _tf_config_envs(s3, stand_in)
-    pair = _start_pair(_args(dataset, out), envs, tmp_path, "third")
-    assert _wait_all(pair) == [0, 0], pair[0][1].read_text()[-4000:]
+    chief, chief_log = _start(_args(dataset, out), s3.env(
+        TF_CONFIG=_tf_config(ports, 0), TRAINJOB_TEST_HOOKS=stand_in), tmp_path, "second", 0,
+        started)
+    pair = [(chief, chief_log), (other, other_log)]
+    codes = _wait_all(pair, timeout=300)
+    # Both start from the save point the chief chose, not from what worker 1 found.
+    resumed = f"resuming at epoch {state['epoch']}, batch {state['step']}"
     for _, log in pair:
-        assert f"resuming at epoch {state['epoch'] + 1}, batch 0" in log.read_text()
+        assert resumed in log.read_text(), log.read_text()[-3000:]
+    # Worker 1 runs out of memory in the validation collective: exit 5, one line. The
+    # chief, whose peer is gone in the middle of that collective, exits 4 and says so.
+    assert codes[1] == 5, other_log.read_text()[-3000:]
+    assert _error_lines(other_log) == ["trainjob: error: worker 1: out of memory while training: "
+                                       "lower --batch-size or --image-size"]
+    assert "Traceback" not in other_log.read_text()
+    assert codes[0] == 4, chief_log.read_text()[-3000:]
+    assert len(_error_lines(chief_log)) == 1
+    assert "a peer worker died or stopped responding" in _error_lines(chief_log)[0]
+    assert _status(s3, bucket, prefix)["state"] == "failed"
+
+    # 3. The next restart resumes at the same save point and trains to the end; the chief
+    #    is SIGKILLed after training, once worker 1 has left (training is over).
+    ports = free_ports(2)
+    after = _hooks(tmp_path, "after.json", **SMALL_STAND_IN, hold={"after_training": 300})
+    chief, chief_log = _start(_args(dataset, out), s3.env(
+        TF_CONFIG=_tf_config(ports, 0), TRAINJOB_TEST_HOOKS=after), tmp_path, "third", 0,
+        started)
+    other, other_log = _start(_args(dataset, out), s3.env(
+        TF_CONFIG=_tf_config(ports, 1), TRAINJOB_TEST_HOOKS=stand_in), tmp_path, "third", 1,
+        started)
+    assert _wait_all([(other, other_log)]) == [0], other_log.read_text()[-3000:]
+    _wait_for(lambda: "holding at after_training" in chief_log.read_text(), chief, chief_log)
+    chief.send_signal(signal.SIGKILL)
+    chief.wait(timeout=30)
+    for log in (chief_log, other_log):
+        assert resumed in log.read_text(), log.read_text()[-3000:]
+
+    # 4. Both are relaunched (a JobSet restarts the whole group). Worker 1 finds training
+    #    finished and exits 0 at once; the chief, with a long --cluster-timeout, evaluates
+    #    and publishes alone: no start-up barrier, no cluster.
+    again = run_trainjob([*_args(dataset, out), "--cluster-timeout", "30"], s3.env(
+        TF_CONFIG=_tf_config(ports, 1), TRAINJOB_TEST_HOOKS=stand_in), tmp_path / "home1",
+        timeout=120)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-2000:]
+    assert BARRIER not in again.stdout and "training is finished" in again.stdout
+    relaunched = time.monotonic()
+    lone = run_trainjob([*_args(dataset, out), "--cluster-timeout", "600"], s3.env(
+        TF_CONFIG=_tf_config(ports, 0), TRAINJOB_TEST_HOOKS=stand_in), tmp_path / "home0",
+        timeout=300)
+    assert lone.returncode == 0, lone.stdout[-3000:] + lone.stderr[-2000:]
+    assert time.monotonic() - relaunched < 60, "the lone chief took a minute to publish"
+    assert BARRIER not in lone.stdout and "cluster formed" not in lone.stdout
     assert _csv_epochs(s3, bucket, prefix) == list(range(EPOCHS))
     assert_complete_run(s3, bucket, prefix, epochs=EPOCHS)  # each epoch once, one manifest
     assert sum(k.endswith("manifest.json") for k in s3.keys(bucket, prefix + "/")) == 1
+    # The step count of a run that was never stopped: no step twice, none lost.
+    history = s3.read_json(bucket, f"{prefix}/history.json")
+    assert [row["iterations"] for row in history] == [STEPS * (e + 1) for e in range(EPOCHS)]
+    config = s3.read_json(bucket, f"{prefix}/config.json")
+    assert config["distribution"]["workers"] == 2 and config["distribution"]["replicas"] == 2
     first, second = _weights(tmp_path, 0), _weights(tmp_path, 1)
     assert first["epochs"] == second["epochs"] == EPOCHS
     assert first["trainable_sha256"] == second["trainable_sha256"]
     assert _published_trainable_digest(s3, bucket, prefix, tmp_path) == \
         first["trainable_sha256"]
 
-    # One worker trains with Keras' fit, several with the custom step: the run folders must
-    # be alike, file for file and field for field (docs/distributed.md says why both).
+    # 5. One worker trains with Keras' fit, several with the custom step: the run folders
+    #    must be alike, file for file and field for field (docs/distributed.md says why both).
     single = run_trainjob(_args(dataset, f"s3://{bucket}/runs/single"),
                           s3.env(TRAINJOB_TEST_HOOKS=stand_in), tmp_path / "single")
     assert single.returncode == 0, single.stdout[-3000:] + single.stderr[-2000:]
@@ -174,6 +247,8 @@ def test_sigterm_then_peer_killed_then_group_restart_completes(s3, bucket, datas
         multi, one = (s3.read_json(bucket, f"{p}/{name}") for p in (prefix, "runs/single"))
         keys = (lambda d: set(d[0]) if isinstance(d, list) else set(d))
         assert keys(multi) == keys(one), name
+    assert [row["iterations"] for row in s3.read_json(bucket, "runs/single/history.json")] == \
+        [row["iterations"] for row in history]
     distribution = s3.read_json(bucket, "runs/single/config.json")["distribution"]
     assert distribution["workers"] == 1 and distribution["cluster"] is None
 

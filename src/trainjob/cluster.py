@@ -12,7 +12,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from trainjob.config import ClusterConfig
@@ -21,6 +21,7 @@ from trainjob.errors import ClusterError, ConfigError
 log = logging.getLogger(__name__)
 
 INDEX_ENV = "JOB_COMPLETION_INDEX"  # set by Kubernetes in every pod of an Indexed Job
+MAX_KNOCK_BYTES = 1 << 20  # a knock's JSON line: the chief's carries a save point's record
 
 
 @dataclass(frozen=True)
@@ -105,16 +106,22 @@ def _from_tf_config(raw: str) -> Cluster | None:
     return Cluster(everyone, position, "TF_CONFIG", raw)
 
 
-def wait_for_peers(cluster: Cluster, timeout: float) -> None:
+def wait_for_peers(cluster: Cluster, timeout: float, *, announce: dict | None = None,
+                   on_announce: Callable[[dict, float], None] | None = None) -> dict | None:
     """A barrier over plain TCP on the workers' own ports, before TensorFlow binds them.
 
     TensorFlow's MultiWorkerMirroredStrategy waits for its peers without a limit, holding
     the GIL (neither a time-out nor a signal handler can run meanwhile). So the workers
     meet here first: each listens on its port and connects to every peer's, and keeps
     listening until every peer has connected to it, so no peer can miss it. Raises
-    ClusterError naming the workers that did not come within ``timeout`` seconds."""
+    ClusterError naming the workers that did not come within ``timeout`` seconds.
+
+    Each knock is one JSON line, ``{"worker": <index>}``; the chief's also carries
+    ``announce`` (what every worker must start from). A worker that is not the chief hands
+    the chief's message to ``on_announce(message, deadline)`` before it knocks on the
+    chief's port, so the chief leaves the barrier only once every worker has acted on it.
+    Returns the chief's message (None where no worker was given ``on_announce``)."""
     port = int(cluster.workers[cluster.index].rpartition(":")[2])
-    heard: set[int] = set()
     try:
         listener = socket.create_server(("", port))
     except OSError as exc:  # retriable: a previous worker on this host may still hold it
@@ -124,40 +131,69 @@ def wait_for_peers(cluster: Cluster, timeout: float) -> None:
             f"worker {cluster.index} cannot listen on port {port} ({why}): another process "
             f"on this host holds it; stop it, or give the workers free ports ({where})") from exc
     listener.settimeout(0.2)
-    reached: set[int] = set()
+    knock = (json.dumps({**(announce or {}), "worker": cluster.index}) + "\n").encode()
     everyone = {i for i, _ in cluster.peers()}
+    reached: set[int] = set()
+    heard: dict[int, dict] = {}
+    # The chief is knocked on only once its message has been acted on.
+    ready = cluster.is_chief or on_announce is None
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
             for i, address in cluster.peers():
-                if i not in reached and _knock(address, cluster.index):
+                if i not in reached and (ready or i != 0) and _knock(address, knock):
                     reached.add(i)
-            try:
-                conn, _ = listener.accept()
-                with conn:
-                    conn.settimeout(2.0)
-                    data = conn.recv(16)
-                    if data.strip().isdigit():
-                        heard.add(int(data.strip()))
-            except OSError:
-                pass
-            if reached >= everyone and heard >= everyone:
+            message = _heard(listener)
+            if message is not None and message["worker"] in everyone:
+                heard.setdefault(message["worker"], message)
+            if not ready and 0 in heard:
+                on_announce(heard[0], deadline)
+                ready = True
+            if reached >= everyone and heard.keys() >= everyone:
                 log.info("worker %d: all %d workers are up", cluster.index, cluster.size)
-                return
+                return announce if cluster.is_chief else heard.get(0)
     finally:
         listener.close()
-    missing = [f"worker {i} ({a})" for i, a in cluster.peers() if i not in reached & heard]
+    missing = [f"worker {i} ({a})" for i, a in cluster.peers()
+               if i not in reached & heard.keys()]
     raise ClusterError(
         f"worker {cluster.index}: {', '.join(missing)} did not join within --cluster-timeout "
         f"{timeout:g}s; check that all {cluster.size} workers are running and that their "
         "addresses resolve from here")
 
 
-def _knock(address: str, index: int) -> bool:
+def _knock(address: str, message: bytes) -> bool:
     host, _, port = address.rpartition(":")
     try:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=1.0) as conn:
-            conn.sendall(f"{index}\n".encode())
+            conn.sendall(message)
         return True
     except (OSError, ValueError):
         return False
+
+
+def _heard(listener: socket.socket) -> dict | None:
+    """The message of the next knock on this worker's port, if one came within the
+    listener's time-out; anything but a knock's JSON line is ignored."""
+    try:
+        conn, _ = listener.accept()
+    except OSError:
+        return None
+    data = b""
+    with conn:
+        conn.settimeout(2.0)
+        try:
+            while not data.endswith(b"\n") and len(data) < MAX_KNOCK_BYTES:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        except OSError:
+            return None
+    try:
+        message = json.loads(data)
+    except ValueError:
+        return None
+    if isinstance(message, dict) and type(message.get("worker")) is int:
+        return message
+    return None

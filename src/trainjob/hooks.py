@@ -14,6 +14,13 @@ signal came, so that the signal is handled right at that point, and ``"until_fil
 once the test creates that file. Points: ``first_step``
 (before the process's first training step), ``batch:E:S`` (after batch S, counted from 1,
 of epoch E), ``epoch:E`` (after epoch E is saved), ``after_training``.
+
+``{"collective_error": {"<point>": "<error>"}}`` makes this process's collective at a named
+point (``step``: a training step, ``validation``: the all-reduce of the validation figures,
+``start``: the check before the first step that all workers start alike) raise that error
+instead of running: a TensorFlow error's class name
+(``ResourceExhaustedError``, ``UnavailableError``...) or ``MemoryError``. A test gives the
+hook to one worker to fail it there.
 """
 
 from __future__ import annotations
@@ -74,3 +81,8 @@ def hold(point: str, signalled: Callable[[], bool] = lambda: False) -> None:
         if (until_signal and signalled()) or (release is not None and release.exists()):
             return
         time.sleep(min(POLL_SECONDS, max(0.0, deadline - time.monotonic())))
+
+
+def injected_error(point: str) -> str | None:
+    """Test hook: the error this process's collective at ``point`` must raise, if any."""
+    return read_hooks().get("collective_error", {}).get(point)

@@ -16,13 +16,12 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from trainjob import (cache, cluster as clusters, datasets, datasource, phases, resume,
-                      runconfig, storage, termination, weights)
+                      runconfig, startpoint, storage, termination, weights)
 from trainjob.artifacts import (BACKUP, CLASSES, LAST, MANIFEST, METRICS, MODEL, PLOT,
                                 RUN_ENTRIES, STATUS, RunFolder, plot_history, read_json)
 from trainjob.cluster import Cluster
 from trainjob.config import Config
-from trainjob.errors import (ConfigError, LostOwnership, Preempted, StorageError, TrainingError,
-                             TrainJobError)
+from trainjob.errors import ConfigError, LostOwnership, Preempted, StorageError, as_job_error
 from trainjob.hooks import hold
 from trainjob.lock import RunLock
 from trainjob.runstate import RunState
@@ -49,11 +48,19 @@ def run(cfg: Config) -> None:
         return
     if group and not group.is_chief:
         # Another worker holds the lock and writes the run folder; this one trains in a
-        # private folder and only reads the run (its resume state) from --output.
+        # private folder, from the save point the chief names at start-up (collective.join).
+        if not cfg.output.overwrite and startpoint.finished(store, group.index):
+            return
         with (cache.session(),
               RunFolder(Path(cfg.runtime.work_dir) / f"worker-{group.index}", store,
                         read_only=True) as run_dir):
-            _train(cfg, run_dir, _prepare(cfg, run_dir), None, stop, {}, group)
+            _clear_local(run_dir.local)
+            try:
+                _train(cfg, run_dir, None, None, stop, {}, group)
+            except Exception as exc:  # out of memory is exit 5 here too, as on the chief
+                if (error := as_job_error(exc, f"worker {group.index}: ", peers=True)) is exc:
+                    raise
+                raise error from exc
         return
     lock = RunLock(store)
     lock.acquire(force=cfg.output.force, timeout=cfg.output.lock_timeout)
@@ -148,7 +155,7 @@ def _run_locked(cfg: Config, run_dir: RunFolder, lock: RunLock, stop: resume.Sto
                 _within(STATUS_RESERVE_SECONDS, functools.partial(
                     run_dir.mark_stored_status, "preempted", error=str(exc)), "trainjob-status")
             raise
-        error = _as_job_error(exc)
+        error = as_job_error(exc, peers=group is not None)
         run_dir.set_status("failed", error=str(error))
         _flush_quietly(run_dir, min(FAILURE_FLUSH_SECONDS, cfg.output.upload_timeout))
         log.error("run failed; local run folder kept at %s", run_dir.local)
@@ -191,20 +198,15 @@ def _train(cfg: Config, run_dir: RunFolder, state: dict | None, lock: RunLock | 
         steps = inputs.steps_for(len(splits.train), cfg.optim.batch_size, cfg.optim.steps_per_epoch)
         # Before any TensorFlow op (collectives are configured at start-up), and after the
         # data, so that peers that fetch it slower are not timed out meanwhile.
-        if group:
+        if group:  # from the save point the chief names; the chief alone after training
             from trainjob import collective, steploop
-            strategy = collective.make_strategy(
-                group, cluster_timeout=cfg.cluster.cluster_timeout,
-                collective_timeout=cfg.cluster.collective_timeout)
-            # TensorFlow's coordination service installs a SIGTERM handler of its own (its
-            # preemption notifier): take the signal back, so that the group stops our way.
-            stop.install()
-            stop.collective = True  # a signal stops the group at one agreed step
+            strategy, state, replicas = collective.join(cfg, group, run_dir, state, stop,
+                                                        fingerprint)
         else:
             strategy = training.make_strategy()
+            replicas = strategy.num_replicas_in_sync
         train_base = inputs.decoded(splits.train, cfg.model.image_size, cfg.data.pipeline_cache,
                                     work, "train")
-        replicas = strategy.num_replicas_in_sync
         if cfg.optim.batch_size % replicas:
             raise ConfigError(f"--batch-size {cfg.optim.batch_size} is the global batch: it "
                               f"must divide evenly among the {replicas} replicas")
@@ -237,6 +239,8 @@ def _train(cfg: Config, run_dir: RunFolder, state: dict | None, lock: RunLock | 
             # Inside the scope: the optimizer's slots must be the strategy's variables too.
             if state:
                 _restore(model, run_dir, state, callbacks_lib)
+        if group:  # every worker starts alike, or none does
+            collective.check_start(strategy, group, model, state, cfg.cluster.collective_timeout)
         first_epoch = state["epoch"] if state else 0
         history = resume.trim_logs(run_dir, first_epoch) if state else []
         run_state = RunState(run_dir, fingerprint=fingerprint, history=history, stop=stop,
@@ -279,6 +283,7 @@ def _train(cfg: Config, run_dir: RunFolder, state: dict | None, lock: RunLock | 
         training.record_weights(model, Path(cfg.runtime.work_dir) / "worker-weights.json",
                                 worker=group.index, epochs=len(keeper.history))
         if not group.is_chief:
+            startpoint.wait_until_finished(run_dir.store, cfg.output.upload_timeout, group.index)
             log.info("worker %d: training done; the chief evaluates and publishes", group.index)
             return
 
@@ -357,9 +362,6 @@ def _prepare(cfg: Config, run_dir: RunFolder) -> dict | None:
 
     A run whose state is unusable is never deleted: only --overwrite starts afresh."""
     store = run_dir.store
-    if cfg.output.overwrite and run_dir.read_only:  # the chief removes it; start afresh
-        _clear_local(run_dir.local)
-        return None
     if cfg.output.overwrite:
         log.info("--overwrite: removing the previous run at %s", store.uri)
         run_dir.confirm()
@@ -407,19 +409,6 @@ def _local_run_dir(cfg: Config) -> Path:
         return Path(key).expanduser().absolute()
     digest = hashlib.sha1(cfg.output.output.rstrip("/").encode()).hexdigest()[:16]
     return Path(cfg.runtime.work_dir) / "runs" / digest
-
-
-def _as_job_error(exc: BaseException) -> BaseException:
-    """Out-of-memory and similar become TrainingError (exit 5); typed errors pass through."""
-    if isinstance(exc, TrainJobError):
-        return exc
-    name = type(exc).__name__
-    if isinstance(exc, MemoryError) or name == "ResourceExhaustedError":
-        return TrainingError("out of memory while training: lower --batch-size or --image-size")
-    if name in ("InvalidArgumentError", "UnknownError", "InternalError"):
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else name
-        return TrainingError(f"TensorFlow failed while training: {first[:300]}")
-    return exc
 
 
 @contextmanager

@@ -62,7 +62,8 @@ def fit(model: keras.Model, train_ds: tf.data.Dataset, *, strategy: tf.distribut
         per_replica = strategy.run(replica_step, args=(x, y, flag))
         return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
 
-    evaluate = _validator(model, strategy, val_ds, loss_fn, k) if val_ds is not None else None
+    evaluate = _validator(model, strategy, val_ds, loss_fn, k, cluster,
+                          cfg.cluster.collective_timeout) if val_ds is not None else None
     callback_list = keras.callbacks.CallbackList(callbacks, model=model, add_history=False,
                                                  add_progbar=False)
     callback_list.set_params({"epochs": epochs, "steps": steps, "verbose": 0})
@@ -75,6 +76,7 @@ def fit(model: keras.Model, train_ds: tf.data.Dataset, *, strategy: tf.distribut
         for batch in range(steps):
             callback_list.on_train_batch_begin(batch)
             try:
+                collective.inject("step")
                 sums = train_step(tf.constant(1.0 if stop.signalled else 0.0)).numpy()
             except collective.PEER_ERRORS as exc:
                 raise collective.peer_failure(exc, cluster, cfg.cluster.collective_timeout) \
@@ -115,8 +117,9 @@ def _logs(totals: np.ndarray) -> dict[str, float]:
 
 
 def _validator(model: keras.Model, strategy: tf.distribute.Strategy, val_ds: tf.data.Dataset,
-               loss_fn: keras.losses.Loss, k: int):
-    """Each worker evaluates its shard locally; one all-reduce makes the figures the group's."""
+               loss_fn: keras.losses.Loss, k: int, cluster: Cluster, collective_timeout: float):
+    """Each worker evaluates its shard locally; one all-reduce makes the figures the group's
+    (a peer that fails meanwhile is exit 4, as in a step)."""
 
     @tf.function
     def batch_sums(x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
@@ -127,7 +130,9 @@ def _validator(model: keras.Model, strategy: tf.distribute.Strategy, val_ds: tf.
         totals = np.zeros(4)
         for x, y in val_ds:
             totals += batch_sums(x, y).numpy()
-        return _logs(collective.all_sum(strategy, totals))
+        return _logs(collective.shared_sum(strategy, totals, cluster=cluster,
+                                           collective_timeout=collective_timeout,
+                                           point="validation"))
 
     return evaluate
 

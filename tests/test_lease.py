@@ -9,7 +9,9 @@ take-over first, by luck of timing)."""
 
 from __future__ import annotations
 
+import os
 import time
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
@@ -19,7 +21,7 @@ from test_e2e import assert_complete_run
 from test_resume import _hooks, _status, _wait_for
 from trainjob import resume, s3client
 from trainjob.artifacts import LOCK, STATUS, RunFolder
-from trainjob.errors import LostOwnership
+from trainjob.errors import LostOwnership, StorageError
 from trainjob.lock import RunLock
 from trainjob.runstate import RunState
 from trainjob.storage import LocalStore, S3Store
@@ -29,9 +31,18 @@ HOUR = 3600.0
 
 
 def _writes(proxy: FaultProxy, since: float) -> list:
-    """Requests through the proxy after ``since`` that changed something on the server."""
-    return [s for s in proxy.seen if s.at >= since and s.method in ("PUT", "POST", "DELETE")
-            and 200 <= s.status < 300]
+    """Requests through the proxy after ``since`` that created, replaced or deleted an
+    object (not the parts of a multipart upload, nor its abort: no object changes then)."""
+    def changes_an_object(method: str, path: str) -> bool:
+        query = parse_qs(urlsplit(path).query, keep_blank_values=True)
+        if method == "PUT":
+            return "uploadId" not in query  # PutObject (or a copy), not UploadPart
+        if method == "POST":
+            return "uploadId" in query or "delete" in query  # Complete..., DeleteObjects
+        return method == "DELETE" and "uploadId" not in query  # not AbortMultipartUpload
+
+    return [s for s in proxy.seen if s.at >= since and 200 <= s.status < 300
+            and changes_an_object(s.method, s.path)]
 
 
 def test_a_job_cut_off_past_the_stale_time_writes_nothing_after_a_takeover(
@@ -170,3 +181,23 @@ def test_a_job_partitioned_past_the_stale_time_writes_nothing_when_its_network_r
     assert len(errors) == 1 and "lost the run lock" in errors[0], errors
     assert "resuming at epoch 1, batch 0" in new_log.read_text()
     assert_complete_run(s3, bucket, prefix, epochs=4)
+
+
+def test_an_upload_still_running_when_the_lease_runs_out_is_never_completed(
+        through_proxy, s3env, bucket, tmp_path):
+    """A large upload (multipart) begun inside the lease whose parts are still on their way
+    at the deadline is cancelled: its multipart upload is never completed, so no object
+    appears, even when the parts get through afterwards."""
+    proxy = through_proxy()
+    big = tmp_path / "state-000007.weights.h5"
+    big.write_bytes(os.urandom(70 * 2**20))  # over the 64 MiB multipart threshold
+    proxy.hold(r"^PUT /[^/]+/run/backup/")  # the parts wait in the proxy
+    store = S3Store(bucket, "run", threads=2)
+    deadline = time.monotonic() + 1.0
+    with pytest.raises(StorageError) as err:
+        store.put(big, "backup/state-000007.weights.h5", until=lambda: deadline)
+    assert "lease ran out" in str(err.value)
+    proxy.release()  # the held parts reach the server now, after the deadline
+    _until(lambda: any(s.method == "DELETE" for s in proxy.seen))  # the upload is aborted
+    assert not any(s.method == "POST" and "uploadId" in s.path for s in proxy.seen)
+    assert "run/backup/state-000007.weights.h5" not in s3env.keys(bucket, "run/")

@@ -84,6 +84,7 @@ class Lease(Protocol):
     def check(self) -> None: ...
     def ensure_lease(self) -> None: ...
     def confirm(self) -> None: ...
+    def write_deadline(self) -> float: ...
 
 
 class Unlocked:
@@ -132,7 +133,8 @@ class RunFolder:
         self.read_only = read_only
         self.uploader = Uploader(store, local, enabled=self.remote and not read_only,
                                  order=upload_rank, fence=self.lease.ensure_lease,
-                                 confirm=self.lease.confirm, critical=decides_the_run)
+                                 confirm=self.lease.confirm, critical=decides_the_run,
+                                 deadline=lease.write_deadline if lease else None)
         self.sync = sync and not read_only
         self.manifest_sent = False  # manifest.json may be stored: the run must not change
         self.published = False  # manifest.json is stored: the run must not change again

@@ -21,7 +21,8 @@ from trainjob.artifacts import (BACKUP, CLASSES, LAST, MANIFEST, METRICS, MODEL,
                                 RUN_ENTRIES, STATUS, RunFolder, plot_history, read_json)
 from trainjob.cluster import Cluster
 from trainjob.config import Config
-from trainjob.errors import ConfigError, LostOwnership, Preempted, StorageError, as_job_error
+from trainjob.errors import (ConfigError, LostOwnership, Preempted, StorageError, TrainJobError,
+                             as_job_error)
 from trainjob.hooks import hold
 from trainjob.lock import RunLock
 from trainjob.runstate import RunState

@@ -45,6 +45,9 @@ log = logging.getLogger(__name__)
 STALE_SECONDS = 600.0
 HEARTBEAT_SECONDS = 60.0
 LEASE_FRACTION = 0.5  # of the stale time: the lease a successful beat gives the writes
+# Of the stale time after the last successful beat: a write still running then is cancelled
+# (the rest is margin for the store applying it and for clocks).
+LANDING_FRACTION = 0.9
 POLL_SECONDS = 5.0
 PROBE_PREFIX = ".run.lock.probe-"  # a dot name: never published, never in the manifest
 NO_SUCH_ETAG = '"00000000000000000000000000000000"'
@@ -182,6 +185,11 @@ class RunLock:
                 self._beat_advisory()
         self.check()
 
+    def write_deadline(self) -> float:
+        """When a write must have landed (time.monotonic's clock): until then no other job
+        can have taken the lock over. Moves later with every successful beat."""
+        return self._confirmed + self.stale_after * LANDING_FRACTION
+
     def ensure_lease(self) -> None:
         """Raise unless the lease is live: call before every write to the run. Cheap while
         the last beat is recent; past LEASE_FRACTION of the stale time it confirms first."""
@@ -192,6 +200,7 @@ class RunLock:
             self.confirm()
 
     def _beat_conditional(self) -> None:
+        began = time.monotonic()  # the record's heartbeat is taken now: the lease counts from it
         etag = self.store.put_if_match(LOCK, self._record_bytes(), self._etag)
         if etag is None:
             # Only on a 412: find out who holds it now (the common path stays one PUT).
@@ -204,15 +213,16 @@ class RunLock:
                 self._lose(held)
                 return
         self._etag = etag
-        self._confirmed = time.monotonic()
+        self._confirmed = began
 
     def _beat_advisory(self) -> None:
+        began = time.monotonic()
         held = self.store.read_json(LOCK)
         if held and held.get("token") != self.token:
             self._lose(held)
             return
         self.store.write_bytes(LOCK, self._record_bytes())
-        self._confirmed = time.monotonic()
+        self._confirmed = began
 
     def _lose(self, held: dict | None) -> None:
         self.taken_by = held or {}

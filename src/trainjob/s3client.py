@@ -45,19 +45,20 @@ def redact(uri: str) -> str:
 
 
 _client_lock = threading.Lock()
-_clients: dict[int, object] = {}
+_clients: dict[tuple[int, int | None], object] = {}
 _credentials: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # client -> its credentials
 
 
-def s3_client(threads: int = 16):  # -> botocore S3 client
-    """One client per pool size, from boto3's standard chain, tuned for S3-compatible stores."""
+def s3_client(threads: int = 16, attempts: int | None = None):  # -> botocore S3 client
+    """One client per pool size (and retry budget), from boto3's standard chain, tuned for
+    S3-compatible stores. ``attempts`` overrides AWS_MAX_ATTEMPTS (the default: 8)."""
     with _client_lock:
-        if threads in _clients:
-            return _clients[threads]
+        if (threads, attempts) in _clients:
+            return _clients[threads, attempts]
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         config = botocore.config.Config(
             retries={"mode": os.environ.get("AWS_RETRY_MODE", "standard"),
-                     "max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", "8"))},
+                     "max_attempts": attempts or int(os.environ.get("AWS_MAX_ATTEMPTS", "8"))},
             max_pool_connections=max(10, threads + 4),
             connect_timeout=10,
             read_timeout=60,
@@ -72,7 +73,7 @@ def s3_client(threads: int = 16):  # -> botocore S3 client
         session = boto3.session.Session(botocore_session=core)
         region = session.region_name or ("us-east-1" if endpoint else None)
         client = session.client("s3", endpoint_url=endpoint, region_name=region, config=config)
-        _clients[threads] = client
+        _clients[threads, attempts] = client
         _credentials[client] = session.get_credentials()
         return client
 

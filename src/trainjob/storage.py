@@ -15,14 +15,14 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import botocore.exceptions
-from boto3.s3.transfer import TransferConfig
+from boto3.s3.transfer import TransferConfig, create_transfer_manager
 
 from trainjob import conditional, download
 from trainjob.download import FetchResult, check_inside  # noqa: F401 - re-exported
@@ -32,6 +32,12 @@ from trainjob.s3client import endpoint_name, s3_client, translated
 log = logging.getLogger(__name__)
 
 MiB = 1024**2
+# Attempts of each request of an upload with a deadline (the run folder's): one request
+# then lasts at most 4 x (10 s to connect + 60 s to read) plus backoff, under 300 s, half
+# the run lock's stale time: a write begun inside the lease lands before another job may
+# take the lock over, or not at all. The uploader itself retries, checking the lease first.
+UPLOAD_ATTEMPTS = 4
+Deadline = Callable[[], float]  # when a write must be done by, on time.monotonic's clock
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
 # DeleteObjects errors meaning "this server takes no batch deletes like that": one key a time.
 BATCH_DELETE_REFUSED = {"MissingContentMD5", "InvalidRequest", "InvalidDigest", "NotImplemented"}
@@ -64,7 +70,7 @@ class Store:
 
     def list(self, prefix: str = "") -> list[ObjectInfo]: ...
     def get(self, key: str, dest: Path) -> None: ...
-    def put(self, src: Path, key: str) -> None: ...
+    def put(self, src: Path, key: str, until: Deadline | None = None) -> None: ...
     def read_bytes(self, key: str) -> bytes | None: ...
     def write_bytes(self, key: str, data: bytes) -> None: ...
     def delete(self, keys: list[str]) -> None: ...
@@ -133,10 +139,11 @@ class LocalStore(Store):
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(self._path(key), dest)
 
-    def put(self, src: Path, key: str) -> None:
+    def put(self, src: Path, key: str, until: Deadline | None = None) -> None:
         target = self._path(key)
         if target.resolve() == src.resolve():
             return
+        _before(until, self.child(key))  # a local copy takes no time worth cancelling
         with _local_errors(self.child(key)):
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.with_name(f".{target.name}.tmp")
@@ -186,6 +193,7 @@ class S3Store(Store):
         self.batch_deletes = True  # until the server refuses DeleteObjects
         self.transfer = TransferConfig(multipart_threshold=64 * MiB, multipart_chunksize=64 * MiB,
                                        max_concurrency=max(1, min(threads, 10)))
+        self._uploads = None  # the transfer manager of uploads with a deadline
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix and key else (key or self.prefix)
@@ -242,9 +250,30 @@ class S3Store(Store):
             self.client.download_file(self.bucket, self._key(key), str(tmp), Config=self.transfer)
         os.replace(tmp, dest)
 
-    def put(self, src: Path, key: str) -> None:
-        with translated(self.child(key)):
-            self.client.upload_file(str(src), self.bucket, self._key(key), Config=self.transfer)
+    def put(self, src: Path, key: str, until: Deadline | None = None) -> None:
+        """Store the file ``src`` at ``key``. With ``until`` (a time on time.monotonic's
+        clock, which may move later meanwhile), a transfer still running then is cancelled:
+        a multipart upload is aborted, never completed, and its requests retry within
+        UPLOAD_ATTEMPTS, so that none lands long after the deadline."""
+        where = self.child(key)
+        if until is None:
+            with translated(where):
+                self.client.upload_file(str(src), self.bucket, self._key(key),
+                                        Config=self.transfer)
+            return
+        _before(until, where)
+        if self._uploads is None:
+            self._uploads = create_transfer_manager(
+                s3_client(self.threads, attempts=UPLOAD_ATTEMPTS), self.transfer)
+        future = self._uploads.upload(str(src), self.bucket, self._key(key))
+        with translated(where):
+            while not future.done():
+                if time.monotonic() >= until():
+                    future.cancel()
+                    raise StorageError(f"{where}: upload cancelled: the run lock's lease ran "
+                                       "out before it finished")
+                time.sleep(0.05)
+            future.result()
 
     def read_bytes(self, key: str) -> bytes | None:
         try:
@@ -375,6 +404,12 @@ def fetch(uri: str, cache_dir: Path, threads: int = 16, *, single: bool = False)
              result.downloaded_objects, result.downloaded_bytes / MiB,
              time.monotonic() - started, result.cached_objects, result.removed_objects)
     return result
+
+
+def _before(until: Deadline | None, where: str) -> None:
+    """Refuse to start a write whose deadline has passed."""
+    if until is not None and time.monotonic() >= until():
+        raise StorageError(f"{where}: not sent: the run lock's lease ran out")
 
 
 def _error_code(exc: StorageError) -> str:

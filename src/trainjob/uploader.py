@@ -74,6 +74,7 @@ class Uploader:
                  backoff: float = 1.0, fence: Callable[[], None] | None = None,
                  confirm: Callable[[], None] | None = None,
                  critical: Callable[[str], bool] = lambda rel: False,
+                 deadline: Callable[[], float] | None = None,
                  order: Callable[[str], int] = lambda rel: 0) -> None:
         self.store, self.root, self.enabled = store, root, enabled
         self.backoff = backoff
@@ -85,6 +86,8 @@ class Uploader:
         # (they delete): a stronger check, such as a conditional write of the run lock.
         self.confirm = confirm or self.fence
         self.critical = critical
+        # When a put must have landed (the run lock's lease): one still running is cancelled.
+        self.deadline = deadline
         self.lost: Exception | None = None  # what the fence raised: nothing is sent after it
         self.staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
         self._stamps: dict[str, tuple[int, int]] = {}  # rel -> (size, mtime_ns) last committed
@@ -217,7 +220,10 @@ class Uploader:
                 try:
                     if not self._ours(self.confirm if self.critical(rel) else self.fence):
                         return False
-                    self.store.put(snap.path, rel)
+                    if self.deadline is None:
+                        self.store.put(snap.path, rel)
+                    else:
+                        self.store.put(snap.path, rel, until=self.deadline)
                     break
                 except StorageError as exc:
                     self.error = exc

@@ -479,6 +479,14 @@ def test_recalibrate_batchnorm_leaves_a_model_without_trained_batchnorm_alone():
         np.testing.assert_array_equal(a, b)
 
 
+def test_the_setting_states_the_image_budget():
+    from trainjob.config import CallbackConfig
+
+    [field] = [f for f in __import__("dataclasses").fields(CallbackConfig)
+               if f.name == "recalibrate_batchnorm"]
+    assert f"up to {training.PRECISE_BN_IMAGES} training images" in field.metadata["help"]
+
+
 MIRRORED_BN = """
 import sys
 import numpy as np, tensorflow as tf

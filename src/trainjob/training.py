@@ -169,7 +169,7 @@ def recalibrate_batchnorm(model: keras.Model, dataset: tf.data.Dataset, max_batc
     copy = keras.models.clone_model(model)
     copy.set_weights(model.get_weights())
     layers = [layer for layer in batchnorm_layers(copy) if layer.trainable]
-    if [l.moving_mean.shape for l in layers] != [l.moving_mean.shape for l in targets]:
+    if [x.moving_mean.shape for x in layers] != [x.moving_mean.shape for x in targets]:
         raise RuntimeError("recalibrate_batchnorm: the copy's BatchNorm layers differ")
     for layer in layers:
         layer.momentum = 0.0  # each training-mode call leaves that batch's own statistics

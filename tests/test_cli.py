@@ -131,7 +131,7 @@ DOCUMENTED_DEFAULTS = {
     "checkpoint_monitor": "val_loss", "checkpoint_mode": "auto", "reduce_lr": True,
     "reduce_lr_monitor": "val_loss", "reduce_lr_mode": "auto", "reduce_lr_factor": 0.1,
     "reduce_lr_patience": 10, "reduce_lr_min_delta": 1e-4, "reduce_lr_cooldown": 0,
-    "reduce_lr_min_lr": 0.0, "restore_best": True,
+    "reduce_lr_min_lr": 0.0, "restore_best": True, "recalibrate_batchnorm": True,
     # Output
     "overwrite": False, "force": False, "lock_timeout": None, "sync": True,
     "backup_every_steps": 0, "upload_timeout": 600.0, "export": "none", "tensorboard": False,

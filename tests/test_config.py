@@ -31,6 +31,7 @@ def test_defaults_follow_the_reference_script():
     assert cfg.callbacks.checkpoint_monitor == "val_loss"
     assert cfg.callbacks.reduce_lr is True
     assert cfg.callbacks.restore_best is True
+    assert cfg.callbacks.recalibrate_batchnorm is True
     assert cfg.optim.lr_schedule == "none"  # ReduceLROnPlateau, not the scheduler, by default
     assert cfg.optim.label_smoothing == 0.0
     assert cfg.data.include_background is False

@@ -362,3 +362,185 @@ def test_resume_under_mirrored_strategy(tmp_path):
     proc = subprocess.run([sys.executable, "-c", MIRRORED_RESUME, str(tmp_path / "run")],
                           capture_output=True, text=True, timeout=300)
     assert "MIRRORED-RESUME-OK" in proc.stdout, proc.stderr[-3000:]
+
+
+# --- recalibrate_batchnorm ("precise BN") ----------------------------------------------------
+
+def _bn_model() -> keras.Model:
+    """A nested model (as ResNet50 sits in ours) with two trained BatchNorm layers, one frozen
+    between them, and random weights: every layer's output depends on the ones before."""
+    inner_in = keras.Input((4, 4, 3))
+    x = keras.layers.Conv2D(5, 1, name="conv")(inner_in)
+    x = keras.layers.BatchNormalization(name="bn1")(x)
+    inner = keras.Model(inner_in, keras.layers.ReLU()(x), name="backbone")
+    inputs = keras.Input((4, 4, 3))
+    x = keras.layers.GlobalAveragePooling2D()(inner(inputs))
+    x = keras.layers.Dense(6, name="d1")(x)
+    x = keras.layers.BatchNormalization(name="frozen")(x)
+    x = keras.layers.Dense(4, name="d2")(x)
+    x = keras.layers.BatchNormalization(name="bn2")(x)
+    model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(x))
+    model.get_layer("frozen").trainable = False
+    rng = np.random.default_rng(1)
+    for v in model.weights:  # positive variances; moving statistics far from any batch's
+        low = -1.0 if "kernel" in v.path or "mean" in v.path or "beta" in v.path else 0.5
+        v.assign(rng.uniform(low, 1.5, v.shape).astype("float32"))
+    return model
+
+
+def _bn_statistics(model: keras.Model, x: np.ndarray) -> list[np.ndarray]:
+    """bn1's and bn2's batch (mean, variance) for the batch ``x``, in numpy (float64): the
+    forward pass of training mode, the frozen layer in inference mode."""
+    def weights(name: str, inner: bool = False) -> list[np.ndarray]:
+        owner = model.get_layer("backbone") if inner else model
+        return [np.asarray(w, np.float64) for w in owner.get_layer(name).get_weights()]
+
+    def normalize(h, mean, var, gamma, beta, eps=1e-3):
+        return (h - mean) / np.sqrt(var + eps) * gamma + beta
+
+    kernel, bias = weights("conv", inner=True)
+    h = np.einsum("nhwc,cd->nhwd", x.astype(np.float64), kernel[0, 0]) + bias
+    m1, v1 = h.mean((0, 1, 2)), h.var((0, 1, 2))  # Keras' variance: biased, as here
+    gamma, beta, _, _ = weights("bn1", inner=True)
+    h = np.maximum(normalize(h, m1, v1, gamma, beta), 0).mean((1, 2))
+    kernel, bias = weights("d1")
+    gamma, beta, moving_mean, moving_var = weights("frozen")
+    h = normalize(h @ kernel + bias, moving_mean, moving_var, gamma, beta)
+    kernel, bias = weights("d2")
+    h = h @ kernel + bias
+    return [m1, v1, h.mean(0), h.var(0)]
+
+
+def _expected(model: keras.Model, x: np.ndarray, batch: int, batches: int) -> list[np.ndarray]:
+    each = [_bn_statistics(model, x[i * batch:(i + 1) * batch]) for i in range(batches)]
+    return [np.mean(stats, axis=0) for stats in zip(*each)]
+
+
+def _moving(model: keras.Model) -> list[np.ndarray]:
+    layers = [model.get_layer("backbone").get_layer("bn1"), model.get_layer("bn2")]
+    return [np.asarray(v) for layer in layers for v in (layer.moving_mean, layer.moving_variance)]
+
+
+@pytest.mark.training
+@pytest.mark.parametrize("policy", ["float32", "mixed_float16"])
+def test_recalibrate_batchnorm_averages_the_batch_statistics(policy):
+    """Each trained layer's moving mean and variance become the average, over the batches,
+    of its batch statistics computed in numpy; the remainder batch is left out; the frozen
+    layer and every other weight stay as they were; float32 under mixed precision too."""
+    import tensorflow as tf
+
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        model = _bn_model()
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    x = np.random.default_rng(2).uniform(-2, 2, (21, 4, 4, 3)).astype("float32")
+    y = keras.utils.to_categorical(np.arange(21) % 3, 3)
+    frozen = [np.asarray(v) for v in model.get_layer("frozen").weights]
+    others = {v.path: np.asarray(v) for v in model.weights if "moving" not in v.path}
+    tolerance = {"rtol": 1e-5, "atol": 1e-6} if policy == "float32" else {"rtol": 2e-2,
+                                                                          "atol": 2e-2}
+
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)  # 8, 8 and a remainder of 5
+    assert training.recalibrate_batchnorm(model, ds, max_batches=10) == 2
+    expected = _expected(model, x, 8, 2)
+    for got, want in zip(_moving(model), expected):
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(got, want, **tolerance)
+    # Not what one batch alone, or all 21 images as one batch, would give.
+    assert not np.allclose(expected[1], _expected(model, x, 8, 1)[1], rtol=1e-2)
+    assert not np.allclose(expected[3], _bn_statistics(model, x)[3], rtol=1e-2)
+    for v, before in zip(model.get_layer("frozen").weights, frozen):
+        np.testing.assert_array_equal(np.asarray(v), before)
+    for v in model.weights:
+        if "moving" not in v.path:
+            np.testing.assert_array_equal(np.asarray(v), others[v.path])
+
+    assert training.recalibrate_batchnorm(model, ds, max_batches=1) == 1  # the budget
+    for got, want in zip(_moving(model), _expected(model, x, 8, 1)):
+        np.testing.assert_allclose(got, want, **tolerance)
+    only = tf.data.Dataset.from_tensor_slices(x[:5]).batch(8)  # images alone, one short batch
+    assert training.recalibrate_batchnorm(model, only, max_batches=10) == 1
+    for got, want in zip(_moving(model), _expected(model, x[:5], 5, 1)):
+        np.testing.assert_allclose(got, want, **tolerance)
+
+
+def test_recalibrate_batchnorm_leaves_a_model_without_trained_batchnorm_alone():
+    import tensorflow as tf
+
+    model = _bn_model()
+    for name in ("bn2", "frozen"):
+        model.get_layer(name).trainable = False
+    model.get_layer("backbone").trainable = False
+    before = model.get_weights()
+    ds = tf.data.Dataset.from_tensor_slices(np.ones((8, 4, 4, 3), "float32")).batch(4)
+    assert training.recalibrate_batchnorm(model, ds, max_batches=4) == 0
+    for a, b in zip(model.get_weights(), before):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_the_setting_states_the_image_budget():
+    import dataclasses
+
+    from trainjob.config import CallbackConfig
+
+    [field] = [f for f in dataclasses.fields(CallbackConfig) if f.name == "recalibrate_batchnorm"]
+    assert f"up to {training.PRECISE_BN_IMAGES} training images" in field.metadata["help"]
+
+
+MIRRORED_BN = """
+import sys
+import numpy as np, tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras
+from trainjob import training
+model_path, data_path, out_path = sys.argv[1:]
+strategy = training.make_strategy(["/cpu:0", "/cpu:1"])
+with strategy.scope():
+    model = keras.saving.load_model(model_path)
+    try:
+        training.recalibrate_batchnorm(model, None, 1)
+        raise AssertionError("recalibrated inside the strategy's scope")
+    except RuntimeError:
+        pass
+variable = model.get_layer("bn2").moving_mean.value
+assert isinstance(variable, tf.distribute.DistributedValues), type(variable)
+x = np.load(data_path)
+ds = tf.data.Dataset.from_tensor_slices(x).batch(8)
+assert training.recalibrate_batchnorm(model, ds, max_batches=10) == 2
+# Each replica's copy of each statistic, as the next replicated step would read it.
+layers = [model.get_layer("backbone").get_layer("bn1"), model.get_layer("bn2"),
+          model.get_layer("frozen")]
+out = {f"{i}_{j}_{k}": np.asarray(component)
+       for i, layer in enumerate(layers)
+       for j, v in enumerate((layer.moving_mean, layer.moving_variance))
+       for k, component in enumerate(v.value.values)}
+np.savez(out_path, **out)
+print("MIRRORED-BN-OK")
+"""
+
+
+@pytest.mark.training
+def test_recalibrate_batchnorm_under_mirrored_strategy(tmp_path):
+    """A model whose variables are a strategy's (built in its scope, as the job does): the
+    passes run on a plain copy, and the averages land in every replica's copy."""
+    import subprocess
+    import sys
+
+    model = _bn_model()
+    model.save(tmp_path / "model.keras")
+    x = np.random.default_rng(3).uniform(-2, 2, (20, 4, 4, 3)).astype("float32")
+    np.save(tmp_path / "x.npy", x)
+    proc = subprocess.run([sys.executable, "-c", MIRRORED_BN, str(tmp_path / "model.keras"),
+                           str(tmp_path / "x.npy"), str(tmp_path / "out.npz")],
+                          check=False, capture_output=True, text=True, timeout=300)
+    assert "MIRRORED-BN-OK" in proc.stdout, proc.stderr[-3000:]
+    out = np.load(tmp_path / "out.npz")
+    frozen = model.get_layer("frozen")
+    want = [*_expected(model, x, 8, 2), np.asarray(frozen.moving_mean),
+            np.asarray(frozen.moving_variance)]
+    for index, expected in enumerate(want):
+        for replica in range(2):
+            np.testing.assert_allclose(out[f"{index // 2}_{index % 2}_{replica}"], expected,
+                                       rtol=1e-5, atol=1e-6)

@@ -173,6 +173,12 @@ class CallbackConfig:
     reduce_lr_cooldown: int = option(0, "Epochs to wait after a reduction.")
     reduce_lr_min_lr: float = option(0.0, "Lower bound on the learning rate.")
     restore_best: bool = option(True, "Save the final model with the best checkpoint's weights.")
+    recalibrate_batchnorm: bool = option(
+        True, "Before the test evaluation and the export, recompute the final model's "
+        "BatchNorm moving mean and variance as the average of their batch statistics over up "
+        "to 4096 training images, without augmentation (one forward pass of each): the "
+        "moving averages lag behind the weights, and inference uses them. Frozen BatchNorm "
+        "layers are left as they are; checkpoints keep the statistics of training.")
 
     def __post_init__(self) -> None:
         _check_range("--reduce-lr-factor", self.reduce_lr_factor, 0.0, 1.0)

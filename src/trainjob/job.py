@@ -294,6 +294,12 @@ def _train(cfg: Config, run_dir: RunFolder, state: dict | None, lock: RunLock | 
             callbacks_lib.load_model_weights(model, best)
             log.info("restored the best weights (%s) for the final model",
                      cfg.callbacks.checkpoint_monitor)
+        if cfg.callbacks.recalibrate_batchnorm:  # the batches BN normalized: per replica
+            with _timed(timings, "recalibrate_batchnorm"):
+                batch = cfg.optim.batch_size // replicas
+                training.recalibrate_batchnorm(
+                    model, inputs.evaluation_stream(train_base, num_classes, batch),
+                    max_batches=max(1, training.PRECISE_BN_IMAGES // batch))
         test_ds = inputs.evaluation_stream(
             inputs.decoded(splits.test, cfg.model.image_size, "none", work, "test"),
             num_classes, cfg.optim.batch_size)

@@ -1,17 +1,19 @@
 """Several workers: real `trainjob train` processes on 127.0.0.1 forming a
 MultiWorkerMirroredStrategy cluster, against a real S3 server over HTTP.
 
-One run is shared, over five launches (the suite's time budget):
+One run is shared, over six launches (the suite's time budget):
 
 1. the Indexed-Job launch gets SIGTERM on worker 1 while the chief's last save point is held
    in a proxy on its way to the bucket;
 2. worker 1's replacement starts meanwhile, the chief's once that save point has landed
    (TF_CONFIG): both start from the chief's save point; worker 1 then runs out of memory in
    the validation collective (a test hook), and the chief loses its peer there;
-3. the next restart trains to the end, and its chief is SIGKILLed after training;
-4. both are relaunched: worker 1 exits at once, and the chief evaluates and publishes alone,
+3. the next restart hangs in a collective (worker 1 wedged), and a SIGTERM to the chief
+   still ends it inside the grace period (the signal watchdog);
+4. the next restart trains to the end, and its chief is SIGKILLed after training;
+5. both are relaunched: worker 1 exits at once, and the chief evaluates and publishes alone,
    without the cluster;
-5. one worker trains the same run with Keras' fit, and the run folders are compared.
+6. one worker trains the same run with Keras' fit, and the run folders are compared.
 
 The cluster is the subject, so the workers train the small stand-in backbone (ResNet50's
 kinds of layer, few weights): two processes tracing ResNet50 at once cost about a minute
@@ -107,7 +109,7 @@ def _published_trainable_digest(s3, bucket: str, prefix: str, tmp_path: Path) ->
 @pytest.mark.timeout(1800)
 def test_sigterm_then_peer_killed_then_group_restart_completes(s3, bucket, dataset, tmp_path,
                                                                 started):
-    """The five launches of the module's docstring, on one run folder."""
+    """The six launches of the module's docstring, on one run folder."""
     prefix = "runs/multi"
     out = f"s3://{bucket}/{prefix}"
     stand_in = _hooks(tmp_path, "stand_in.json", **SMALL_STAND_IN)
@@ -186,7 +188,34 @@ def test_sigterm_then_peer_killed_then_group_restart_completes(s3, bucket, datas
     assert "a peer worker died or stopped responding" in _error_lines(chief_log)[0]
     assert _status(s3, bucket, prefix)["state"] == "failed"
 
-    # 3. The next restart resumes at the same save point and trains to the end; the chief
+    # 3. The group restarts, and worker 1 hangs after a batch (a hold that never returns,
+    #    as a wedged peer), so the chief waits in the next step's collective. A SIGTERM to
+    #    the chief then: the main thread cannot stop there before the collective time-out
+    #    (90 s), so the signal watchdog stops the run inside --grace-seconds: exit 143,
+    #    status preempted, the bucket's save point kept.
+    ports = free_ports(2)
+    wedged = _hooks(tmp_path, "wedged.json", **SMALL_STAND_IN,
+                    hold={f"batch:{state['epoch']}:{state['step'] + 1}": 600})
+    chief, chief_log = _start([*_args(dataset, out), "--grace-seconds", "10"], s3.env(
+        TF_CONFIG=_tf_config(ports, 0), TRAINJOB_TEST_HOOKS=stand_in), tmp_path, "hung", 0,
+        started)
+    other, other_log = _start(_args(dataset, out), s3.env(
+        TF_CONFIG=_tf_config(ports, 1), TRAINJOB_TEST_HOOKS=wedged), tmp_path, "hung", 1,
+        started)
+    _wait_for(lambda: "test hook: holding at batch" in other_log.read_text(), other, other_log)
+    signalled = time.monotonic()
+    chief.send_signal(signal.SIGTERM)
+    code = _wait_all([(chief, chief_log)], timeout=60)[0]
+    elapsed = time.monotonic() - signalled
+    other.kill()
+    other.wait(timeout=30)
+    assert code == 143, chief_log.read_text()[-3000:]
+    assert elapsed < 10, f"the chief took {elapsed:.1f}s with --grace-seconds 10"
+    assert "grace period ran out" in _error_lines(chief_log)[0]
+    assert _status(s3, bucket, prefix)["state"] == "preempted"
+    assert s3.read_json(bucket, f"{prefix}/backup/state.json")["seq"] == state["seq"]
+
+    # 4. The next restart resumes at the same save point and trains to the end; the chief
     #    is SIGKILLed after training, once worker 1 has left (training is over).
     ports = free_ports(2)
     after = _hooks(tmp_path, "after.json", **SMALL_STAND_IN, hold={"after_training": 300})
@@ -203,7 +232,7 @@ def test_sigterm_then_peer_killed_then_group_restart_completes(s3, bucket, datas
     for log in (chief_log, other_log):
         assert resumed in log.read_text(), log.read_text()[-3000:]
 
-    # 4. Both are relaunched (a JobSet restarts the whole group). Worker 1 finds training
+    # 5. Both are relaunched (a JobSet restarts the whole group). Worker 1 finds training
     #    finished and exits 0 at once; the chief, with a long --cluster-timeout, evaluates
     #    and publishes alone: no start-up barrier, no cluster.
     again = run_trainjob([*_args(dataset, out), "--cluster-timeout", "30"], s3.env(
@@ -232,7 +261,7 @@ def test_sigterm_then_peer_killed_then_group_restart_completes(s3, bucket, datas
     assert _published_trainable_digest(s3, bucket, prefix, tmp_path) == \
         first["trainable_sha256"]
 
-    # 5. One worker trains with Keras' fit, several with the custom step: the run folders
+    # 6. One worker trains with Keras' fit, several with the custom step: the run folders
     #    must be alike, file for file and field for field (docs/distributed.md says why both).
     single = run_trainjob(_args(dataset, f"s3://{bucket}/runs/single"),
                           s3.env(TRAINJOB_TEST_HOOKS=stand_in), tmp_path / "single")

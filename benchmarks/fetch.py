@@ -49,10 +49,10 @@ TICKS = os.sysconf("SC_CLK_TCK")
 FETCH_SNIPPET = """
 import json, sys, time
 from pathlib import Path
-from trainjob import s3client, storage
-s3client.s3_client(int(sys.argv[3]))  # in a job, the run lock's store has made it already
+from trainjob.store import client, fetch
+client.s3_client(int(sys.argv[3]))  # in a job, the run lock's store has made it already
 start = time.perf_counter()
-result = storage.fetch(sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]))
+result = fetch.fetch(sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]))
 print(json.dumps({"fetch_s": time.perf_counter() - start, "path": str(result.path),
                   "downloaded": result.downloaded_objects}))
 """

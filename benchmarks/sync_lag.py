@@ -36,10 +36,11 @@ sys.path.insert(0, str(ROOT / "tests"))
 from faultproxy import FaultProxy  # noqa: E402
 from s3server import start_moto, stop_moto  # noqa: E402
 
-from trainjob import resume, s3client  # noqa: E402
-from trainjob.artifacts import RunFolder  # noqa: E402
-from trainjob.runstate import RunState  # noqa: E402
-from trainjob.storage import S3Store  # noqa: E402
+from trainjob.run.folder import RunFolder  # noqa: E402
+from trainjob.run.state import RunState  # noqa: E402
+from trainjob.run.stop import StopSignal
+from trainjob.store.client import _clients
+from trainjob.store.s3 import S3Store  # noqa: E402
 
 MB = 1024**2
 PAIR_MB = 48  # the resume pair, scaled down from 283 MB to keep the run short
@@ -65,7 +66,7 @@ def sample_lag(server, bucket: str, prefix: str, local: list[float], stop: threa
 
 def drive_generations(run: RunFolder, epoch_s: float, local: list[float]) -> list[float]:
     """Returns, per epoch, the seconds the loop waited beyond writing its own weights."""
-    state = RunState(run, fingerprint={}, history=[], stop=resume.StopSignal())
+    state = RunState(run, fingerprint={}, history=[], stop=StopSignal())
     waited = []
     for epoch in range(EPOCHS):
         time.sleep(epoch_s)  # the epoch's compute
@@ -125,7 +126,7 @@ def measure(name: str, server, proxy: FaultProxy, work: Path, epoch_s: float, ol
     bucket, prefix = "bench", name.replace(" ", "-")
     os.environ.update({k: v for k, v in server.env(AWS_ENDPOINT_URL=proxy.endpoint).items()
                        if k.startswith("AWS_")})
-    s3client._clients.clear()
+    _clients.clear()
     store = S3Store(bucket, prefix, threads=4)
     started = time.monotonic()
     local, samples, stop = [started], [], threading.Event()

@@ -58,7 +58,7 @@ def main() -> int:
             client.download_file("runs", f"demo/{picture}", str(OUT / picture))
         # The last screen: the run as `trainjob runs show` tells it (a table, not raw JSON).
         show = [sys.executable, "-m", "trainjob.cli", "runs", "show", "s3://runs/demo"]
-        print(f"\n$ trainjob runs show s3://runs/demo")
+        print("\n$ trainjob runs show s3://runs/demo")
         sys.stdout.flush()
         rc = subprocess.call(show, env=env)
         print(f"\npictures: {', '.join(str(OUT / p) for p in PICTURES)}")

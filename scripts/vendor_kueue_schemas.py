@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import yaml
-
 from vendor_jobset_schema import strip_descriptions
 
 OUT = Path(__file__).resolve().parents[1] / "tests" / "data"

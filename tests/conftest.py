@@ -23,9 +23,11 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import sampledata  # noqa: E402
 from faultproxy import FaultProxy  # noqa: E402
-from trainjob import s3client  # noqa: E402
-from trainjob.storage import LocalStore, S3Store  # noqa: E402
 from s3server import S3Server, start_moto, start_seaweed, stop_server  # noqa: E402
+
+from trainjob.store.client import _clients
+from trainjob.store.local import LocalStore  # noqa: E402
+from trainjob.store.s3 import S3Store  # noqa: E402
 
 # SGD: ResNet50's train step traces in about half of Adam's time (measured: first batch
 # 22 s against 45 s), and every training subprocess pays that once. The default (Adam) is
@@ -116,7 +118,7 @@ def point_boto3_at(server: S3Server, monkeypatch, tmp_path: Path, **env: str) ->
             monkeypatch.setenv(name, value)
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
-    s3client._clients.clear()
+    _clients.clear()
 
 
 @pytest.fixture
@@ -124,7 +126,7 @@ def s3env(s3, monkeypatch, tmp_path):
     """Point boto3's standard chain at the test server; fresh clients before and after."""
     point_boto3_at(s3, monkeypatch, tmp_path, AWS_MAX_ATTEMPTS="2")
     yield s3
-    s3client._clients.clear()
+    _clients.clear()
 
 
 @pytest.fixture
@@ -134,7 +136,7 @@ def through_proxy(s3env, monkeypatch):
         proxy = FaultProxy(s3env.endpoint, **modes).__enter__()
         proxies.append(proxy)
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
-        s3client._clients.clear()
+        _clients.clear()
         return proxy
     proxies: list[FaultProxy] = []
     yield start
@@ -156,10 +158,10 @@ def store(request, tmp_path, monkeypatch):
     server = request.getfixturevalue(SERVERS[request.param])
     point_boto3_at(server, monkeypatch, tmp_path)
     # Same server, same settings: reuse its clients (a new one costs up to a second).
-    s3client._clients.update(_clients_by_endpoint.get(server.endpoint, {}))
+    _clients.update(_clients_by_endpoint.get(server.endpoint, {}))
     yield S3Store(make_bucket(server), "runs/exp1", threads=2)
-    _clients_by_endpoint[server.endpoint] = dict(s3client._clients)
-    s3client._clients.clear()
+    _clients_by_endpoint[server.endpoint] = dict(_clients)
+    _clients.clear()
 
 
 def make_bucket(server: S3Server) -> str:

@@ -20,10 +20,10 @@ import os
 import sys
 import time
 
-from trainjob.artifacts import LOCK
 from trainjob.errors import ConfigError, LostOwnership
-from trainjob.lock import RunLock
-from trainjob.storage import open_store
+from trainjob.run.folder import LOCK
+from trainjob.run.lock import RunLock
+from trainjob.store.uri import open_store
 
 
 def race(uri: str, start_at: float, rounds: int, period: float) -> None:

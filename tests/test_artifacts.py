@@ -1,4 +1,4 @@
-"""trainjob.artifacts: the run folder's manifest, publish, status, the history plot."""
+"""trainjob.run.folder: the run folder's manifest, publish, status, the history plot."""
 
 from __future__ import annotations
 
@@ -10,17 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from trainjob.artifacts import (
-    BACKUP,
-    LOCK,
-    MANIFEST,
-    RunFolder,
-    plot_history,
-    read_json,
-    sha256,
-    write_json,
-)
-from trainjob.storage import LocalStore, S3Store
+from trainjob.run.folder import BACKUP, LOCK, MANIFEST, RunFolder, read_json, sha256, write_json
+from trainjob.store.local import LocalStore
+from trainjob.store.s3 import S3Store
+from trainjob.train.plots import plot_history
 
 
 @pytest.fixture

@@ -19,7 +19,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from trainjob import datasets, storage
+from trainjob.data import archives
+from trainjob.data.catalog import scan
+from trainjob.store import fetch
+from trainjob.store.mirror import FetchResult
 
 ROOT = Path(__file__).resolve().parents[1]
 GB = 10**9
@@ -79,7 +82,7 @@ def make_archive(path: Path, n: int = 40, salt: int = 0) -> Path:
 
 UNPACK_PAUSED = """
     import fcntl, tarfile
-    from trainjob import datasets
+    from trainjob.data import archives
     archive, extract_root, flags, name, pause_at = {args}
     real_flock = fcntl.flock
 
@@ -104,7 +107,7 @@ UNPACK_PAUSED = """
                 time.sleep(0.02)
 
     tarfile.TarFile._extract_member = extract_member
-    roots = datasets.unpack(Path(archive), Path(extract_root), 10**9)
+    roots = archives.unpack(Path(archive), Path(extract_root), 10**9)
     print(json.dumps(sorted(p.name for r in roots for p in r.rglob("*.jpg"))))
 """
 
@@ -169,47 +172,47 @@ def test_second_job_never_deletes_an_extraction_in_progress(tmp_path):
 
 
 def test_pruning_skips_a_folder_another_process_uses(tmp_path):
-    from trainjob import cache
+    from trainjob.store import hostcache
 
     folder = tmp_path / "cache" / "extracted" / "abc-data.tar"
     (folder / "data").mkdir(parents=True)
     (folder / "data" / "x.jpg").write_bytes(b"x")
     job = Job(f"""
-        from trainjob import cache
-        with cache.session():
-            with cache.using(Path({str(folder)!r})):
+        from trainjob.store import hostcache
+        with hostcache.session():
+            with hostcache.using(Path({str(folder)!r})):
                 pass
             print("ready", flush=True)
             sys.stdin.read()
         """)
     job.wait_ready()
-    assert cache.prune([folder]) == []
+    assert hostcache.prune([folder]) == []
     assert (folder / "data" / "x.jpg").read_bytes() == b"x"
     job.finish()
-    assert cache.prune([folder]) == [folder]
+    assert hostcache.prune([folder]) == [folder]
     assert not folder.exists()
 
 
 def test_a_job_that_must_rebuild_a_folder_it_holds_fails_instead_of_hanging(tmp_path):
-    from trainjob import cache
+    from trainjob.store import hostcache
 
     folder = tmp_path / "cache" / "extracted" / "abc-data.tar"
-    with cache.session():
-        assert cache.ensure(folder, ready=lambda: False, build=folder.mkdir) is True
-        assert cache.ensure(folder, ready=folder.is_dir, build=folder.mkdir) is False
+    with hostcache.session():
+        assert hostcache.ensure(folder, ready=lambda: False, build=folder.mkdir) is True
+        assert hostcache.ensure(folder, ready=folder.is_dir, build=folder.mkdir) is False
         with pytest.raises(RuntimeError, match="this job holds it"):
-            cache.ensure(folder, ready=lambda: False, build=folder.mkdir)
-    assert cache.prune([folder]) == [folder]  # the session let go of everything it held
+            hostcache.ensure(folder, ready=lambda: False, build=folder.mkdir)
+    assert hostcache.prune([folder]) == [folder]  # the session let go of everything it held
 
 
 HOLD_UNPACK = """
-    from trainjob import datasets
+    from trainjob.data import archives
     try:
-        from trainjob.cache import session
-    except ImportError:  # before trainjob.cache existed: nothing to hold
+        from trainjob.store.hostcache import session
+    except ImportError:  # before trainjob.store.hostcache existed: nothing to hold
         from contextlib import nullcontext as session
     with session():
-        roots = datasets.unpack(Path({archive!r}), Path({root!r}), 10**9)
+        roots = archives.unpack(Path({archive!r}), Path({root!r}), 10**9)
         print("ready", flush=True)
         sys.stdin.read()
         print(json.dumps(sorted(p.name for r in roots for p in r.rglob("*.jpg"))))
@@ -225,11 +228,11 @@ def test_old_extractions_are_pruned_unless_a_live_job_uses_them(tmp_path):
 
     make_archive(archive, n=12, salt=3)  # the dataset is replaced in place
     os.utime(archive, (time.time() + 5, time.time() + 5))
-    new_roots = datasets.unpack(archive, extract_root, GB)
+    new_roots = archives.unpack(archive, extract_root, GB)
     assert old.is_dir() and len(list(old.rglob("*.jpg"))) == 10, "pruned while in use"
     assert len(job.finish()) == 10  # job A read its whole extraction to the end
 
-    datasets.unpack(archive, extract_root, GB)
+    archives.unpack(archive, extract_root, GB)
     assert not old.exists(), "the extraction of the replaced archive was never pruned"
     assert [p for p in extract_root.iterdir() if not p.name.startswith(".")] == new_roots
     assert len(list(new_roots[0].rglob("*.jpg"))) == 12
@@ -250,13 +253,13 @@ def test_unused_converted_images_are_pruned_unless_a_live_job_uses_them(tmp_path
     root = cmyk_classes(tmp_path / "classes")
     converted = tmp_path / "cache" / "converted"
     job = Job(f"""
-        from trainjob import datasets
+        from trainjob.data.catalog import scan
         try:
-            from trainjob.cache import session
+            from trainjob.store.hostcache import session
         except ImportError:
             from contextlib import nullcontext as session
         with session():
-            datasets.scan(Path({str(root)!r}), Path({str(converted)!r}))
+            scan(Path({str(root)!r}), Path({str(converted)!r}))
             print("ready", flush=True)
             sys.stdin.read()
         """)
@@ -269,11 +272,11 @@ def test_unused_converted_images_are_pruned_unless_a_live_job_uses_them(tmp_path
         os.utime(path, (month_ago, month_ago))
     inode = used.stat().st_ino
 
-    datasets.scan(root, converted)
+    scan(root, converted)
     assert orphan.exists(), "pruned while another job on this host uses the folder"
     job.finish()
 
-    catalog = datasets.scan(root, converted)
+    catalog = scan(root, converted)
     assert not orphan.exists(), "an unused converted image was never pruned"
     assert str(used) in [s.path for s in catalog.samples]
     assert used.stat().st_ino == inode, "an image in use was pruned, then converted again"
@@ -282,13 +285,13 @@ def test_unused_converted_images_are_pruned_unless_a_live_job_uses_them(tmp_path
 # --- the download cache ---------------------------------------------------------------------
 
 HOLD_FETCH = """
-    from trainjob import storage
+    from trainjob.store import fetch
     try:
-        from trainjob.cache import session
+        from trainjob.store.hostcache import session
     except ImportError:
         from contextlib import nullcontext as session
     with session():
-        result = storage.fetch({uri!r}, Path({cache!r}), 2)
+        result = fetch.fetch({uri!r}, Path({cache!r}), 2)
         print("ready", flush=True)
         sys.stdin.read()
         files = sorted(p for p in result.path.rglob("*") if p.is_file())
@@ -298,7 +301,7 @@ HOLD_FETCH = """
 
 def test_a_prefix_in_use_is_not_rewritten_until_the_job_using_it_ends(s3env, bucket, tmp_path,
                                                                      caplog):
-    caplog.set_level(logging.WARNING, logger="trainjob.cache")
+    caplog.set_level(logging.WARNING, logger="trainjob.store.hostcache")
     client = s3env.client()
     for name in ("a/1.jpg", "a/2.jpg", "b/1.jpg"):
         client.put_object(Bucket=bucket, Key=f"data/{name}", Body=f"v1 {name}".encode())
@@ -308,8 +311,8 @@ def test_a_prefix_in_use_is_not_rewritten_until_the_job_using_it_ends(s3env, buc
 
     client.delete_object(Bucket=bucket, Key="data/a/2.jpg")
     client.put_object(Bucket=bucket, Key="data/b/1.jpg", Body=b"v2 b/1.jpg")
-    second: list[storage.FetchResult] = []
-    fetcher = threading.Thread(target=lambda: second.append(storage.fetch(uri, cache_dir, 2)))
+    second: list[FetchResult] = []
+    fetcher = threading.Thread(target=lambda: second.append(fetch.fetch(uri, cache_dir, 2)))
     fetcher.start()
     mirror = cache_dir / "s3" / bucket / "data"
     try:

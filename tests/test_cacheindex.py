@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from trainjob.cacheindex import PAGE, CacheIndex, OutOfOrder, intact, merge
+from trainjob.store.cacheindex import PAGE, CacheIndex, OutOfOrder, intact, merge
 
 
 def test_merge_pairs_listed_keys_with_the_index_and_finds_the_gone():

@@ -354,12 +354,11 @@ def reference_schedule(epoch: int, base: float) -> float:
 
 
 def built_callbacks(cfg: Config, tmp_path: Path) -> list:
-    from trainjob import callbacks as callbacks_lib
-    from trainjob.artifacts import RunFolder
-    from trainjob.resume import StopSignal
-    from trainjob.storage import LocalStore
-
-    from trainjob.runstate import RunState
+    from trainjob.run.folder import RunFolder
+    from trainjob.run.state import RunState
+    from trainjob.run.stop import StopSignal
+    from trainjob.store.local import LocalStore
+    from trainjob.train import callbacks as callbacks_lib
 
     run = RunFolder(tmp_path / "run", LocalStore(tmp_path / "run"))
     state = RunState(run, history=[], fingerprint={}, stop=StopSignal())

@@ -12,11 +12,11 @@ import threading
 import time
 
 import pytest
-
 from conftest import free_ports, run_trainjob
-from trainjob.cluster import Cluster, resolve, wait_for_peers
+
 from trainjob.config import ClusterConfig
 from trainjob.errors import ClusterError, ConfigError
+from trainjob.run.cluster import Cluster, resolve, wait_for_peers
 
 
 def test_alone_without_tf_config_or_workers():
@@ -137,7 +137,7 @@ def test_global_batch_must_divide_among_workers(tmp_path):
 
 def test_linear_lr_scaling_multiplies_both_rates_by_the_replicas():
     from trainjob.config import Config
-    from trainjob.training import scale_learning_rates
+    from trainjob.train.trainer import scale_learning_rates
 
     cfg = Config.from_options(data="/d", output="/o", learning_rate=0.001,
                               freeze_backbone_epochs=2, lr_scaling="linear")
@@ -237,7 +237,7 @@ def test_barrier_ignores_what_is_not_a_knock():
 
 
 def test_start_vector_names_both_starts_when_workers_differ():
-    from trainjob.startpoint import disagreement, named_start, start_vector
+    from trainjob.run.startpoint import disagreement, named_start, start_vector
 
     chief = {"seq": 12, "epoch": 2, "step": 2, "weights_sha256": "x"}
     older = {"seq": 11, "epoch": 2, "step": 0, "weights_sha256": "y"}
@@ -304,10 +304,10 @@ def test_a_worker_waits_for_the_chiefs_save_point_to_be_stored(s3env, s3, bucket
                                                                caplog):
     """The chief may name a save point the bucket does not show yet: the worker fetches it
     once it is there, checked by its sha256, with the logs it continues."""
-    caplog.set_level("INFO", logger="trainjob.startpoint")
-    from trainjob.artifacts import RunFolder
-    from trainjob.startpoint import fetch
-    from trainjob.storage import S3Store
+    caplog.set_level("INFO", logger="trainjob.run.startpoint")
+    from trainjob.run.folder import RunFolder
+    from trainjob.run.startpoint import fetch
+    from trainjob.store.s3 import S3Store
 
     weights = b"weights of save point 3"
     announced = _announced_pair(weights)
@@ -331,9 +331,9 @@ def test_a_worker_waits_for_the_chiefs_save_point_to_be_stored(s3env, s3, bucket
 
 def test_a_save_point_that_never_matches_its_sha256_is_one_line_and_exit_4(s3env, s3, bucket,
                                                                           tmp_path):
-    from trainjob.artifacts import RunFolder
-    from trainjob.startpoint import fetch
-    from trainjob.storage import S3Store
+    from trainjob.run.folder import RunFolder
+    from trainjob.run.startpoint import fetch
+    from trainjob.store.s3 import S3Store
 
     s3.client().put_object(Bucket=bucket, Key="runs/x/backup/state-000003.weights.h5",
                            Body=b"other weights")
@@ -350,9 +350,9 @@ def test_a_save_point_that_never_matches_its_sha256_is_one_line_and_exit_4(s3env
 
 
 def test_an_announcement_cannot_name_a_file_outside_the_save_points(s3env, s3, bucket, tmp_path):
-    from trainjob.artifacts import RunFolder
-    from trainjob.startpoint import fetch
-    from trainjob.storage import S3Store
+    from trainjob.run.folder import RunFolder
+    from trainjob.run.startpoint import fetch
+    from trainjob.store.s3 import S3Store
 
     announced = {"start": "pair", "record": {"seq": 3, "weights": "../../../../etc/passwd",
                                              "weights_sha256": "ab" * 32}}

@@ -1,4 +1,4 @@
-"""Compare-and-swap through the Store interface (trainjob.conditional): a local folder, moto
+"""Compare-and-swap through the Store interface (trainjob.store.conditional): a local folder, moto
 and SeaweedFS, each over its real transport."""
 
 from __future__ import annotations
@@ -8,7 +8,8 @@ import threading
 import pytest
 
 from trainjob.errors import StorageError
-from trainjob.storage import LocalStore, S3Store
+from trainjob.store.local import LocalStore
+from trainjob.store.s3 import S3Store
 
 
 def test_put_if_absent_creates_only_once(store):

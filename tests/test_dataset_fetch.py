@@ -164,11 +164,11 @@ def test_no_secret_of_a_presigned_url_is_printed_or_kept(s3, bucket, publisher, 
 
 
 def test_multipart_above_the_part_size(s3env, s3, bucket, tmp_path):
-    from trainjob import dataupload
+    from trainjob.data import upload
 
     src = tmp_path / "big.zip"
     src.write_bytes(os.urandom(11 * MiB))
-    report = dataupload.upload_path(src, f"s3://{bucket}/d/", part_size=5 * MiB, threads=4)
+    report = upload.upload_path(src, f"s3://{bucket}/d/", part_size=5 * MiB, threads=4)
     assert report.uploaded == 1
     etag = s3.client().head_object(Bucket=bucket, Key="d/big.zip")["ETag"]
     assert etag.strip('"').endswith("-3")  # three parts
@@ -227,7 +227,7 @@ def test_upload_a_missing_path_is_exit_2(s3, bucket, tmp_path):
 
 
 def test_a_server_that_ignores_range_gets_a_fresh_download(publisher, tmp_path):
-    from trainjob import httpfetch
+    from trainjob.data import httpfetch
 
     publisher.honour_range = False
     dest = tmp_path / "caltech-101.zip"
@@ -244,7 +244,7 @@ def test_a_server_that_ignores_range_gets_a_fresh_download(publisher, tmp_path):
 def test_progress_on_a_terminal_is_one_redrawn_bar():
     import io
 
-    from trainjob.textfmt import ProgressReporter
+    from trainjob.inspect.textfmt import ProgressReporter
 
     out = io.StringIO()
     report = ProgressReporter("caltech101", out, tty=True)

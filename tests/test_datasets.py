@@ -1,4 +1,4 @@
-"""trainjob.datasets: safe extraction, the official layout, image checks, splits."""
+"""trainjob.data.catalog: safe extraction, the official layout, image checks, splits."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ import pytest
 import sampledata
 from PIL import Image
 
-from trainjob import archives, datasets
-from trainjob.datasets import BACKGROUND, Catalog, Sample, locate, scan, split, unpack
+from trainjob.data import archives
+from trainjob.data.archives import unpack
+from trainjob.data.catalog import BACKGROUND, Catalog, Sample, _split_sizes, locate, scan, split
 from trainjob.errors import DataError
 
 GB = 10**9
@@ -546,9 +547,9 @@ def test_split_on_scanned_folders(class_folders, tmp_path):
 
 def test_is_archive_suffixes():
     for name in ("a.zip", "a.tar", "a.tar.gz", "A.TGZ"):
-        assert datasets.is_archive(Path(name))
+        assert archives.is_archive(Path(name))
     for name in ("a.jpg", "a.gz", "tar"):
-        assert not datasets.is_archive(Path(name))
+        assert not archives.is_archive(Path(name))
 
 
 # --- converted images: stable and never stale -------------------------------------------------
@@ -661,7 +662,7 @@ def reference_split(catalog: Catalog, seed: int, val: float, test: float) -> tup
     for label, name in enumerate(catalog.classes):
         items = sorted((s for s in catalog.samples if s.label == label), key=lambda s: s.path)
         random.Random(f"{seed}:{name}").shuffle(items)
-        n_train, n_val = datasets._split_sizes(len(items), val, test, None)
+        n_train, n_val = _split_sizes(len(items), val, test, None)
         out[0].update(items[:n_train])
         out[1].update(items[n_train:n_train + n_val])
         out[2].update(items[n_train + n_val:])

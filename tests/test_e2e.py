@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 import sampledata
 from conftest import Result, run_trainjob
 

@@ -1,4 +1,4 @@
-"""trainjob.eventlog: TensorBoard event files rewritten from the epoch records, each epoch's
+"""trainjob.train.eventlog: TensorBoard event files rewritten from the epoch records, each epoch's
 step exactly once across a kill and a resume, and sent in the epoch's generation."""
 
 from __future__ import annotations
@@ -7,12 +7,13 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
-from trainjob import eventlog, resume
-from trainjob.artifacts import RunFolder, read_json
-from trainjob.runstate import RunState
-from trainjob.storage import LocalStore
 from test_runstate import weights_writer
+
+from trainjob.run import savepoints, stop
+from trainjob.run.folder import RunFolder, read_json
+from trainjob.run.state import RunState
+from trainjob.store.local import LocalStore
+from trainjob.train import eventlog
 
 
 def read_scalars(path: Path) -> dict[str, list[tuple[int, float]]]:
@@ -68,7 +69,7 @@ def end_epochs(state: RunState, epochs: range, **extra: float) -> None:
 def test_kill_and_resume_leave_each_epoch_once_locally_and_in_the_store(tmp_path):
     local, out = tmp_path / "run", tmp_path / "out"
     with RunFolder(local, LocalStore(out)) as run:
-        first = RunState(run, fingerprint={}, history=[], stop=resume.StopSignal())
+        first = RunState(run, fingerprint={}, history=[], stop=stop.StopSignal())
         first.add_epoch_writer(lambda h: eventlog.write_events(h, local))
         assert not (local / eventlog.TRAIN).exists()  # nothing to write yet
         end_epochs(first, range(4), marker=1.0)  # then "killed" with epochs 0-3 written
@@ -77,9 +78,9 @@ def test_kill_and_resume_leave_each_epoch_once_locally_and_in_the_store(tmp_path
 
         # Resumed from the save point of epoch 2: the history is trimmed to epochs 0-1 and
         # the event files follow it at once; epochs 2 and 3 are trained again.
-        history = resume.trim_logs(run, 2)
-        second = RunState(run, fingerprint={}, history=history, stop=resume.StopSignal(),
-                          restore=read_json(local / resume.STATE))
+        history = savepoints.trim_logs(run, 2)
+        second = RunState(run, fingerprint={}, history=history, stop=stop.StopSignal(),
+                          restore=read_json(local / savepoints.STATE))
         second.add_epoch_writer(lambda h: eventlog.write_events(h, local))
         assert_each_step_once(local, 2)
         end_epochs(second, range(2, 4), marker=2.0)
@@ -107,12 +108,12 @@ def test_tensorboard_option_writes_events_from_a_real_fit_with_iterations_record
     import keras
     import numpy as np
 
-    from trainjob import callbacks as cb
     from trainjob.config import Config
+    from trainjob.train import callbacks as cb
 
     cfg = Config.from_options(data="/d", output="/o", tensorboard=True)
     with RunFolder(tmp_path / "run", LocalStore(tmp_path / "run")) as run:
-        state = RunState(run, fingerprint={}, history=[], stop=resume.StopSignal())
+        state = RunState(run, fingerprint={}, history=[], stop=stop.StopSignal())
         keeper = cb.RunKeeper(state, steps_per_epoch=4)
         callbacks = cb.make_callbacks(cfg, run, keeper)
         model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="softmax")])

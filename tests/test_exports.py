@@ -1,4 +1,4 @@
-"""trainjob.exports on a small compiled and trained model (the ResNet50 of a real run is
+"""trainjob.train.exports on a small compiled and trained model (the ResNet50 of a real run is
 checked in test_resume.py): model.keras without optimizer state, and the SavedModel."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from trainjob import exports
-from trainjob.artifacts import MODEL, SAVED_MODEL
+from trainjob.run.folder import MODEL, SAVED_MODEL
+from trainjob.train import exports
 
 
 @pytest.mark.training

@@ -20,10 +20,12 @@ import pytest
 from conftest import SMALL, SMALL_STAND_IN, run_trainjob, start_trainjob
 from test_resume import _csv_epochs, _hooks, _status, _wait_for
 
-from trainjob import model as models
-from trainjob import digests, phases, training, weights
 from trainjob.config import Config, ModelConfig
 from trainjob.errors import ConfigError, DataError
+from trainjob.run import phases
+from trainjob.store import digests
+from trainjob.train import model as models
+from trainjob.train import trainer, weights
 
 SIZE = 32
 
@@ -123,7 +125,7 @@ def test_the_plan_splits_at_the_boundary():
 
 
 def test_exp_decay_restarts_from_the_fine_tune_rate():
-    from trainjob import callbacks as cb
+    from trainjob.train import callbacks as cb
 
     schedule = cb.exp_decay(1e-2, 1e-3, 5)
     assert schedule(0, 9.0) == 1e-2 and schedule(4, 9.0) == 1e-2
@@ -137,13 +139,13 @@ def test_frozen_phase_changes_only_the_head_then_the_backbone_trains(tmp_path):
     cfg = Config.from_options(data="/d", output="/o", image_size=SIZE, epochs=2,
                               freeze_backbone_epochs=1, learning_rate=1e-2, label_smoothing=0.1)
     model = models.build_model(cfg.model, 3)
-    training.compile_model(model, cfg, 3)
+    trainer.compile_model(model, cfg, 3)
     backbone = models.backbone_of(model)
     rng = np.random.default_rng(0)
     x = rng.uniform(0, 255, (4, SIZE, SIZE, 3)).astype("float32")
     y = keras.utils.to_categorical([0, 1, 2, 0], 3)
 
-    training.enter_phase(model, cfg, 3, phases.HEAD)
+    trainer.enter_phase(model, cfg, 3, phases.HEAD)
     assert len(model.trainable_variables) == 2  # the head's kernel and bias
     before = [v.numpy() for v in backbone.weights]  # kernels and BN moving statistics
     head = [v.numpy() for v in model.get_layer("predictions").weights]
@@ -154,9 +156,9 @@ def test_frozen_phase_changes_only_the_head_then_the_backbone_trains(tmp_path):
     assert any(not np.array_equal(v.numpy(), old)
                for v, old in zip(model.get_layer("predictions").weights, head))
 
-    training.enter_phase(model, cfg, 3, phases.FULL, rate=cfg.optim.fine_tune_rate)
+    trainer.enter_phase(model, cfg, 3, phases.FULL, rate=cfg.optim.fine_tune_rate)
     assert len(model.trainable_variables) == 2 + len(backbone.trainable_weights) > 200
-    assert training.learning_rate(model) == pytest.approx(1e-3)
+    assert trainer.learning_rate(model) == pytest.approx(1e-3)
     assert model.loss.label_smoothing == pytest.approx(0.1)  # the recompile kept the loss
     model.run_eagerly = True
     model.fit(x, y, batch_size=2, initial_epoch=1, epochs=2, verbose=0)

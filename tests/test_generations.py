@@ -16,12 +16,14 @@ import io
 import time
 
 import pytest
-
 from test_job import cfg_for
-from trainjob import job, resume
-from trainjob.artifacts import BEST, BEST_STAGED, HISTORY, LOG_CSV, RunFolder
-from trainjob.runstate import RunState
-from trainjob.storage import LocalStore, S3Store
+
+from trainjob import job
+from trainjob.run import savepoints, stop
+from trainjob.run.folder import BEST, BEST_STAGED, HISTORY, LOG_CSV, RunFolder
+from trainjob.run.state import RunState
+from trainjob.store.local import LocalStore
+from trainjob.store.s3 import S3Store
 
 # The files of an epoch's generation, in the order they must go up (as regexes of keys).
 GENERATION = {
@@ -55,7 +57,7 @@ def test_a_kill_before_any_file_of_a_generation_resumes_with_each_epoch_once(
     proxy = through_proxy()
     store = S3Store(bucket, "run", threads=2)
     with RunFolder(tmp_path / "first", store) as run:
-        state = RunState(run, fingerprint={}, history=[], stop=resume.StopSignal())
+        state = RunState(run, fingerprint={}, history=[], stop=stop.StopSignal())
         for epoch in (0, 1):
             train_epoch(state, run, epoch)
         assert run.uploader.flush(timeout=30)
@@ -72,7 +74,7 @@ def test_a_kill_before_any_file_of_a_generation_resumes_with_each_epoch_once(
     with RunFolder(tmp_path / "second", S3Store(bucket, "run", threads=2)) as again:
         point = job._prepare(cfg_for(f"s3://{bucket}/run", tmp_path), again)
         resumed_at = point["epoch"]
-        history = resume.trim_logs(again, resumed_at)
+        history = savepoints.trim_logs(again, resumed_at)
         assert [h["epoch"] for h in history] == list(range(resumed_at)), cut_before
         rows = list(csv.DictReader(io.StringIO(again.path(LOG_CSV).read_text())))
         assert [int(r["epoch"]) for r in rows] == list(range(resumed_at)), cut_before
@@ -81,7 +83,7 @@ def test_a_kill_before_any_file_of_a_generation_resumes_with_each_epoch_once(
         # Where the best's upload had not finished, the save point knows what it wants, and
         # its own weights are that best's: the resumed run writes them again.
         assert point["best"]["epoch"] == resumed_at - 1
-        RunState(again, fingerprint={}, history=history, stop=resume.StopSignal(),
+        RunState(again, fingerprint={}, history=history, stop=stop.StopSignal(),
                  restore=point).reconcile_best(
             lambda path: path.write_bytes(f"best of epoch {resumed_at - 1}".encode()))
         assert epoch_of(again.path(BEST)) == resumed_at - 1, cut_before
@@ -111,7 +113,7 @@ def test_a_best_checkpoint_lost_with_a_skipped_generation_starts_again(tmp_path)
         point = {"epoch": 5, "step": 0, "best": {"sha256": "0" * 64, "epoch": 3},
                  "callbacks": {"ModelCheckpoint:best": {"best": 0.1},
                                "EarlyStopping:": {"wait": 1}}}
-        state = RunState(run, fingerprint={}, history=[], stop=resume.StopSignal(),
+        state = RunState(run, fingerprint={}, history=[], stop=stop.StopSignal(),
                          restore=point)
         state.reconcile_best(lambda path: pytest.fail("these are not the best's weights"))
         assert not run.path(BEST).exists()
@@ -125,7 +127,7 @@ def test_without_sync_the_stored_resume_state_is_whole_or_absent(s3env, bucket, 
     there): never a record whose weights were not stored, which a new pod refused with
     exit 2, for good."""
     with RunFolder(tmp_path / "first", S3Store(bucket, "run", threads=2), sync=False) as run:
-        state = RunState(run, fingerprint={}, history=[], stop=resume.StopSignal())
+        state = RunState(run, fingerprint={}, history=[], stop=stop.StopSignal())
         for epoch in (0, 1):
             train_epoch(state, run, epoch)
         assert run.uploader.flush(timeout=30)
@@ -135,5 +137,5 @@ def test_without_sync_the_stored_resume_state_is_whole_or_absent(s3env, bucket, 
     with RunFolder(tmp_path / "second", S3Store(bucket, "run", threads=2)) as again:
         point = job._prepare(cfg_for(f"s3://{bucket}/run", tmp_path), again)  # whole
         assert point["finished_training"] and point["epoch"] == 2
-        assert epoch_of(again.path(resume.weights_of(point))) == 1
+        assert epoch_of(again.path(savepoints.weights_of(point))) == 1
         assert epoch_of(again.path(BEST)) == 1

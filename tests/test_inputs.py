@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainjob import datasets, inputs
-from trainjob.datasets import Sample
+import trainjob
+from trainjob.data.catalog import Sample
+from trainjob.data.images import check_image
+from trainjob.train import inputs
 
 N, CLASSES, SIZE = 20, 4, 16
 
@@ -123,7 +125,7 @@ def test_file_cache_survives_a_killed_writer(samples, tmp_path):
 
 
 def test_auto_pipeline_cache_keeps_train_and_val_within_the_budget(caplog):
-    caplog.set_level(logging.INFO, logger="trainjob.inputs")
+    caplog.set_level(logging.INFO, logger="trainjob.train.inputs")
     per_image = 224 * 224 * 3 + inputs.IMAGE_OVERHEAD
     budget = inputs.MemoryBudget(ram_bytes=1000 * per_image, fraction=0.5)  # room for 500
     assert inputs.choose_pipeline_cache(400, 224, "train", budget) == "memory"
@@ -198,14 +200,14 @@ def test_file_cache_another_job_is_writing_is_left_alone(samples, tmp_path):
         [sys.executable, "-c", f"""
 import sys
 from pathlib import Path
-from trainjob import cache
-with cache.session():
-    with cache.using(Path({str(prefix)!r})):
+from trainjob.store import hostcache
+with hostcache.session():
+    with hostcache.using(Path({str(prefix)!r})):
         Path({str(lockfile)!r}).write_text("")  # mid-way through writing the cache
     print("ready", flush=True)
     sys.stdin.read()
 """], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONPATH": str(Path(inputs.__file__).parents[1])})
+        env={**os.environ, "PYTHONPATH": str(Path(trainjob.__file__).parents[1])})
     try:
         assert holder.stdout.readline().strip() == "ready"
         batches = list(_stream(samples, 0, 1, cache="file", tmp=cache_dir))
@@ -227,7 +229,7 @@ def test_every_image_the_scan_accepts_decodes_to_the_colours_pillow_shows(name, 
     path = tmp_path / name
     imagefiles.FILES[name](path)
     (tmp_path / "converted").mkdir()
-    checked = datasets.check_image(path, tmp_path / "converted")
+    checked = check_image(path, tmp_path / "converted")
     assert checked.usable is not None, f"{name} ({checked.mode}): {checked.reason}"
     decoded = inputs.decode_image(str(checked.usable), imagefiles.SIDE).numpy()
     expected = imagefiles.pillow_rgb(path)

@@ -13,14 +13,28 @@ from pathlib import Path
 
 import pytest
 
-from trainjob import job, resume, runconfig
-from trainjob.artifacts import (CLASSES, CONFIG, HISTORY, LAST, LOCK, LOG_CSV, MANIFEST, STATUS,
-                                RunFolder, read_json, sha256, write_json)
+from trainjob import job
 from trainjob.config import Config
-from trainjob.datasets import Catalog, Sample, split
+from trainjob.data.catalog import Catalog, Sample, split
 from trainjob.errors import ConfigError, Preempted, StorageError
-from trainjob.runstate import RunState
-from trainjob.storage import LocalStore, S3Store
+from trainjob.run import configfile, savepoints, stop
+from trainjob.run.folder import (
+    CLASSES,
+    CONFIG,
+    HISTORY,
+    LAST,
+    LOCK,
+    LOG_CSV,
+    MANIFEST,
+    STATUS,
+    RunFolder,
+    read_json,
+    sha256,
+    write_json,
+)
+from trainjob.run.state import RunState
+from trainjob.store.local import LocalStore
+from trainjob.store.s3 import S3Store
 
 
 def cfg_for(output: str, tmp_path: Path, **options) -> Config:
@@ -30,7 +44,7 @@ def cfg_for(output: str, tmp_path: Path, **options) -> Config:
 
 def started_run(run: RunFolder, epochs: int, fingerprint: dict | None = None) -> None:
     """A run that trained ``epochs`` epochs: logs, checkpoints and save points."""
-    state = RunState(run, fingerprint=fingerprint or {}, history=[], stop=resume.StopSignal())
+    state = RunState(run, fingerprint=fingerprint or {}, history=[], stop=stop.StopSignal())
     for epoch in range(epochs):
         run.path(LOG_CSV).write_text("epoch,loss\n" + "".join(f"{e},1.0\n" for e in range(epoch + 1)))
         run.path("checkpoints").mkdir(exist_ok=True)
@@ -102,28 +116,28 @@ def test_the_last_checkpoint_fallback_checks_the_settings_like_any_resume(tmp_pa
     cfg, started = cfg_for(str(out), tmp_path), fingerprint_of(tmp_path)
     with RunFolder(out, LocalStore(out)) as run:
         run.write(CLASSES, {"0": "a", "1": "b", "2": "c"})
-        runconfig.write(cfg, run, {}, {}, None, fingerprint=started)
+        configfile.write(cfg, run, {}, {}, None, fingerprint=started)
         started_run(run, 2, started)
         _broken_but_for_last(run, keep)
         state = job._prepare(cfg, run)
     assert state["from_checkpoint"] == LAST and state["epoch"] == 2
-    resume.check_compatible(state, fingerprint_of(tmp_path))  # the same settings: fine
+    savepoints.check_compatible(state, fingerprint_of(tmp_path))  # the same settings: fine
     for option, value, named in [("seed", 7, "--seed"), ("val_fraction", 0.3, "--val-fraction")]:
         with pytest.raises(ConfigError) as err:
-            resume.check_compatible(state, fingerprint_of(tmp_path, **{option: value}))
+            savepoints.check_compatible(state, fingerprint_of(tmp_path, **{option: value}))
         assert named in str(err.value) and err.value.exit_code == 2
     with pytest.raises(ConfigError, match="the class list"):
         renamed = Catalog(Path("/x"), ["a", "b", "z"], catalog().samples)
-        resume.check_compatible(state, fingerprint_of(tmp_path, renamed))
+        savepoints.check_compatible(state, fingerprint_of(tmp_path, renamed))
     if keep != "settings":  # the images of each split are in a fingerprint, not in settings
         with pytest.raises(ConfigError, match="the dataset's images"):
-            resume.check_compatible(state, fingerprint_of(tmp_path, catalog(19)))
+            savepoints.check_compatible(state, fingerprint_of(tmp_path, catalog(19)))
 
 
 def test_the_last_checkpoint_fallback_with_no_record_of_the_settings_refuses(tmp_path):
     out = tmp_path / "run"
     with RunFolder(out, LocalStore(out)) as run:
-        runconfig.write(cfg_for(str(out), tmp_path), run, {}, {}, None, fingerprint={})
+        configfile.write(cfg_for(str(out), tmp_path), run, {}, {}, None, fingerprint={})
         started_run(run, 2, fingerprint_of(tmp_path))
         _broken_but_for_last(run, "none")
         before = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
@@ -234,7 +248,7 @@ def test_nothing_changes_the_run_after_its_manifest(tmp_path, monkeypatch):
     monkeypatch.setattr(job, "_train", train_publish_then_signal)
     cfg = cfg_for(str(out), tmp_path)
     with RunFolder(tmp_path / "run", NoDeleteStore(out)) as run:
-        job._run_locked(cfg, run, lock=None, stop=resume.StopSignal())  # exits 0
+        job._run_locked(cfg, run, lock=None, stop=stop.StopSignal())  # exits 0
     manifest = read_json(out / MANIFEST)
     assert read_json(out / STATUS)["state"] == "succeeded"
     assert manifest["files"][STATUS]["sha256"] == sha256(out / STATUS)
@@ -248,13 +262,13 @@ def test_a_resumed_run_keeps_the_start_of_its_first_attempt(tmp_path, monkeypatc
     with RunFolder(out, LocalStore(out)) as run:
         started_run(run, 1)
         run.set_status("preempted", started=1000.0)
-        job._run_locked(cfg, run, lock=None, stop=resume.StopSignal())
+        job._run_locked(cfg, run, lock=None, stop=stop.StopSignal())
         status = read_json(run.path(STATUS))
     assert status["first_started"] == 1000.0 and status["started"] > 1000.0
     fresh = tmp_path / "fresh"
     with RunFolder(fresh, LocalStore(fresh)) as run:
         job._run_locked(cfg_for(str(fresh), tmp_path), run, lock=None,
-                        stop=resume.StopSignal())
+                        stop=stop.StopSignal())
         status = read_json(run.path(STATUS))
     assert status["first_started"] == status["started"]
 
@@ -271,7 +285,7 @@ def fingerprint_of(tmp_path: Path, cat: Catalog | None = None, **options) -> dic
     cat = cat or catalog()
     splits = split(cat, val_fraction=cfg.split.val_fraction, test_fraction=cfg.split.test_fraction,
                    train_per_class=cfg.split.train_per_class, seed=cfg.split.seed)
-    return resume.fingerprint(cfg, cat, splits)
+    return savepoints.fingerprint(cfg, cat, splits)
 
 
 @pytest.mark.parametrize("option, value, named", [
@@ -282,19 +296,19 @@ def fingerprint_of(tmp_path: Path, cat: Catalog | None = None, **options) -> dic
 ])
 def test_resume_refuses_a_changed_setting_and_names_it(tmp_path, option, value, named):
     saved = {"fingerprint": fingerprint_of(tmp_path)}
-    resume.check_compatible(saved, fingerprint_of(tmp_path))  # unchanged: fine
+    savepoints.check_compatible(saved, fingerprint_of(tmp_path))  # unchanged: fine
     with pytest.raises(ConfigError) as err:
-        resume.check_compatible(saved, fingerprint_of(tmp_path, **{option: value}))
+        savepoints.check_compatible(saved, fingerprint_of(tmp_path, **{option: value}))
     assert named in str(err.value) and err.value.exit_code == 2
 
 
 def test_resume_refuses_changed_data(tmp_path):
     saved = {"fingerprint": fingerprint_of(tmp_path)}
     with pytest.raises(ConfigError, match="the dataset's images"):
-        resume.check_compatible(saved, fingerprint_of(tmp_path, catalog(19)))
+        savepoints.check_compatible(saved, fingerprint_of(tmp_path, catalog(19)))
 
 
 def test_settings_an_older_version_did_not_record_are_not_checked(tmp_path):
     old = {"fingerprint": {"image_size": 224, "optimizer": "adam",
                            "classes": fingerprint_of(tmp_path)["classes"]}}
-    resume.check_compatible(old, fingerprint_of(tmp_path, seed=9, image_size=224))
+    savepoints.check_compatible(old, fingerprint_of(tmp_path, seed=9, image_size=224))

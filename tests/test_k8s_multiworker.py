@@ -23,9 +23,18 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
-
-from test_k8s import (AWS_KEYS, strict_k8s_errors, COMPONENTS, K8S, KUBERNETES_VERSIONS, ROOT, find, load_all,
-                      render, require_kustomize)
+from test_k8s import (
+    AWS_KEYS,
+    COMPONENTS,
+    K8S,
+    KUBERNETES_VERSIONS,
+    ROOT,
+    find,
+    load_all,
+    render,
+    require_kustomize,
+    strict_k8s_errors,
+)
 
 from trainjob.cli import train
 from trainjob.config import Config

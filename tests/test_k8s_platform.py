@@ -25,13 +25,23 @@ import pytest
 yaml = pytest.importorskip("yaml")
 jsonschema = pytest.importorskip("jsonschema")
 
-from test_k8s import (COMPONENTS, K8S, KUBERNETES_VERSIONS, ROOT, find, load_all, render,
-                      require_kustomize, strict_k8s_errors)
+from test_k8s import (
+    COMPONENTS,
+    K8S,
+    KUBERNETES_VERSIONS,
+    ROOT,
+    find,
+    load_all,
+    render,
+    require_kustomize,
+    strict_k8s_errors,
+)
 from test_k8s_multiworker import child_job, same_pod, strict_schema
 
-from trainjob import sweep, termination
+from trainjob import termination
 from trainjob.cli import train
 from trainjob.errors import NON_RETRIABLE
+from trainjob.run import sweep
 
 KUEUE = K8S / "components" / "kueue"
 QUEUES = KUEUE / "queues"

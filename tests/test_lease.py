@@ -14,17 +14,19 @@ import time
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-
 from conftest import SMALL, STAND_IN, start_trainjob
 from faultproxy import FaultProxy
 from test_e2e import assert_complete_run
 from test_resume import _hooks, _status, _wait_for
-from trainjob import resume, s3client
-from trainjob.artifacts import LOCK, STATUS, RunFolder
+
 from trainjob.errors import LostOwnership, StorageError
-from trainjob.lock import RunLock
-from trainjob.runstate import RunState
-from trainjob.storage import LocalStore, S3Store
+from trainjob.run import savepoints, stop
+from trainjob.run.folder import LOCK, STATUS, RunFolder
+from trainjob.run.lock import RunLock
+from trainjob.run.state import RunState
+from trainjob.store import client
+from trainjob.store.local import LocalStore
+from trainjob.store.s3 import S3Store
 
 STALE = 2.0  # seconds: the lease is half of it
 HOUR = 3600.0
@@ -49,7 +51,7 @@ def test_a_job_cut_off_past_the_stale_time_writes_nothing_after_a_takeover(
         s3env, bucket, tmp_path, monkeypatch):
     with FaultProxy(s3env.endpoint) as proxy:
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
-        s3client._clients.clear()
+        client._clients.clear()
         ours = S3Store(bucket, "run", threads=2)  # keeps its client: through the proxy
         lock = RunLock(ours, stale_after=STALE, heartbeat_every=HOUR)
         lock.acquire()
@@ -61,7 +63,7 @@ def test_a_job_cut_off_past_the_stale_time_writes_nothing_after_a_takeover(
             time.sleep(STALE + 0.5)  # the last beat is now older than the stale time
 
             monkeypatch.setenv("AWS_ENDPOINT_URL", s3env.endpoint)
-            s3client._clients.clear()
+            client._clients.clear()
             theirs = S3Store(bucket, "run", threads=2)
             taker = RunLock(theirs, stale_after=STALE, heartbeat_every=HOUR)
             taker.acquire(timeout=10, poll=0.05)
@@ -84,7 +86,7 @@ def test_a_store_unreachable_past_the_lease_holds_writes_until_the_lock_is_confi
     uploader retries) and go once a conditional write has shown the lock is still ours."""
     with FaultProxy(s3env.endpoint) as proxy:
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
-        s3client._clients.clear()
+        client._clients.clear()
         store = S3Store(bucket, "run", threads=2)
         lock = RunLock(store, stale_after=STALE, heartbeat_every=HOUR)
         lock.acquire()
@@ -116,7 +118,7 @@ def test_a_paused_job_writing_a_local_output_stops_before_its_next_save(tmp_path
     lock = RunLock(LocalStore(out), stale_after=STALE, heartbeat_every=HOUR)
     lock.acquire()
     with RunFolder(out, LocalStore(out), lease=lock) as run:
-        state = RunState(run, fingerprint={}, history=[], stop=resume.StopSignal(),
+        state = RunState(run, fingerprint={}, history=[], stop=stop.StopSignal(),
                          fence=run.check)
         state.end_epoch(0, {"epoch": 0, "loss": 1.0}, write_weights=_weights(b"epoch 0"),
                         iterations=1, callbacks={})
@@ -126,8 +128,8 @@ def test_a_paused_job_writing_a_local_output_stops_before_its_next_save(tmp_path
         with pytest.raises(LostOwnership):
             state.end_epoch(1, {"epoch": 1, "loss": 0.5}, write_weights=_weights(b"epoch 1"),
                             iterations=2, callbacks={})
-        assert resume.load_state(run)["epoch"] == 1  # the save point of epoch 0, alone
-        assert resume.saved_points(run) == [1]
+        assert savepoints.load_state(run)["epoch"] == 1  # the save point of epoch 0, alone
+        assert savepoints.saved_points(run) == [1]
         taker.release()
 
 

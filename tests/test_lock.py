@@ -1,4 +1,4 @@
-"""trainjob.lock: one job per run folder, on the local disk and on real S3 servers (moto,
+"""trainjob.run.lock: one job per run folder, on the local disk and on real S3 servers (moto,
 SeaweedFS). Real processes racing and fencing each other: test_lock_processes.py."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import time
 
 import pytest
 
-from trainjob.artifacts import LOCK
 from trainjob.errors import NON_RETRIABLE, ConfigError, LostOwnership
-from trainjob.lock import HEARTBEAT_SECONDS, PROBE_PREFIX, STALE_SECONDS, RunLock
-from trainjob.storage import LocalStore
+from trainjob.run.folder import LOCK
+from trainjob.run.lock import HEARTBEAT_SECONDS, PROBE_PREFIX, STALE_SECONDS, RunLock
+from trainjob.store.local import LocalStore
 
 
 @pytest.fixture
@@ -197,7 +197,7 @@ def test_unreadable_lock_file_is_treated_as_free(store, locks):
 
 
 def test_heartbeat_thread_keeps_the_lock_fresh(store, locks, monkeypatch):
-    monkeypatch.setattr("trainjob.lock.HEARTBEAT_SECONDS", 0.05)
+    monkeypatch.setattr("trainjob.run.lock.HEARTBEAT_SECONDS", 0.05)
     lock = locks(store)
     lock.acquire(timeout=5, poll=0.05)
     first = store.read_json(LOCK)["heartbeat"]
@@ -235,7 +235,7 @@ class SlowBeatStore(LocalStore):
 
 
 def test_release_waits_for_a_heartbeat_in_flight(tmp_path, locks, monkeypatch):
-    monkeypatch.setattr("trainjob.lock.HEARTBEAT_SECONDS", 0.01)
+    monkeypatch.setattr("trainjob.run.lock.HEARTBEAT_SECONDS", 0.01)
     store = SlowBeatStore(tmp_path / "run")
     lock = locks(store)
     lock.acquire(timeout=5, poll=0.05)
@@ -331,7 +331,7 @@ def test_a_beat_whose_reply_was_lost_is_not_a_takeover(store, locks):
 
 
 def test_lost_lock_stops_the_heartbeat_thread(store, locks, monkeypatch):
-    monkeypatch.setattr("trainjob.lock.HEARTBEAT_SECONDS", 0.05)
+    monkeypatch.setattr("trainjob.run.lock.HEARTBEAT_SECONDS", 0.05)
     lock = locks(store)
     lock.acquire(timeout=5, poll=0.05)
     taken = holder()
@@ -389,6 +389,6 @@ def test_timings_come_from_the_test_hooks_file(tmp_path, monkeypatch):
 
 
 def test_probe_name_is_never_published():
-    from trainjob.artifacts import NOT_PUBLISHED
+    from trainjob.run.folder import NOT_PUBLISHED
 
     assert PROBE_PREFIX.startswith(".") and "." in NOT_PUBLISHED

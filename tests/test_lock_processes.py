@@ -14,14 +14,14 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import make_bucket, point_boto3_at
 from faultproxy import FaultProxy
-from trainjob import s3client
-from trainjob.artifacts import LOCK
+
 from trainjob.errors import LostOwnership
-from trainjob.lock import RunLock
-from trainjob.storage import S3Store
+from trainjob.run.folder import LOCK
+from trainjob.run.lock import RunLock
+from trainjob.store import client
+from trainjob.store.s3 import S3Store
 
 WORKER = str(Path(__file__).with_name("lockworker.py"))
 ROUNDS, PERIOD = 10, 0.8
@@ -105,7 +105,7 @@ def test_takeover_fences_the_old_holder(how, seaweed, tmp_path, monkeypatch):
         finally:
             holder.kill()
             taker.release()
-            s3client._clients.clear()
+            client._clients.clear()
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1, lines
     assert lines[0].startswith("trainjob: error: lost the run lock s3://")
@@ -165,7 +165,7 @@ def test_advisory_lock_still_fences_by_token(seaweed, tmp_path, monkeypatch, cap
             assert store.read_json(LOCK)["token"] == second.token
         finally:
             second.release()
-            s3client._clients.clear()
+            client._clients.clear()
     assert seaweed.keys(bucket) == {}
     advisory = [r for r in caplog.records if "advisory" in r.getMessage()]
     assert len(advisory) == 2 and all(r.levelname == "WARNING" for r in advisory)  # one per job
@@ -192,7 +192,7 @@ def test_lost_replies_do_not_cost_the_lock(seaweed, tmp_path, monkeypatch):
                 lock.release()
                 assert store.read_json(LOCK) is None
         finally:
-            s3client._clients.clear()
+            client._clients.clear()
     assert proxy.injected["lost_reply"] >= 5, proxy.injected
     lost_puts = [s for s in proxy.seen if s.method == "PUT" and s.status == 0]
     assert len(lost_puts) >= 3, "no conditional write lost its reply: the test proved nothing"

@@ -6,9 +6,9 @@ import keras
 import numpy as np
 import pytest
 
-from trainjob import model as models
 from trainjob.config import ModelConfig
-from trainjob.weights import MODEL, InitialWeights
+from trainjob.train import model as models
+from trainjob.train.weights import MODEL, InitialWeights
 
 
 @pytest.fixture(autouse=True)

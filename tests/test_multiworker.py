@@ -29,9 +29,14 @@ import time
 from pathlib import Path
 
 import pytest
-
-from conftest import (consecutive_free_ports, free_ports, SMALL, SMALL_STAND_IN, run_trainjob,
-                      start_trainjob)
+from conftest import (
+    SMALL,
+    SMALL_STAND_IN,
+    consecutive_free_ports,
+    free_ports,
+    run_trainjob,
+    start_trainjob,
+)
 from faultproxy import FaultProxy
 from test_e2e import assert_complete_run
 from test_resume import _csv_epochs, _hooks, _status, _wait_for
@@ -98,8 +103,8 @@ def _weights(tmp_path: Path, index: int) -> dict:
 def _published_trainable_digest(s3, bucket: str, prefix: str, tmp_path: Path) -> str:
     import keras
 
-    import trainjob.model  # noqa: F401 - registers the preprocessing layer
-    from trainjob.training import weights_digest
+    import trainjob.train.model  # noqa: F401 - registers the preprocessing layer
+    from trainjob.train.trainer import weights_digest
 
     path = tmp_path / "model.keras"
     s3.client().download_file(bucket, f"{prefix}/model/model.keras", str(path))

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainjob import plots, runinfo
-from trainjob.artifacts import CONFUSION, PER_CLASS, RUN_ENTRIES
-from trainjob.datasets import Sample
+from trainjob.data.catalog import Sample
+from trainjob.inspect import runinfo
+from trainjob.run.folder import CONFUSION, PER_CLASS, RUN_ENTRIES
+from trainjob.train import plots
 
 
 def test_confusion_matrix_rows_are_true_classes_and_normalize_per_row():
@@ -23,7 +24,7 @@ def test_confusion_matrix_rows_are_true_classes_and_normalize_per_row():
 def test_evaluate_records_the_matrix_and_top_confusions_runs_show_reads():
     import tensorflow as tf
 
-    from trainjob import training
+    from trainjob.train import evaluation
 
     class Given:  # evaluate's one call: predict on the stream, which here holds the answers
         def predict(self, ds, verbose=0):
@@ -33,7 +34,7 @@ def test_evaluate_records_the_matrix_and_top_confusions_runs_show_reads():
                       [0.1, 0.1, 0.8], [0.1, 0.8, 0.1]], "float32")
     test = [Sample("a", 0), Sample("b", 1), Sample("c", 1), Sample("d", 1), Sample("e", 2),
             Sample("f", 2)]
-    m = training.evaluate(Given(), tf.data.Dataset.from_tensor_slices(probs).batch(4), test,
+    m = evaluation.evaluate(Given(), tf.data.Dataset.from_tensor_slices(probs).batch(4), test,
                           ["x", "y", "z"])
     assert m["confusion_matrix"] == [[1, 0, 0], [2, 1, 0], [0, 1, 1]]
     assert m["top_confusions"] == [{"true": "y", "predicted": "x", "count": 2},

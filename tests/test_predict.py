@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainjob import predictor
-from trainjob.artifacts import write_json
 from trainjob.cli import main
+from trainjob.run.folder import write_json
+from trainjob.train import predictor
 
 SIZE = 16
 NAMES = ["red", "green", "blue"]
@@ -139,8 +139,8 @@ def test_top1_equals_the_evaluation_path(run_folder, images):
     probabilities as predict, on the same files."""
     import keras
 
-    from trainjob import inputs
-    from trainjob.datasets import Sample
+    from trainjob.data.catalog import Sample
+    from trainjob.train import inputs
 
     files = [images[k] for k in ("red", "green", "gray")]
     model = keras.saving.load_model(run_folder / "model" / "model.keras")

@@ -15,15 +15,16 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import SMALL, STAND_IN, point_boto3_at, run_trainjob, start_trainjob, upload_tree
 from faultproxy import FaultProxy
 from test_e2e import assert_complete_run, assert_stock_client_pulls_the_run
 from test_eventlog import assert_each_step_once
-from trainjob import eventlog, s3client
-from trainjob.artifacts import LOCK
-from trainjob.lock import RunLock
-from trainjob.storage import S3Store
+
+from trainjob.run.folder import LOCK
+from trainjob.run.lock import RunLock
+from trainjob.store import client
+from trainjob.store.s3 import S3Store
+from trainjob.train import eventlog
 
 pytestmark = pytest.mark.e2e
 
@@ -148,7 +149,7 @@ def test_official_zip_killed_resumed_and_pulled(server, bucket, dataset, class_f
     import numpy as np
     import tensorflow as tf
 
-    import trainjob.model  # noqa: F401 - registers the preprocessing layer
+    import trainjob.train.model  # noqa: F401 - registers the preprocessing layer
 
     path = pulled / "model" / "model.keras"
     model = keras.saving.load_model(path)
@@ -224,7 +225,7 @@ def _take_the_lock_from(proc, log: Path, release: Path, s3, bucket: str, prefix:
     finally:
         proc.kill()
         taker.release()
-        s3client._clients.clear()
+        client._clients.clear()
     errors = [line for line in log.read_text().splitlines() if line.startswith("trainjob: error")]
     assert len(errors) == 1 and "lost the run lock" in errors[0], errors
     assert _status(s3, bucket, prefix)["state"] == "running"
@@ -236,8 +237,9 @@ def assert_predict_agrees_with_evaluation(s3, bucket: str, prefix: str, model,
     one and the truncated one: classes from classes.json, probabilities summing to 1, the
     truncated file reported on stderr (exit 3) while the others are predicted, and each
     top-1 equal to the model's own evaluation path (the pipeline's decode, resize, batch)."""
-    from trainjob import inputs
-    from trainjob.datasets import Sample, check_image
+    from trainjob.data.catalog import Sample
+    from trainjob.data.images import check_image
+    from trainjob.train import inputs
 
     out = f"s3://{bucket}/{prefix}"
     classes = s3.read_json(bucket, f"{prefix}/classes.json")

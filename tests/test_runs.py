@@ -14,14 +14,14 @@ import threading
 import time
 
 import pytest
-from click.testing import CliRunner
-
 import runfolders
+from click.testing import CliRunner
 from conftest import make_bucket, point_boto3_at, run_trainjob
 from faultproxy import FaultProxy
-from trainjob import runinfo
+
 from trainjob.cli import cli
-from trainjob.storage import S3Store
+from trainjob.inspect import runinfo
+from trainjob.store.s3 import S3Store
 
 NOW = time.time()  # for pure functions given `now`; anything the CLI reads uses the clock
 

@@ -12,12 +12,13 @@ import json
 import time
 
 import pytest
+import runfolders
 from click.testing import CliRunner
 
-import runfolders
-from trainjob import runcompare
 from trainjob.cli import cli, main
-from trainjob.storage import S3Store, open_store
+from trainjob.inspect import runcompare
+from trainjob.store.s3 import S3Store
+from trainjob.store.uri import open_store
 
 
 def settings(lr: float, freeze: int, index: int) -> dict:

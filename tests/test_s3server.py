@@ -8,7 +8,6 @@ from pathlib import Path
 
 import botocore.exceptions
 import pytest
-
 from s3server import S3Server, start_seaweed, stop_server
 
 

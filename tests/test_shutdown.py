@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import SMALL, STAND_IN, start_trainjob
 from test_resume import _hooks, _status, _wait_for
 

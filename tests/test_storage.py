@@ -1,4 +1,4 @@
-"""trainjob.storage against a real S3 server (moto_server over HTTP) and the local disk."""
+"""trainjob.store.s3 against a real S3 server (moto_server over HTTP) and the local disk."""
 
 from __future__ import annotations
 
@@ -17,9 +17,16 @@ import pytest
 from conftest import make_bucket, point_boto3_at
 from faultproxy import FaultProxy
 
-from trainjob import s3client, storage, transfer
+import trainjob
 from trainjob.errors import ConfigError, DataError, StorageError
-from trainjob.storage import FetchResult, LocalStore, ObjectInfo, S3Store, fetch, parse_uri
+from trainjob.store import transfer
+from trainjob.store.base import ObjectInfo
+from trainjob.store.client import _clients, redact, s3_client
+from trainjob.store.fetch import fetch
+from trainjob.store.local import LocalStore
+from trainjob.store.mirror import FetchResult
+from trainjob.store.s3 import S3Store
+from trainjob.store.uri import open_store, parse_uri
 
 
 def assert_one_line(err: StorageError | DataError | ConfigError, *needles: str) -> str:
@@ -56,13 +63,13 @@ def test_parse_uri_rejects_unknown_schemes(uri):
 
 
 def test_redact_drops_user_and_password():
-    assert "secret" not in s3client.redact("http://user:secret@minio:9000")
-    assert "user" not in s3client.redact("http://user:secret@minio:9000")
-    assert s3client.redact("http://minio:9000") == "http://minio:9000"
+    assert "secret" not in redact("http://user:secret@minio:9000")
+    assert "user" not in redact("http://user:secret@minio:9000")
+    assert redact("http://minio:9000") == "http://minio:9000"
 
 
 def test_redact_keeps_host_and_port():
-    assert s3client.redact("http://user:secret@minio:9000/") == "http://minio:9000/"
+    assert redact("http://user:secret@minio:9000/") == "http://minio:9000/"
 
 
 @pytest.mark.parametrize("url, expected", [
@@ -92,13 +99,13 @@ def test_redact_keeps_host_and_port():
     ("https://h/a.zip?version=2", "https://h/a.zip?version=2"),
 ])
 def test_redact_removes_the_secrets_of_signed_urls(url, expected):
-    assert s3client.redact(url) == expected
+    assert redact(url) == expected
 
 
 # --- the client ----------------------------------------------------------------------------
 
 def test_client_settings_for_s3_compatible_servers(s3env):
-    client = s3client.s3_client(threads=24)
+    client = s3_client(threads=24)
     cfg = client.meta.config
     assert client.meta.endpoint_url == s3env.endpoint
     assert cfg.s3["addressing_style"] == "path"
@@ -106,14 +113,14 @@ def test_client_settings_for_s3_compatible_servers(s3env):
     assert cfg.max_pool_connections >= 24
     assert cfg.request_checksum_calculation == "when_required"
     assert cfg.response_checksum_validation == "when_required"
-    assert s3client.s3_client(threads=24) is client  # one client per pool size
+    assert s3_client(threads=24) is client  # one client per pool size
 
 
 def test_endpoint_url_s3_takes_precedence(s3env, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3env.endpoint)
-    s3client._clients.clear()
-    assert s3client.s3_client(4).meta.endpoint_url == s3env.endpoint
+    _clients.clear()
+    assert s3_client(4).meta.endpoint_url == s3env.endpoint
 
 
 # --- S3Store ---------------------------------------------------------------------------------
@@ -333,7 +340,7 @@ def test_missing_archive_key(s3env, bucket, tmp_path):
 def test_wrong_secret_key(s3env, bucket, tmp_path, monkeypatch):
     s3env.client().put_object(Bucket=bucket, Key="d/x.zip", Body=b"PK")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "definitely-not-the-secret")
-    s3client._clients.clear()
+    _clients.clear()
     for action in (lambda: fetch(f"s3://{bucket}/d/x.zip", tmp_path / "c", 2),
                    lambda: S3Store(bucket, "d").list(),
                    lambda: S3Store(bucket, "d").write_bytes("k", b"x")):
@@ -351,7 +358,7 @@ def test_unreachable_endpoint(s3env, tmp_path, monkeypatch):
     endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
-    s3client._clients.clear()
+    _clients.clear()
     started = time.monotonic()
     with pytest.raises(StorageError) as err:
         fetch("s3://datasets/caltech-101.zip", tmp_path / "c", 2)
@@ -437,8 +444,8 @@ def test_fetch_missing_local_path(tmp_path):
 
 
 def test_open_store_picks_the_backend(s3env, tmp_path):
-    assert isinstance(storage.open_store(str(tmp_path)), LocalStore)
-    s3store = storage.open_store("s3://some-bucket/runs/x", threads=3)
+    assert isinstance(open_store(str(tmp_path)), LocalStore)
+    s3store = open_store("s3://some-bucket/runs/x", threads=3)
     assert isinstance(s3store, S3Store)
     assert (s3store.bucket, s3store.prefix) == ("some-bucket", "runs/x")
 
@@ -450,7 +457,7 @@ def test_put_failures_are_storage_errors(s3env, bucket, tmp_path, monkeypatch):
         S3Store("no-such-bucket-for-put", "runs").put(src, "f.bin")
     assert_one_line(err.value, "no-such-bucket-for-put", "does not exist")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "definitely-not-the-secret")
-    s3client._clients.clear()
+    _clients.clear()
     with pytest.raises(StorageError) as err:
         S3Store(bucket, "runs").put(src, "f.bin")
     assert_one_line(err.value, bucket, "AWS_SECRET_ACCESS_KEY")
@@ -463,7 +470,7 @@ def on_server(server, monkeypatch, tmp_path):
     """trainjob's client pointed at each real server in turn (moto, SeaweedFS)."""
     point_boto3_at(server, monkeypatch, tmp_path, AWS_MAX_ATTEMPTS="2")
     yield server
-    s3client._clients.clear()
+    _clients.clear()
 
 
 def put_many(server, bucket: str, objects: dict[str, bytes]) -> None:
@@ -540,9 +547,9 @@ def test_fetch_keeps_a_mirror_of_thousands_of_objects_exact(seaweed, tmp_path, m
 KILLED_FETCH = """
 import os, signal, sys, threading
 from pathlib import Path
-from trainjob import download, storage, transfer
+from trainjob.store import fetch, mirror, transfer
 
-download.FLUSH_ROWS = 5  # journal every few objects, so some of them outlive the kill
+mirror.FLUSH_ROWS = 5  # journal every few objects, so some of them outlive the kill
 real, lock, seen = transfer._FastGet.get, threading.Lock(), [0]
 
 def get(self, key, tmp):
@@ -555,7 +562,7 @@ def get(self, key, tmp):
     return real(self, key, tmp)
 
 transfer._FastGet.get = get
-storage.fetch(sys.argv[1], Path(sys.argv[2]), 3)
+fetch.fetch(sys.argv[1], Path(sys.argv[2]), 3)
 """
 
 
@@ -563,7 +570,7 @@ def test_a_killed_fetch_leaves_nothing_that_passes_for_complete(s3env, bucket, t
     objects = {f"data/c{i % 4}/img_{i:04d}.jpg": b"content of %d " % i * 40 for i in range(300)}
     put_many(s3env, bucket, objects)
     uri, cache = f"s3://{bucket}/data/", tmp_path / "cache"
-    env = s3env.env(PYTHONPATH=str(Path(storage.__file__).parents[1]))
+    env = s3env.env(PYTHONPATH=str(Path(trainjob.__file__).parents[1]))
     killed = subprocess.run([sys.executable, "-c", KILLED_FETCH, uri, str(cache), "120"],
                             env=env, capture_output=True, text=True, timeout=120)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
@@ -608,7 +615,7 @@ def test_fetch_through_cut_and_throttled_responses_is_exact(s3env, bucket, tmp_p
     with FaultProxy(s3env.endpoint, drop=0.15, slowdown=0.1, seed=7) as proxy:
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
         monkeypatch.setenv("AWS_MAX_ATTEMPTS", "10")
-        s3client._clients.clear()
+        _clients.clear()
         result = fetch(f"s3://{bucket}/data/", tmp_path / "cache", threads=4)
         faults = proxy.injected["drop"] + proxy.injected["slowdown"]
         assert proxy.injected["drop"] > 0 and proxy.injected["slowdown"] > 0
@@ -678,7 +685,7 @@ def test_direct_gets_stop_after_a_few_refusals(s3env, bucket, tmp_path, monkeypa
         return "HTTP 403"
 
     monkeypatch.setattr(transfer._FastGet, "_request", refused)
-    caplog.set_level(logging.INFO, logger="trainjob.transfer")
+    caplog.set_level(logging.INFO, logger="trainjob.store.transfer")
     result = fetch(f"s3://{bucket}/data/", tmp_path / "cache", threads=1)
     assert mirror_of(result.path) == {k[len("data/"):]: v for k, v in objects.items()}
     assert tries[0] == transfer.MAX_MISSES
@@ -688,9 +695,9 @@ def test_direct_gets_stop_after_a_few_refusals(s3env, bucket, tmp_path, monkeypa
 HOLDING_JOB = """
 import sys
 from pathlib import Path
-from trainjob import cache, storage
-with cache.session():  # as a job: the prefix's mirror stays held (shared) for the run
-    storage.fetch(sys.argv[1], Path(sys.argv[2]), 2)
+from trainjob.store import fetch, hostcache
+with hostcache.session():  # as a job: the prefix's mirror stays held (shared) for the run
+    fetch.fetch(sys.argv[1], Path(sys.argv[2]), 2)
     print("ready", flush=True)
     sys.stdin.read()
 """
@@ -701,7 +708,7 @@ def test_an_unchanged_prefix_held_by_another_job_is_served_at_once(s3env, bucket
     it); an unchanged one is checked under the shared lock and served from the cache."""
     put_many(s3env, bucket, {f"data/{i}.jpg": b"%d" % i for i in range(5)})
     uri, cache_dir = f"s3://{bucket}/data/", tmp_path / "cache"
-    env = s3env.env(PYTHONPATH=str(Path(storage.__file__).parents[1]))
+    env = s3env.env(PYTHONPATH=str(Path(trainjob.__file__).parents[1]))
     holder = subprocess.Popen([sys.executable, "-c", HOLDING_JOB, uri, str(cache_dir)],
                               env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:

@@ -9,11 +9,11 @@ import os
 
 import pytest
 
-from trainjob import runconfig, sweep
-from trainjob.artifacts import CONFIG, RunFolder
 from trainjob.cli import main, train
 from trainjob.errors import ConfigError
-from trainjob.storage import LocalStore
+from trainjob.run import configfile, sweep
+from trainjob.run.folder import CONFIG, RunFolder
+from trainjob.store.local import LocalStore
 
 REQUIRED = ("--data", "s3://datasets/caltech-101.zip", "--output", "s3://runs/sweep1/")
 GRID = {"grid": {"learning_rate": [0.001, 0.0003], "freeze_backbone_epochs": [0, 5]}}
@@ -94,7 +94,7 @@ def test_config_json_records_the_trial(tmp_path):
     cfg = configure([*REQUIRED, "--sweep-file", write(tmp_path, TRIALS), "--trial-index", "1"])
     local = tmp_path / "run"
     with RunFolder(local, LocalStore(local)) as run_dir:
-        runconfig.write(cfg, run_dir, {}, {}, None)
+        configfile.write(cfg, run_dir, {}, {}, None)
     recorded = json.loads((local / CONFIG).read_text())
     assert recorded["trial"] == {"index": 1, "count": 3, "sweep_file": str(tmp_path /
                                                                             "sweep.json"),
@@ -104,7 +104,7 @@ def test_config_json_records_the_trial(tmp_path):
     assert recorded["settings"]["optim"]["optimizer"] == "sgd"
     plain = configure(REQUIRED)
     with RunFolder(local, LocalStore(local)) as run_dir:
-        runconfig.write(plain, run_dir, {}, {}, None)
+        configfile.write(plain, run_dir, {}, {}, None)
     assert json.loads((local / CONFIG).read_text())["trial"] is None
 
 

@@ -13,7 +13,6 @@ import signal
 import time
 
 import pytest
-
 from conftest import SMALL, STAND_IN, run_trainjob, start_trainjob
 from faultproxy import FaultProxy
 from test_e2e import assert_complete_run

@@ -1,4 +1,4 @@
-"""training.py and callbacks.py with a tiny model: metrics, schedules, the callback list,
+"""trainer.py and callbacks.py with a tiny model: metrics, schedules, the callback list,
 and RunKeeper's resume state (callback state, optimizer, NaN, signals)."""
 
 from __future__ import annotations
@@ -10,13 +10,15 @@ import keras
 import numpy as np
 import pytest
 
-from trainjob import callbacks as cb
-from trainjob import resume, training
-from trainjob.artifacts import LocalStore, RunFolder
 from trainjob.config import Config
-from trainjob.datasets import Sample
+from trainjob.data.catalog import Sample
 from trainjob.errors import Preempted, TrainingError
-from trainjob.runstate import RunState
+from trainjob.run import savepoints
+from trainjob.run.folder import LocalStore, RunFolder
+from trainjob.run.state import RunState
+from trainjob.run.stop import StopSignal
+from trainjob.train import callbacks as cb
+from trainjob.train import evaluation, trainer
 
 
 def _cfg(**overrides) -> Config:
@@ -45,7 +47,7 @@ def run(tmp_path):
 
 def _keeper(run, stop=None, restore=None, steps=4, every=0):
     state = RunState(run, history=[], fingerprint={"k": 1}, restore=restore,
-                     stop=stop or resume.StopSignal())
+                     stop=stop or StopSignal())
     return cb.RunKeeper(state, steps_per_epoch=steps, backup_every_steps=every)
 
 
@@ -60,7 +62,7 @@ def test_evaluate_reports_mean_per_class_accuracy():
 
     ds = tf.data.Dataset.from_tensor_slices(probs.astype("float32")).batch(2)
     test = [Sample("a", 0), Sample("b", 1), Sample("c", 1), Sample("d", 2)]
-    m = training.evaluate(model, ds, test, ["x", "y", "z"])
+    m = evaluation.evaluate(model, ds, test, ["x", "y", "z"])
     assert m["accuracy"] == pytest.approx(0.75)
     assert m["per_class_accuracy"] == {"x": 1.0, "y": 0.5, "z": 1.0}
     assert m["mean_per_class_accuracy"] == pytest.approx(2.5 / 3)
@@ -88,15 +90,15 @@ def test_evaluate_warns_when_the_answers_collapse_to_one_class(caplog):
     assert max(np.bincount(y.argmax(1))) < 15  # the truth is spread over the three
     ds = tf.data.Dataset.from_tensor_slices(x).batch(8)
     names = ["red", "green", "blue"]
-    caplog.set_level("WARNING", logger="trainjob.training")
-    m = training.evaluate(_headed(bias=[0, 5, 0]), ds, test, names)
+    caplog.set_level("WARNING", logger="trainjob.train.trainer")
+    m = evaluation.evaluate(_headed(bias=[0, 5, 0]), ds, test, names)
     assert m["answers"]["collapsed"] is True and m["answers"]["classes_answered"] == 1
     assert (m["answers"]["top_class"], m["answers"]["top_share"]) == ("green", 1.0)
     [warning] = m["warnings"]
     assert "collapsed" in warning and "'green' for 100% of the test images" in warning
     assert "\n" not in warning and warning in caplog.text
     caplog.clear()
-    learned = training.evaluate(_headed(), ds, test, names)
+    learned = evaluation.evaluate(_headed(), ds, test, names)
     assert learned["accuracy"] == 1.0
     assert learned["answers"]["collapsed"] is False and learned["warnings"] == []
     assert "collapsed" not in caplog.text
@@ -116,7 +118,7 @@ def test_the_collapse_rule(truth, answers, collapsed):
     labels = np.repeat(np.arange(len(truth)), truth)
     predicted = np.repeat(np.arange(len(answers)), answers)
     names = [f"c{i}" for i in range(len(truth))]
-    assert training.answer_spread(labels, predicted, names)["collapsed"] is collapsed
+    assert evaluation.answer_spread(labels, predicted, names)["collapsed"] is collapsed
 
 
 def test_exp_decay_is_the_reference_scheduler():
@@ -128,10 +130,10 @@ def test_exp_decay_is_the_reference_scheduler():
 
 def test_balanced_class_weights():
     train = [Sample("a", 0)] * 6 + [Sample("b", 1)] * 2
-    weights = training.class_weights(train, 3, "balanced")
+    weights = trainer.class_weights(train, 3, "balanced")
     assert weights[0] == pytest.approx(8 / (3 * 6)) and weights[1] == pytest.approx(8 / (3 * 2))
     assert weights[2] == 0.0
-    assert training.class_weights(train, 3, "none") is None
+    assert trainer.class_weights(train, 3, "none") is None
 
 
 def test_callback_list_follows_the_options(run):
@@ -151,8 +153,8 @@ def test_compile_model_builds_the_metrics_so_the_first_step_is_traced_once():
     """Metric variables created inside the first traced step make TensorFlow trace the
     whole step again: for ResNet50 that was a third of a job's start-up."""
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="softmax")])
-    training.compile_model(model, _cfg(), 3)
-    model.optimizer.build(model.trainable_variables)  # as training.enter_phase does
+    trainer.compile_model(model, _cfg(), 3)
+    model.optimizer.build(model.trainable_variables)  # as trainer.enter_phase does
     traces = []
     step = model.train_step
     model.train_step = lambda data: traces.append(1) or step(data)
@@ -188,14 +190,14 @@ def test_resume_state_restores_callbacks_and_optimizer(run, tmp_path, monkeypatc
     rl = next(c for c in callbacks if isinstance(c, keras.callbacks.ReduceLROnPlateau))
     assert (es.best, es.wait, es.best_epoch) == (0.5, 1, 1)
     assert (rl.best, rl.wait) == (0.5, 1)
-    state = resume.load_state(run)
+    state = savepoints.load_state(run)
     assert state["epoch"] == 3 and state["step"] == 0
     assert state["iterations"] == 12
     assert state["callbacks"]["EarlyStopping:"]["best"] == pytest.approx(es.best)
 
     # A new process: fresh model and callbacks, state put back.
     model2 = _tiny()
-    assert resume.restore_weights(model2, run, state) == 12
+    assert savepoints.restore_weights(model2, run, state) == 12
     for a, b in zip(model.get_weights(), model2.get_weights()):
         np.testing.assert_allclose(a, b)
     keeper2 = _keeper(run, restore=state)
@@ -221,7 +223,7 @@ def test_checkpoints_hold_weights_without_optimizer_state(run):
                                                           _keeper(run)), verbose=0)
     with h5py.File(run.path("checkpoints/last.weights.h5")) as f:
         assert "optimizer" not in f
-    with h5py.File(run.path(resume.weights_of(resume.load_state(run)))) as f:
+    with h5py.File(run.path(savepoints.weights_of(savepoints.load_state(run)))) as f:
         assert "optimizer" in f  # the resume state carries it
     fresh = _tiny()
     cb.load_model_weights(fresh, run.path("checkpoints/last.weights.h5"))
@@ -234,13 +236,13 @@ def test_nan_loss_is_a_training_error_without_a_partial_epoch(run):
     x[5] = np.nan
     with pytest.raises(TrainingError, match="loss became nan"):
         _tiny().fit(x, y, batch_size=8, epochs=2, callbacks=[_keeper(run)], verbose=0)
-    assert resume.load_state(run) is None  # nothing recorded for the broken epoch
+    assert savepoints.load_state(run) is None  # nothing recorded for the broken epoch
 
 
 @pytest.mark.training
 def test_stop_signal_raises_preempted_and_saves_a_mid_epoch_point(run):
     x, y = _data(64)
-    stop = resume.StopSignal()
+    stop = StopSignal()
 
     class Trip(keras.callbacks.Callback):
         def on_train_batch_end(self, batch, logs=None):
@@ -251,7 +253,7 @@ def test_stop_signal_raises_preempted_and_saves_a_mid_epoch_point(run):
     with pytest.raises(Preempted):
         model.fit(x, y, batch_size=8, epochs=2,
                   callbacks=[Trip(), _keeper(run, stop=stop, steps=8, every=100)], verbose=0)
-    state = resume.load_state(run)
+    state = savepoints.load_state(run)
     assert state["epoch"] == 0 and state["step"] == 3 and state["iterations"] == 3
 
 
@@ -260,20 +262,20 @@ import numpy as np, tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 import keras
-from trainjob import training
+from trainjob.train import trainer
 from trainjob.config import Config
-strategy = training.make_strategy(["/cpu:0", "/cpu:1"])
+strategy = trainer.make_strategy(["/cpu:0", "/cpu:1"])
 assert isinstance(strategy, tf.distribute.MirroredStrategy), strategy
 assert strategy.num_replicas_in_sync == 2
 cfg = Config.from_options(data="/d", output="/o", epochs=2)
 with strategy.scope():
     model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Flatten(),
                               keras.layers.Dense(3, activation="softmax")])
-    training.compile_model(model, cfg, 3)
+    trainer.compile_model(model, cfg, 3)
 x = np.random.default_rng(0).uniform(0, 255, (16, 8, 8, 3)).astype("float32")
 y = keras.utils.to_categorical(np.arange(16) % 3, 3)
 ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(8).repeat()
-training.fit(model, ds, val_ds=None, cfg=cfg, steps=2, initial_epoch=0, epochs=2,
+trainer.fit(model, ds, val_ds=None, cfg=cfg, steps=2, initial_epoch=0, epochs=2,
              callbacks=[], weights=None)
 assert int(model.optimizer.iterations.numpy()) == 4
 print("MIRRORED-OK")
@@ -295,8 +297,8 @@ def test_mirrored_strategy_over_two_devices_trains():
 def test_one_device_uses_the_default_strategy():
     import tensorflow as tf
 
-    assert training.make_strategy(["/cpu:0"]) is tf.distribute.get_strategy()
-    assert not isinstance(training.make_strategy(), tf.distribute.MirroredStrategy)
+    assert trainer.make_strategy(["/cpu:0"]) is tf.distribute.get_strategy()
+    assert not isinstance(trainer.make_strategy(), tf.distribute.MirroredStrategy)
 
 
 MIRRORED_RESUME = """
@@ -306,11 +308,13 @@ import numpy as np, tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 import keras
-from trainjob import callbacks as cb, resume, training
-from trainjob.artifacts import RunFolder
+from trainjob.train import callbacks as cb, trainer
+from trainjob.run import savepoints
+from trainjob.run.folder import RunFolder
+from trainjob.run.stop import StopSignal
 from trainjob.config import Config
-from trainjob.runstate import RunState
-from trainjob.storage import LocalStore
+from trainjob.run.state import RunState
+from trainjob.store.local import LocalStore
 
 cfg = Config.from_options(data="/d", output="/o", epochs=2)
 x = np.random.default_rng(0).uniform(0, 255, (16, 8, 8, 3)).astype("float32")
@@ -322,32 +326,32 @@ def build(strategy):
     with strategy.scope():
         model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Flatten(),
                                   keras.layers.Dense(3, activation="softmax")])
-        training.compile_model(model, cfg, 3)
+        trainer.compile_model(model, cfg, 3)
     return model
 
 def fit(model, run, restore, first, last):
-    state = RunState(run, fingerprint={}, history=[], stop=resume.StopSignal(), restore=restore)
-    training.fit(model, ds, val_ds=None, cfg=cfg, steps=2, initial_epoch=first, epochs=last,
+    state = RunState(run, fingerprint={}, history=[], stop=StopSignal(), restore=restore)
+    trainer.fit(model, ds, val_ds=None, cfg=cfg, steps=2, initial_epoch=first, epochs=last,
                  callbacks=[cb.RunKeeper(state, steps_per_epoch=2)], weights=None)
 
 root = Path(sys.argv[1])
 with RunFolder(root, LocalStore(root)) as run:
-    strategy = training.make_strategy(["/cpu:0", "/cpu:1"])
+    strategy = trainer.make_strategy(["/cpu:0", "/cpu:1"])
     first = build(strategy)
     fit(first, run, None, 0, 1)
-    record = resume.load_state(run)
+    record = savepoints.load_state(run)
     # A new process would make a new strategy and model; restore inside its scope.
-    strategy2 = training.make_strategy(["/cpu:0", "/cpu:1"])
+    strategy2 = trainer.make_strategy(["/cpu:0", "/cpu:1"])
     second = build(strategy2)
     with strategy2.scope():
-        assert resume.restore_weights(second, run, record) == 2
+        assert savepoints.restore_weights(second, run, record) == 2
     for a, b in zip(first.get_weights(), second.get_weights()):
         np.testing.assert_array_equal(a, b)
     for a, b in zip(first.optimizer.variables, second.optimizer.variables):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     fit(second, run, record, 1, 2)
     assert int(second.optimizer.iterations.numpy()) == 4
-    assert resume.load_state(run)["epoch"] == 2
+    assert savepoints.load_state(run)["epoch"] == 2
 print("MIRRORED-RESUME-OK")
 """
 
@@ -442,7 +446,7 @@ def test_recalibrate_batchnorm_averages_the_batch_statistics(policy):
                                                                           "atol": 2e-2}
 
     ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)  # 8, 8 and a remainder of 5
-    assert training.recalibrate_batchnorm(model, ds, max_batches=10) == 2
+    assert evaluation.recalibrate_batchnorm(model, ds, max_batches=10) == 2
     expected = _expected(model, x, 8, 2)
     for got, want in zip(_moving(model), expected):
         assert got.dtype == np.float32
@@ -456,11 +460,11 @@ def test_recalibrate_batchnorm_averages_the_batch_statistics(policy):
         if "moving" not in v.path:
             np.testing.assert_array_equal(np.asarray(v), others[v.path])
 
-    assert training.recalibrate_batchnorm(model, ds, max_batches=1) == 1  # the budget
+    assert evaluation.recalibrate_batchnorm(model, ds, max_batches=1) == 1  # the budget
     for got, want in zip(_moving(model), _expected(model, x, 8, 1)):
         np.testing.assert_allclose(got, want, **tolerance)
     only = tf.data.Dataset.from_tensor_slices(x[:5]).batch(8)  # images alone, one short batch
-    assert training.recalibrate_batchnorm(model, only, max_batches=10) == 1
+    assert evaluation.recalibrate_batchnorm(model, only, max_batches=10) == 1
     for got, want in zip(_moving(model), _expected(model, x[:5], 5, 1)):
         np.testing.assert_allclose(got, want, **tolerance)
 
@@ -474,7 +478,7 @@ def test_recalibrate_batchnorm_leaves_a_model_without_trained_batchnorm_alone():
     model.get_layer("backbone").trainable = False
     before = model.get_weights()
     ds = tf.data.Dataset.from_tensor_slices(np.ones((8, 4, 4, 3), "float32")).batch(4)
-    assert training.recalibrate_batchnorm(model, ds, max_batches=4) == 0
+    assert evaluation.recalibrate_batchnorm(model, ds, max_batches=4) == 0
     for a, b in zip(model.get_weights(), before):
         np.testing.assert_array_equal(a, b)
 
@@ -485,7 +489,7 @@ def test_the_setting_states_the_image_budget():
     from trainjob.config import CallbackConfig
 
     [field] = [f for f in dataclasses.fields(CallbackConfig) if f.name == "recalibrate_batchnorm"]
-    assert f"up to {training.PRECISE_BN_IMAGES} training images" in field.metadata["help"]
+    assert f"up to {evaluation.PRECISE_BN_IMAGES} training images" in field.metadata["help"]
 
 
 MIRRORED_BN = """
@@ -494,13 +498,13 @@ import numpy as np, tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 import keras
-from trainjob import training
+from trainjob.train import evaluation, trainer
 model_path, data_path, out_path = sys.argv[1:]
-strategy = training.make_strategy(["/cpu:0", "/cpu:1"])
+strategy = trainer.make_strategy(["/cpu:0", "/cpu:1"])
 with strategy.scope():
     model = keras.saving.load_model(model_path)
     try:
-        training.recalibrate_batchnorm(model, None, 1)
+        evaluation.recalibrate_batchnorm(model, None, 1)
         raise AssertionError("recalibrated inside the strategy's scope")
     except RuntimeError:
         pass
@@ -508,7 +512,7 @@ variable = model.get_layer("bn2").moving_mean.value
 assert isinstance(variable, tf.distribute.DistributedValues), type(variable)
 x = np.load(data_path)
 ds = tf.data.Dataset.from_tensor_slices(x).batch(8)
-assert training.recalibrate_batchnorm(model, ds, max_batches=10) == 2
+assert evaluation.recalibrate_batchnorm(model, ds, max_batches=10) == 2
 # Each replica's copy of each statistic, as the next replicated step would read it.
 layers = [model.get_layer("backbone").get_layer("bn1"), model.get_layer("bn2"),
           model.get_layer("frozen")]

@@ -1,4 +1,4 @@
-"""trainjob.uploader: generations, order, skipping, retries without giving up, fencing."""
+"""trainjob.run.uploader: generations, order, skipping, retries without giving up, fencing."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from trainjob.artifacts import upload_rank
 from trainjob.errors import StorageError
-from trainjob.storage import LocalStore, S3Store
-from trainjob.uploader import Uploader
+from trainjob.run.folder import upload_rank
+from trainjob.run.uploader import Uploader
+from trainjob.store.local import LocalStore
+from trainjob.store.s3 import S3Store
 
 
 class RecordingStore(LocalStore):
@@ -214,7 +215,7 @@ def test_epochs_faster_than_uploads_skip_to_the_newest_generation(tmp_path, uplo
             up.commit(["checkpoints/best.weights.h5"], label="best")
         commit_epoch(up, run, epoch, after=[lambda e=epoch: done.append(e)])
     store.gate.set()
-    with caplog.at_level("INFO", logger="trainjob.uploader"):
+    with caplog.at_level("INFO", logger="trainjob.run.uploader"):
         assert up.flush(timeout=10)
     keys = [k for k, _ in store.puts]
     first = keys[:5]

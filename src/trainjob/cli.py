@@ -10,13 +10,14 @@ from typing import Any
 
 import click
 
-from trainjob import __version__, sweep, termination
+from trainjob import __version__, termination
 from trainjob.commands import dataset as dataset_commands
 from trainjob.commands import predict as predict_commands
 from trainjob.commands import runs as runs_commands
 from trainjob.commands.options import ENV_PREFIX, GroupedCommand, config_option
 from trainjob.config import option_fields
 from trainjob.errors import ClusterError, ConfigError, Preempted, TrainJobError
+from trainjob.run import sweep
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from trainjob.errors import ConfigError
-from trainjob.storage import parse_uri
+from trainjob.store.uri import parse_uri
 
 GiB = 1024**3
 

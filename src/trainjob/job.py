@@ -15,17 +15,42 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from trainjob import (cache, cluster as clusters, datasets, datasource, phases, resume,
-                      runconfig, startpoint, storage, termination, weights)
-from trainjob.artifacts import (BACKUP, CLASSES, LAST, MANIFEST, METRICS, MODEL, PLOT,
-                                RUN_ENTRIES, STATUS, RunFolder, plot_history, read_json)
-from trainjob.cluster import Cluster
+from trainjob import termination
 from trainjob.config import Config
-from trainjob.errors import (ConfigError, LostOwnership, Preempted, StorageError, TrainJobError,
-                             as_job_error)
+from trainjob.data import source
+from trainjob.data.catalog import Catalog, Splits, split
+from trainjob.errors import (
+    ConfigError,
+    LostOwnership,
+    Preempted,
+    StorageError,
+    TrainJobError,
+    as_job_error,
+)
 from trainjob.hooks import hold
-from trainjob.lock import RunLock
-from trainjob.runstate import RunState
+from trainjob.run import cluster as clusters
+from trainjob.run import configfile, phases, savepoints, startpoint
+from trainjob.run.cluster import Cluster
+from trainjob.run.folder import (
+    BACKUP,
+    CLASSES,
+    LAST,
+    MANIFEST,
+    METRICS,
+    MODEL,
+    PLOT,
+    RUN_ENTRIES,
+    STATUS,
+    RunFolder,
+    read_json,
+)
+from trainjob.run.lock import RunLock
+from trainjob.run.state import RunState
+from trainjob.run.stop import StopSignal
+from trainjob.store import base, hostcache, uri
+from trainjob.store.s3 import S3Store
+from trainjob.train import weights
+from trainjob.train.plots import plot_history
 
 log = logging.getLogger(__name__)
 
@@ -35,15 +60,15 @@ STATUS_RESERVE_SECONDS = 2.0  # of the grace period: marking the stored status, 
 
 
 def run(cfg: Config) -> None:
-    stop = resume.StopSignal(cfg.runtime.grace_seconds)
+    stop = StopSignal(cfg.runtime.grace_seconds)
     stop.on_exit = termination.write  # the watchdog's exits are told like any other
     stop.install()
     group = clusters.resolve(cfg.cluster)  # None: this job trains alone
     if group and cfg.optim.batch_size % group.size:
         raise ConfigError(f"--batch-size {cfg.optim.batch_size} is the global batch: it must "
                           f"divide evenly among the {group.size} workers")
-    store = storage.open_store(cfg.output.output, cfg.runtime.threads)
-    if isinstance(store, storage.S3Store):
+    store = uri.open_store(cfg.output.output, cfg.runtime.threads)
+    if isinstance(store, S3Store):
         store.check_bucket()  # fail in seconds, not after the download
     if _finished(store, cfg):
         return
@@ -52,7 +77,7 @@ def run(cfg: Config) -> None:
         # private folder, from the save point the chief names at start-up (collective.join).
         if not cfg.output.overwrite and startpoint.finished(store, group.index):
             return
-        with (cache.session(),
+        with (hostcache.session(),
               RunFolder(Path(cfg.runtime.work_dir) / f"worker-{group.index}", store,
                         read_only=True) as run_dir):
             _clear_local(run_dir.local)
@@ -70,7 +95,7 @@ def run(cfg: Config) -> None:
             return
         # The cache folders this run reads stay locked (shared) until it ends: no other job
         # on this host prunes or rewrites them meanwhile.
-        with (cache.session(),
+        with (hostcache.session(),
               RunFolder(_local_run_dir(cfg), store, sync=cfg.output.sync,
                         lease=lock) as run_dir):
             # What the signal watchdog does if training does not stop within the grace period.
@@ -80,7 +105,7 @@ def run(cfg: Config) -> None:
         _release(lock, stop, cfg.runtime.grace_seconds)
 
 
-def _release(lock: RunLock, stop: resume.StopSignal, grace: float) -> None:
+def _release(lock: RunLock, stop: StopSignal, grace: float) -> None:
     """Release the lock; after a signal, only within what is left of the grace period (a
     lock left behind goes stale, and the Job's next pod takes it over by owner id)."""
     if not (stop.requested or stop.signalled):
@@ -115,7 +140,7 @@ def _within(seconds: float, action: Callable[[], object], name: str) -> bool:
     return not worker.is_alive()
 
 
-def _finished(store: storage.Store, cfg: Config) -> bool:
+def _finished(store: base.Store, cfg: Config) -> bool:
     if store.exists(MANIFEST) and not cfg.output.overwrite:
         log.info("%s already holds a finished run (manifest.json); nothing to do. "
                  "Pass --overwrite to train again.", store.uri)
@@ -123,7 +148,7 @@ def _finished(store: storage.Store, cfg: Config) -> bool:
     return False
 
 
-def _run_locked(cfg: Config, run_dir: RunFolder, lock: RunLock, stop: resume.StopSignal,
+def _run_locked(cfg: Config, run_dir: RunFolder, lock: RunLock, stop: StopSignal,
                 group: Cluster | None = None) -> None:
     timings: dict[str, float] = {}
     state = _prepare(cfg, run_dir)
@@ -179,19 +204,21 @@ def _flush_quietly(run_dir: RunFolder, timeout: float) -> bool:
 
 
 def _train(cfg: Config, run_dir: RunFolder, state: dict | None, lock: RunLock | None,
-           stop: resume.StopSignal, timings: dict[str, float], group: Cluster | None) -> None:
+           stop: StopSignal, timings: dict[str, float], group: Cluster | None) -> None:
     cache = Path(cfg.data.cache_dir)
     with _timed(timings, "weights"):  # before the data: a missing file fails in seconds
         initial = weights.resolve(cfg.model.weights, cache / "downloads", cfg.runtime.threads)
     catalog, splits, dataset_summary = _load_data(cfg, timings)
-    fingerprint = resume.fingerprint(cfg, catalog, splits)
+    fingerprint = savepoints.fingerprint(cfg, catalog, splits)
     if state:
-        resume.check_compatible(state, fingerprint)
+        savepoints.check_compatible(state, fingerprint)
     run_dir.write(CLASSES, {str(i): name for i, name in enumerate(catalog.classes)})
-    runconfig.write(cfg, run_dir, dataset_summary, timings, state, fingerprint=fingerprint)
+    configfile.write(cfg, run_dir, dataset_summary, timings, state, fingerprint=fingerprint)
 
     # TensorFlow is imported only now: bad input fails above in a second, with no TF noise.
-    from trainjob import callbacks as callbacks_lib, inputs, model as models, training
+    from trainjob.train import callbacks as callbacks_lib
+    from trainjob.train import evaluation, inputs, trainer
+    from trainjob.train import model as models
 
     with _timed(timings, "build"):
         num_classes = len(catalog.classes)
@@ -200,18 +227,18 @@ def _train(cfg: Config, run_dir: RunFolder, state: dict | None, lock: RunLock | 
         # Before any TensorFlow op (collectives are configured at start-up), and after the
         # data, so that peers that fetch it slower are not timed out meanwhile.
         if group:  # from the save point the chief names; the chief alone after training
-            from trainjob import collective, steploop
+            from trainjob.train import collective, steploop
             strategy, state, replicas = collective.join(cfg, group, run_dir, state, stop,
                                                         fingerprint)
         else:
-            strategy = training.make_strategy()
+            strategy = trainer.make_strategy()
             replicas = strategy.num_replicas_in_sync
         train_base = inputs.decoded(splits.train, cfg.model.image_size, cfg.data.pipeline_cache,
                                     work, "train")
         if cfg.optim.batch_size % replicas:
             raise ConfigError(f"--batch-size {cfg.optim.batch_size} is the global batch: it "
                               f"must divide evenly among the {replicas} replicas")
-        settings, cfg = cfg, training.scale_learning_rates(cfg, replicas)
+        settings, cfg = cfg, trainer.scale_learning_rates(cfg, replicas)
         # Several workers: each takes its shard of every epoch in per-replica batches, and
         # every step is a full global batch (the data wraps), so all workers take as many.
         local = replicas // group.size if group else 1
@@ -232,18 +259,18 @@ def _train(cfg: Config, run_dir: RunFolder, state: dict | None, lock: RunLock | 
         val_ds = inputs.evaluation_stream(val_base, num_classes, cfg.optim.batch_size) \
             if val_base is not None else None
         if lock:  # the chief records how the run is spread
-            runconfig.write(settings, run_dir, dataset_summary, timings, state,
-                            runconfig.distribution(cfg, group, replicas), fingerprint)
+            configfile.write(settings, run_dir, dataset_summary, timings, state,
+                            configfile.distribution(cfg, group, replicas), fingerprint)
         with strategy.scope():
             model = models.build_model(cfg.model, num_classes, initial)
-            training.compile_model(model, cfg, num_classes)
+            trainer.compile_model(model, cfg, num_classes)
             # Inside the scope: the optimizer's slots must be the strategy's variables too.
             if state:
                 _restore(model, run_dir, state, callbacks_lib)
         if group:  # every worker starts alike, or none does
             collective.check_start(strategy, group, model, state, cfg.cluster.collective_timeout)
         first_epoch = state["epoch"] if state else 0
-        history = resume.trim_logs(run_dir, first_epoch) if state else []
+        history = savepoints.trim_logs(run_dir, first_epoch) if state else []
         run_state = RunState(run_dir, fingerprint=fingerprint, history=history, stop=stop,
                              restore=state, fence=run_dir.check)
         if state and not state.get("from_checkpoint"):
@@ -255,9 +282,9 @@ def _train(cfg: Config, run_dir: RunFolder, state: dict | None, lock: RunLock | 
     with _timed(timings, "train"):
         if not (state and state.get("finished_training")):
             fit = functools.partial(
-                steploop.fit if group else training.fit, model, val_ds=val_ds, cfg=cfg,
+                steploop.fit if group else trainer.fit, model, val_ds=val_ds, cfg=cfg,
                 callbacks=callbacks,
-                weights=training.class_weights(splits.train, num_classes, cfg.optim.class_weight),
+                weights=trainer.class_weights(splits.train, num_classes, cfg.optim.class_weight),
                 **({"strategy": strategy, "cluster": group, "stop": stop} if group else {}))
             stop.in_training = True
             try:
@@ -268,7 +295,7 @@ def _train(cfg: Config, run_dir: RunFolder, state: dict | None, lock: RunLock | 
                     if model.stop_training:  # EarlyStopping ends the run, in either phase
                         break
                     with strategy.scope():
-                        training.enter_phase(model, cfg, num_classes, part.phase,
+                        trainer.enter_phase(model, cfg, num_classes, part.phase,
                                              phases.entry_rate(part.phase, previous, cfg.optim))
                     run_state.begin_phase(previous := part.phase)
                     keeper.step_offset = part.skip  # a mid-epoch restart: batches done
@@ -281,7 +308,7 @@ def _train(cfg: Config, run_dir: RunFolder, state: dict | None, lock: RunLock | 
             run_state.finish_training()
         hold("after_training")
     if group:
-        training.record_weights(model, Path(cfg.runtime.work_dir) / "worker-weights.json",
+        trainer.record_weights(model, Path(cfg.runtime.work_dir) / "worker-weights.json",
                                 worker=group.index, epochs=len(keeper.history))
         if not group.is_chief:
             startpoint.wait_until_finished(run_dir.store, cfg.output.upload_timeout, group.index)
@@ -297,18 +324,18 @@ def _train(cfg: Config, run_dir: RunFolder, state: dict | None, lock: RunLock | 
         if cfg.callbacks.recalibrate_batchnorm:  # the batches BN normalized: per replica
             with _timed(timings, "recalibrate_batchnorm"):
                 batch = cfg.optim.batch_size // replicas
-                training.recalibrate_batchnorm(
+                evaluation.recalibrate_batchnorm(
                     model, inputs.evaluation_stream(train_base, num_classes, batch),
-                    max_batches=max(1, training.PRECISE_BN_IMAGES // batch))
+                    max_batches=max(1, evaluation.PRECISE_BN_IMAGES // batch))
         test_ds = inputs.evaluation_stream(
             inputs.decoded(splits.test, cfg.model.image_size, "none", work, "test"),
             num_classes, cfg.optim.batch_size)
-        metrics = training.evaluate(model, test_ds, splits.test, catalog.classes,
+        metrics = evaluation.evaluate(model, test_ds, splits.test, catalog.classes,
                                     predict=steploop.predict if group else None)
         run_dir.write(METRICS, metrics)
         log.info("test: %s", {k: v for k, v in metrics.items()
                               if not isinstance(v, (dict, list))})
-        from trainjob import exports, plots
+        from trainjob.train import exports, plots
 
         plots.plot_test_split(metrics, catalog.classes, run_dir.local)
 
@@ -319,8 +346,8 @@ def _train(cfg: Config, run_dir: RunFolder, state: dict | None, lock: RunLock | 
         plot_history(keeper.history, run_dir.path(PLOT))
         run_dir.set_status("succeeded", error=None, finished=time.time(),
                            epochs_done=len(keeper.history))
-        runconfig.write(settings, run_dir, dataset_summary, timings, state,
-                        runconfig.distribution(cfg, group, replicas), fingerprint)
+        configfile.write(settings, run_dir, dataset_summary, timings, state,
+                        configfile.distribution(cfg, group, replicas), fingerprint)
         lock.check()
         run_dir.publish(timeout=cfg.output.upload_timeout, shield=stop.shield)
         stop.exit_code = 0  # published: a signal from now on ends the job with success
@@ -335,7 +362,7 @@ def _restore(model, run_dir: RunFolder, state: dict, callbacks_lib) -> None:
         log.warning("resuming at epoch %d from %s without optimizer state", state["epoch"],
                     state["from_checkpoint"])
         return
-    iterations = resume.restore_weights(model, run_dir, state)
+    iterations = savepoints.restore_weights(model, run_dir, state)
     log.info("resuming at epoch %d, batch %d (optimizer iterations %d)", state["epoch"],
              state.get("step", 0), iterations)
     if not run_dir.path(LAST).exists() and not state.get("step"):
@@ -345,14 +372,14 @@ def _restore(model, run_dir: RunFolder, state: dict, callbacks_lib) -> None:
 
 
 def _load_data(cfg: Config, timings: dict[str, float]
-               ) -> tuple[datasets.Catalog, datasets.Splits, dict]:
+               ) -> tuple[Catalog, Splits, dict]:
     """Download (cached), unpack, find the classes, check every image, split."""
-    catalog, fetched = datasource.load_catalog(
+    catalog, fetched = source.load_catalog(
         cfg.data.data, Path(cfg.data.cache_dir), include_background=cfg.data.include_background,
         max_extract_bytes=cfg.data.max_extract_bytes, max_bad_fraction=cfg.data.max_bad_fraction,
-        threads=cfg.runtime.threads, scan_threads=datasource.scan_threads(),
+        threads=cfg.runtime.threads, scan_threads=source.scan_threads(),
         timed=functools.partial(_timed, timings))
-    splits = datasets.split(catalog, val_fraction=cfg.split.val_fraction,
+    splits = split(catalog, val_fraction=cfg.split.val_fraction,
                             test_fraction=cfg.split.test_fraction,
                             train_per_class=cfg.split.train_per_class, seed=cfg.split.seed)
     log.info("%d classes, %d images: %s", len(catalog.classes), len(catalog.samples),
@@ -377,11 +404,11 @@ def _prepare(cfg: Config, run_dir: RunFolder) -> dict | None:
     if run_dir.remote:  # the bucket is the truth: a new pod has no local files
         _clear_local(run_dir.local)
         run_dir.pull()
-    if not (run_dir.path(resume.STATE).exists() or resume.saved_points(run_dir)):
+    if not (run_dir.path(savepoints.STATE).exists() or savepoints.saved_points(run_dir)):
         if run_dir.remote:
             _clear_local(run_dir.local)  # a run killed before its first save point
         return None
-    state = resume.load_state(run_dir) or resume.from_last_checkpoint(run_dir)
+    state = savepoints.load_state(run_dir) or savepoints.from_last_checkpoint(run_dir)
     if state is None:
         raise ConfigError(
             f"cannot resume {store.uri}: no save point under {BACKUP}/ has intact weights and "
@@ -411,7 +438,7 @@ def _clear_local(path: Path) -> None:
 
 
 def _local_run_dir(cfg: Config) -> Path:
-    scheme, _, key = storage.parse_uri(cfg.output.output)
+    scheme, _, key = uri.parse_uri(cfg.output.output)
     if scheme == "file":
         return Path(key).expanduser().absolute()
     digest = hashlib.sha1(cfg.output.output.rstrip("/").encode()).hexdigest()[:16]

@@ -20,9 +20,15 @@ import os
 import re
 import threading
 
-from trainjob.errors import (ConfigError, DataError, LostOwnership, Preempted, StorageError,
-                             TrainingError)
-from trainjob.s3client import redact
+from trainjob.errors import (
+    ConfigError,
+    DataError,
+    LostOwnership,
+    Preempted,
+    StorageError,
+    TrainingError,
+)
+from trainjob.store.client import redact
 
 log = logging.getLogger(__name__)
 

@@ -9,12 +9,14 @@ from pathlib import Path
 
 import click
 
-from trainjob import datasetreport, datasource, dataupload, httpfetch, textfmt
 from trainjob.commands import options
 from trainjob.config import DataConfig
-from trainjob.datasets import BACKGROUND
+from trainjob.data import httpfetch, source
+from trainjob.data.catalog import BACKGROUND
+from trainjob.data.upload import target_key, upload_path
 from trainjob.errors import ConfigError, DataError
-from trainjob.storage import S3Store
+from trainjob.inspect import datasetreport, textfmt
+from trainjob.store.s3 import S3Store
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +43,10 @@ def inspect_dataset(uri: str, as_json: bool, include_background: bool, max_bad_f
     # The same checks train's options get (URI scheme, ranges), with the same messages.
     DataConfig(data=uri, include_background=include_background, cache_dir=cache_dir,
                max_extract_bytes=max_extract_bytes, max_bad_fraction=max_bad_fraction)
-    catalog, _ = datasource.load_catalog(
+    catalog, _ = source.load_catalog(
         uri, Path(cache_dir), include_background=include_background,
         max_extract_bytes=max_extract_bytes, max_bad_fraction=None, threads=threads,
-        scan_threads=datasource.scan_threads())
+        scan_threads=source.scan_threads())
     report = datasetreport.build_report(uri, catalog, max_bad_fraction)
     if as_json:
         click.echo(json.dumps(report, indent=2))
@@ -86,7 +88,7 @@ def render_report(r: dict) -> str:
 
 
 @dataset.command(name="fetch")
-@click.argument("name", type=click.Choice(sorted(datasource.PUBLISHED)))
+@click.argument("name", type=click.Choice(sorted(source.PUBLISHED)))
 @options.env_option("--to", "to", name="to", required=True, metavar="URI",
                     help="Where to store the archive: s3://bucket/prefix/ (keeps the file "
                     "name), s3://bucket/key, or a local folder or path.")
@@ -100,13 +102,13 @@ def fetch(name: str, to: str, url: str | None, md5: str | None, cache_dir: str,
           threads: int) -> None:
     """Download the published archive NAME (resumable, size and md5 checked) and upload it
     to --to as it is, multipart; train then takes --data with the URI it prints."""
-    archive = datasource.PUBLISHED[name]
+    archive = source.PUBLISHED[name]
     if url and not md5:
         raise ConfigError("--url needs --md5: the download is checked against it")
     if md5 and not re.fullmatch(r"[0-9a-fA-F]{32}", md5):
         raise ConfigError(f"--md5 {md5!r} is not an md5 (32 hex digits)")
     # Fail on a bad --to before a long download.
-    store, key = dataupload.target_key(to, archive.filename)
+    store, key = target_key(to, archive.filename)
     if isinstance(store, S3Store):
         store.check_bucket()
     dest = Path(cache_dir) / "downloads" / "published" / name / archive.filename
@@ -117,7 +119,7 @@ def fetch(name: str, to: str, url: str | None, md5: str | None, cache_dir: str,
                                   size=None if url else archive.size, progress=progress)
     click.echo(f"{archive.filename}: {fetched.size} bytes, md5 {fetched.md5} (checked)",
                err=True)
-    report = dataupload.upload_path(fetched.path, store.child(key), threads=threads,
+    report = upload_path(fetched.path, store.child(key), threads=threads,
                                     md5=fetched.md5)
     state = "uploaded" if report.uploaded else "already there"
     click.echo(f"{report.uris[0]} ({state}); train with --data {report.uris[0]}")
@@ -132,7 +134,7 @@ def fetch(name: str, to: str, url: str | None, md5: str | None, cache_dir: str,
 def upload(path: Path, to: str, threads: int) -> None:
     """Upload a dataset archive or folder PATH to --to: files in parallel, large ones
     multipart; files already stored with the same size and md5 are skipped."""
-    report = dataupload.upload_path(path, to, threads=threads)
+    report = upload_path(path, to, threads=threads)
     target = report.uris[0] if len(report.uris) == 1 else to
     click.echo(f"{report.uploaded} files uploaded ({textfmt.size(report.bytes)}), "
                f"{report.skipped} already there: {target}")

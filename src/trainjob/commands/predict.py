@@ -8,9 +8,9 @@ from pathlib import Path
 
 import click
 
-from trainjob import predictor
 from trainjob.commands import options
 from trainjob.errors import DataError
+from trainjob.train import predictor
 
 log = logging.getLogger(__name__)
 

@@ -8,11 +8,14 @@ from pathlib import Path
 
 import click
 
-from trainjob import runcompare, rundownload, runinfo, textfmt
-from trainjob.artifacts import MANIFEST, STATUS
 from trainjob.commands import options
 from trainjob.errors import ConfigError
-from trainjob.storage import LocalStore, S3Store, Store, open_store
+from trainjob.inspect import runcompare, rundownload, runinfo, textfmt
+from trainjob.run.folder import MANIFEST, STATUS
+from trainjob.store.base import Store
+from trainjob.store.local import LocalStore
+from trainjob.store.s3 import S3Store
+from trainjob.store.uri import open_store
 
 log = logging.getLogger(__name__)
 

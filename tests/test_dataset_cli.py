@@ -14,6 +14,7 @@ from test_runs import cli_in_subprocess
 from trainjob import job
 from trainjob.cli import cli
 from trainjob.config import Config
+from trainjob.run import configfile
 
 
 @pytest.fixture
@@ -31,7 +32,8 @@ def test_inspect_counts_equal_the_training_scan(data_uri, tmp_path):
     cfg = Config.from_options(data=data_uri, output=str(tmp_path / "run"),
                               cache_dir=str(tmp_path / "train-cache"),
                               work_dir=str(tmp_path / "work"), max_bad_fraction=0.25, threads=4)
-    catalog, _, summary = job._load_data(cfg, {})
+    data = job._load_data(cfg, configfile.RunRecord(None, cfg))
+    catalog, summary = data.catalog, data.summary
 
     result = CliRunner().invoke(cli, [
         "dataset", "inspect", "--json", "--max-bad-fraction", "0.25", "--threads", "4",

@@ -18,8 +18,7 @@ import time
 import pytest
 from test_job import cfg_for
 
-from trainjob import job
-from trainjob.run import savepoints, stop
+from trainjob.run import resumption, savepoints, stop
 from trainjob.run.folder import BEST, BEST_STAGED, HISTORY, LOG_CSV, RunFolder
 from trainjob.run.state import RunState
 from trainjob.store.local import LocalStore
@@ -72,7 +71,7 @@ def test_a_kill_before_any_file_of_a_generation_resumes_with_each_epoch_once(
 
     # A new pod: an empty local folder, the bucket as it was left.
     with RunFolder(tmp_path / "second", S3Store(bucket, "run", threads=2)) as again:
-        point = job._prepare(cfg_for(f"s3://{bucket}/run", tmp_path), again)
+        point = resumption.prepare(cfg_for(f"s3://{bucket}/run", tmp_path), again)
         resumed_at = point["epoch"]
         history = savepoints.trim_logs(again, resumed_at)
         assert [h["epoch"] for h in history] == list(range(resumed_at)), cut_before
@@ -135,7 +134,7 @@ def test_without_sync_the_stored_resume_state_is_whole_or_absent(s3env, bucket, 
         state.finish_training()
         assert run.uploader.flush(timeout=30)
     with RunFolder(tmp_path / "second", S3Store(bucket, "run", threads=2)) as again:
-        point = job._prepare(cfg_for(f"s3://{bucket}/run", tmp_path), again)  # whole
+        point = resumption.prepare(cfg_for(f"s3://{bucket}/run", tmp_path), again)  # whole
         assert point["finished_training"] and point["epoch"] == 2
         assert epoch_of(again.path(savepoints.weights_of(point))) == 1
         assert epoch_of(again.path(BEST)) == 1

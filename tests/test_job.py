@@ -17,7 +17,7 @@ from trainjob import job
 from trainjob.config import Config
 from trainjob.data.catalog import Catalog, Sample, split
 from trainjob.errors import ConfigError, Preempted, StorageError
-from trainjob.run import configfile, savepoints, stop
+from trainjob.run import configfile, resumption, savepoints, stop
 from trainjob.run.folder import (
     CLASSES,
     CONFIG,
@@ -65,7 +65,7 @@ def test_unusable_resume_state_stops_with_one_line_and_deletes_nothing(tmp_path)
             weights.write_bytes(b"not what the record says")
         before = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
         with pytest.raises(ConfigError) as err:
-            job._prepare(cfg_for(str(out), tmp_path), run)
+            resumption.prepare(cfg_for(str(out), tmp_path), run)
     assert "nothing was deleted" in str(err.value) and "--overwrite" in str(err.value)
     assert sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file()) == before
 
@@ -75,7 +75,7 @@ def test_a_broken_newest_pair_resumes_from_the_previous_one(tmp_path):
     with RunFolder(out, LocalStore(out)) as run:
         started_run(run, 3)
         run.path("backup/state-000003.weights.h5").write_bytes(b"torn")
-        state = job._prepare(cfg_for(str(out), tmp_path), run)
+        state = resumption.prepare(cfg_for(str(out), tmp_path), run)
     assert state["epoch"] == 2
     assert (out / LOG_CSV).exists() and (out / "checkpoints/best.weights.h5").exists()
 
@@ -87,7 +87,7 @@ def test_without_any_pair_the_last_checkpoint_is_used(tmp_path):
         for pair in run.path("backup").glob("state-*"):
             pair.write_bytes(b"garbage")
         run.path(LAST).write_bytes(b"last")
-        state = job._prepare(cfg_for(str(out), tmp_path), run)
+        state = resumption.prepare(cfg_for(str(out), tmp_path), run)
     assert state["from_checkpoint"] == LAST and state["epoch"] == 2
 
 
@@ -116,10 +116,10 @@ def test_the_last_checkpoint_fallback_checks_the_settings_like_any_resume(tmp_pa
     cfg, started = cfg_for(str(out), tmp_path), fingerprint_of(tmp_path)
     with RunFolder(out, LocalStore(out)) as run:
         run.write(CLASSES, {"0": "a", "1": "b", "2": "c"})
-        configfile.write(cfg, run, {}, {}, None, fingerprint=started)
+        configfile.RunRecord(run, cfg, fingerprint=started).write()
         started_run(run, 2, started)
         _broken_but_for_last(run, keep)
-        state = job._prepare(cfg, run)
+        state = resumption.prepare(cfg, run)
     assert state["from_checkpoint"] == LAST and state["epoch"] == 2
     savepoints.check_compatible(state, fingerprint_of(tmp_path))  # the same settings: fine
     for option, value, named in [("seed", 7, "--seed"), ("val_fraction", 0.3, "--val-fraction")]:
@@ -137,12 +137,12 @@ def test_the_last_checkpoint_fallback_checks_the_settings_like_any_resume(tmp_pa
 def test_the_last_checkpoint_fallback_with_no_record_of_the_settings_refuses(tmp_path):
     out = tmp_path / "run"
     with RunFolder(out, LocalStore(out)) as run:
-        configfile.write(cfg_for(str(out), tmp_path), run, {}, {}, None, fingerprint={})
+        configfile.RunRecord(run, cfg_for(str(out), tmp_path), fingerprint={}).write()
         started_run(run, 2, fingerprint_of(tmp_path))
         _broken_but_for_last(run, "none")
         before = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
         with pytest.raises(ConfigError) as err:
-            job._prepare(cfg_for(str(out), tmp_path), run)
+            resumption.prepare(cfg_for(str(out), tmp_path), run)
     message = str(err.value)
     assert err.value.exit_code == 2 and "\n" not in message
     assert "--seed" in message and "--overwrite" in message and "nothing was deleted" in message
@@ -159,11 +159,11 @@ def test_keys_outside_the_run_entries_are_never_downloaded(s3env, s3, bucket, tm
         client.put_object(Bucket=bucket, Key=key, Body=b"not trainjob's")
     output = f"s3://{bucket}/runs/exp1"
     cfg = cfg_for(output, tmp_path)
-    with RunFolder(job._local_run_dir(cfg), S3Store(bucket, "runs/exp1")) as run:
+    with RunFolder(resumption.local_folder(cfg), S3Store(bucket, "runs/exp1")) as run:
         started_run(run, 1)
-    job._clear_local(job._local_run_dir(cfg))
-    with RunFolder(job._local_run_dir(cfg), S3Store(bucket, "runs/exp1")) as run:
-        state = job._prepare(cfg, run)
+    resumption.clear_local(resumption.local_folder(cfg))
+    with RunFolder(resumption.local_folder(cfg), S3Store(bucket, "runs/exp1")) as run:
+        state = resumption.prepare(cfg, run)
         local = sorted(p.relative_to(run.local).as_posix() for p in run.local.rglob("*")
                        if p.is_file() and ".staging-" not in str(p))
     assert state["epoch"] == 1
@@ -180,7 +180,7 @@ def test_a_key_that_climbs_out_of_a_run_entry_is_refused(s3env, s3, bucket, tmp_
     # The premise, asserted (the only test of this refusal in the download path): the
     # server (moto) keeps the key as it is, as test_storage's cache-folder twin asserts.
     assert "runs/exp2/backup/../../../../escaped" in s3.keys(bucket, "runs/exp2/")
-    with RunFolder(job._local_run_dir(cfg), S3Store(bucket, "runs/exp2")) as run:
+    with RunFolder(resumption.local_folder(cfg), S3Store(bucket, "runs/exp2")) as run:
         with pytest.raises(StorageError, match="escapes the local folder"):
             run.pull()
     assert not list(tmp_path.rglob("escaped")) and not (tmp_path.parent / "escaped").exists()
@@ -191,13 +191,13 @@ def test_a_bucket_root_output_pulls_only_the_run(s3env, s3, bucket, tmp_path):
     for i in range(30):
         client.put_object(Bucket=bucket, Key=f"datasets/caltech/{i}.jpg", Body=b"jpeg")
     cfg = cfg_for(f"s3://{bucket}", tmp_path)
-    with RunFolder(job._local_run_dir(cfg), S3Store(bucket, "")) as run:
+    with RunFolder(resumption.local_folder(cfg), S3Store(bucket, "")) as run:
         started_run(run, 1)
-    job._clear_local(job._local_run_dir(cfg))
-    with RunFolder(job._local_run_dir(cfg), S3Store(bucket, "")) as run:
-        assert job._prepare(cfg, run)["epoch"] == 1
+    resumption.clear_local(resumption.local_folder(cfg))
+    with RunFolder(resumption.local_folder(cfg), S3Store(bucket, "")) as run:
+        assert resumption.prepare(cfg, run)["epoch"] == 1
         assert not run.path("datasets").exists()
-        job._remove_run(run)  # --overwrite removes trainjob's entries and nothing else
+        resumption.remove_run(run)  # --overwrite removes trainjob's entries and nothing else
     assert len(s3.keys(bucket, "datasets/")) == 30
     assert not s3.keys(bucket, "backup/") and not s3.keys(bucket, STATUS)
 

@@ -94,7 +94,7 @@ def test_config_json_records_the_trial(tmp_path):
     cfg = configure([*REQUIRED, "--sweep-file", write(tmp_path, TRIALS), "--trial-index", "1"])
     local = tmp_path / "run"
     with RunFolder(local, LocalStore(local)) as run_dir:
-        configfile.write(cfg, run_dir, {}, {}, None)
+        configfile.RunRecord(run_dir, cfg).write()
     recorded = json.loads((local / CONFIG).read_text())
     assert recorded["trial"] == {"index": 1, "count": 3, "sweep_file": str(tmp_path /
                                                                             "sweep.json"),
@@ -104,7 +104,7 @@ def test_config_json_records_the_trial(tmp_path):
     assert recorded["settings"]["optim"]["optimizer"] == "sgd"
     plain = configure(REQUIRED)
     with RunFolder(local, LocalStore(local)) as run_dir:
-        configfile.write(plain, run_dir, {}, {}, None)
+        configfile.RunRecord(run_dir, plain).write()
     assert json.loads((local / CONFIG).read_text())["trial"] is None
 
 

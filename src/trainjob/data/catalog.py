@@ -76,6 +76,16 @@ class Splits:
         return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
 
 
+@dataclass
+class Dataset:
+    """A dataset ready to train on: its checked catalog, the split, and what config.json
+    says about it (classes, counts, skipped files, the download)."""
+
+    catalog: Catalog
+    splits: Splits
+    summary: dict
+
+
 def locate(roots: list[Path]) -> Path:
     """The folder whose subfolders hold the most images: the class root."""
     best, best_score = None, (0, 0)

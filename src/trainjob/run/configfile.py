@@ -6,6 +6,10 @@ from __future__ import annotations
 import os
 import platform
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 from trainjob import __version__
 from trainjob.config import Config
@@ -20,25 +24,46 @@ def distribution(cfg: Config, group: Cluster | None, replicas: int) -> dict:
             "global_batch_size": cfg.optim.batch_size, "learning_rate": cfg.optim.learning_rate}
 
 
-def write(cfg: Config, run_dir: RunFolder, dataset: dict, timings: dict,
-          state: dict | None, distribution: dict | None = None,
-          fingerprint: dict | None = None) -> None:
-    """Write config.json (again at the end, with the timings of every step). ``fingerprint``
-    (``resume.fingerprint``) lets a resume from the last checkpoint alone check the settings
-    when no save point record is left."""
-    run_dir.write(CONFIG, {
-        "settings": cfg.to_dict(),
-        "fingerprint": fingerprint,
-        "versions": versions(),
-        "hardware": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                     "gpus": gpu_names()},
-        "dataset": dataset,
-        "timings_seconds": {k: round(v, 2) for k, v in timings.items()},
-        "resumed_from_epoch": state["epoch"] if state else None,
-        "distribution": distribution,
-        # The sweep trial this run is (--sweep-file): its index and the settings it set.
-        "trial": cfg.trial.to_dict() if cfg.trial else None,
-    })
+@dataclass
+class RunRecord:
+    """What config.json says, written again as the run goes: the settings as given, the
+    dataset, where the run resumed, how it is spread (once the strategy is known), and the
+    time each step took (``timed``). ``fingerprint`` (``savepoints.fingerprint``) lets a
+    resume from the last checkpoint alone check the settings when no record is left."""
+
+    run_dir: RunFolder
+    settings: Config
+    state: dict | None = None
+    dataset: dict = field(default_factory=dict)
+    fingerprint: dict | None = None
+    distribution: dict | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def timed(self, phase: str) -> Iterator[None]:
+        """Add the time spent inside to ``phase``."""
+        start = time.monotonic()
+        try:
+            yield
+        finally:
+            self.timings[phase] = self.timings.get(phase, 0.0) + time.monotonic() - start
+
+    def write(self) -> None:
+        """Write config.json now."""
+        cfg = self.settings
+        self.run_dir.write(CONFIG, {
+            "settings": cfg.to_dict(),
+            "fingerprint": self.fingerprint,
+            "versions": versions(),
+            "hardware": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                         "gpus": gpu_names()},
+            "dataset": self.dataset,
+            "timings_seconds": {k: round(v, 2) for k, v in self.timings.items()},
+            "resumed_from_epoch": self.state["epoch"] if self.state else None,
+            "distribution": self.distribution,
+            # The sweep trial this run is (--sweep-file): its index and the settings it set.
+            "trial": cfg.trial.to_dict() if cfg.trial else None,
+        })
 
 
 def versions() -> dict[str, str]:

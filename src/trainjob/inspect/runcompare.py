@@ -169,7 +169,7 @@ def dash(value: object) -> str:
 def plot_curves(rows: list[Comparison], out: Path) -> None:
     """val_accuracy and val_loss per epoch, one line per run, side by side, into ``out``
     (the format from its suffix: .png, .svg, .pdf)."""
-    from trainjob.train.plots import pyplot  # matplotlib only when a picture is asked for
+    from trainjob.inspect.pictures import pyplot  # matplotlib only when a picture is asked for
 
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))

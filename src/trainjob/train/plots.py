@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from trainjob.inspect.pictures import pyplot
 from trainjob.run.folder import CONFUSION, PER_CLASS
 
 log = logging.getLogger(__name__)
@@ -19,16 +20,6 @@ log = logging.getLogger(__name__)
 INCH_PER_CLASS = 0.2  # one row of text at LABEL_POINTS, with a little air
 LABEL_POINTS = 7  # at 40 classes or more; 9 below
 DPI = 100
-
-
-def pyplot() -> Any:
-    """matplotlib.pyplot on the Agg backend (imported here: plotting is the last step)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
@@ -114,8 +105,6 @@ def plot_test_split(metrics: dict, classes: list[str], run: Path) -> None:
 def plot_history(history: list[dict[str, Any]], out: Path) -> None:
     """Loss and accuracy curves, train and validation."""
     from matplotlib.ticker import MaxNLocator
-
-    from trainjob.train.plots import pyplot
 
     plt = pyplot()
     epochs = [h["epoch"] for h in history]

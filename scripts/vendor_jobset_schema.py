@@ -1,4 +1,4 @@
-"""Extract JobSet's openAPIV3Schema from its CRD into tests/data/jobset-crd-schema.json.
+"""Extract JobSet's openAPIV3Schema from its CRD into tests/fixtures/jobset-crd-schema.json.
 
     git clone https://github.com/kubernetes-sigs/jobset && cd jobset && git checkout v0.12.0
     python scripts/vendor_jobset_schema.py \
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-OUT = Path(__file__).resolve().parents[1] / "tests" / "data" / "jobset-crd-schema.json"
+OUT = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "jobset-crd-schema.json"
 
 
 def strip_descriptions(node, in_properties: bool = False):

@@ -1,4 +1,4 @@
-"""Extract Kueue's openAPIV3Schemas from its CRDs into tests/data/kueue-<kind>-crd-schema.json.
+"""Extract Kueue's openAPIV3Schemas from its CRDs into tests/fixtures/kueue-<kind>-crd-schema.json.
 
     git clone https://github.com/kubernetes-sigs/kueue && cd kueue && git checkout v0.19.2
     python scripts/vendor_kueue_schemas.py kueue/config/components/crd/bases v0.19.2 COMMIT
@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 from vendor_jobset_schema import strip_descriptions
 
-OUT = Path(__file__).resolve().parents[1] / "tests" / "data"
+OUT = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
 VERSION = "v1beta2"
 CRDS = {"resourceflavor": "kueue.x-k8s.io_resourceflavors.yaml",
         "clusterqueue": "kueue.x-k8s.io_clusterqueues.yaml",

@@ -22,10 +22,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import sampledata  # noqa: E402
-from faultproxy import FaultProxy  # noqa: E402
+from helpers.faultproxy import FaultProxy  # noqa: E402
 from s3server import S3Server, start_moto, start_seaweed, stop_server  # noqa: E402
 
-from trainjob.store.client import _clients
+from trainjob.store.client import _clients  # noqa: E402
 from trainjob.store.local import LocalStore  # noqa: E402
 from trainjob.store.s3 import S3Store  # noqa: E402
 

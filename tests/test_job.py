@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers.runs import cfg_for, started_run
 
 from trainjob import job
-from trainjob.config import Config
 from trainjob.data.catalog import Catalog, Sample, split
 from trainjob.errors import ConfigError, Preempted, StorageError
 from trainjob.run import configfile, resumption, savepoints, stop
@@ -32,28 +32,8 @@ from trainjob.run.folder import (
     sha256,
     write_json,
 )
-from trainjob.run.state import RunState
 from trainjob.store.local import LocalStore
 from trainjob.store.s3 import S3Store
-
-
-def cfg_for(output: str, tmp_path: Path, **options) -> Config:
-    return Config.from_options(data=str(tmp_path / "no-data"), output=output,
-                               work_dir=str(tmp_path / "work"), **options)
-
-
-def started_run(run: RunFolder, epochs: int, fingerprint: dict | None = None) -> None:
-    """A run that trained ``epochs`` epochs: logs, checkpoints and save points."""
-    state = RunState(run, fingerprint=fingerprint or {}, history=[], stop=stop.StopSignal())
-    for epoch in range(epochs):
-        run.path(LOG_CSV).write_text("epoch,loss\n" + "".join(f"{e},1.0\n" for e in range(epoch + 1)))
-        run.path("checkpoints").mkdir(exist_ok=True)
-        run.path("checkpoints/best.weights.h5").write_bytes(b"best")
-        state.end_epoch(epoch, {"epoch": epoch},
-                        write_weights=lambda p, e=epoch: p.write_bytes(f"w{e}".encode() * 100),
-                        iterations=epoch, callbacks={})
-    assert run.uploader.flush(timeout=10)
-
 
 # --- a broken resume pair never deletes the run (defect 1) ---------------------------------
 

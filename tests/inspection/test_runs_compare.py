@@ -12,8 +12,8 @@ import json
 import time
 
 import pytest
-import runfolders
 from click.testing import CliRunner
+from helpers import runfolders
 
 from trainjob.cli import cli, main
 from trainjob.inspect import runcompare

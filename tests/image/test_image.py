@@ -30,9 +30,9 @@ from pathlib import Path
 
 import pytest
 from conftest import SMALL, STAND_IN
-from test_resume import _hooks
+from helpers.jobs import hooks_file
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # Under pytest-xdist the whole module runs on one worker: one dockerd, one image build.
 pytestmark = pytest.mark.xdist_group("docker")
 
@@ -374,7 +374,7 @@ def test_docker_stop_saves_resume_state_and_exits_143(image, s3, bucket, officia
     flags, env = docker_env(s3)
     # The signal's way through tini to the job is the subject, not the model: the stand-in
     # backbone (ResNet50's bytes); the one-epoch run above trains ResNet50 in the image.
-    hooks = _hooks(tmp_path, **STAND_IN)
+    hooks = hooks_file(tmp_path, **STAND_IN)
     Path(hooks).chmod(0o644)  # readable by the container's user, whatever the umask
     flags += ["-v", f"{hooks}:/etc/trainjob-hooks.json:ro",
               "-e", "TRAINJOB_TEST_HOOKS=/etc/trainjob-hooks.json"]

@@ -4,10 +4,10 @@ weights are written by a plain function, as any training loop may."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
+from helpers.runs import weights_writer
 
 from trainjob.errors import Preempted
 from trainjob.run import savepoints
@@ -15,12 +15,6 @@ from trainjob.run.folder import HISTORY, STATUS, RunFolder, read_json, sha256, w
 from trainjob.run.state import RunState
 from trainjob.run.stop import StopSignal
 from trainjob.store.local import LocalStore
-
-
-def weights_writer(tag: str):
-    def write(path: Path) -> None:
-        path.write_bytes(tag.encode() + os.urandom(4096))
-    return write
 
 
 @pytest.fixture

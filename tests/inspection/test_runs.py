@@ -8,16 +8,15 @@ imported.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import threading
 import time
 
 import pytest
-import runfolders
 from click.testing import CliRunner
 from conftest import make_bucket, point_boto3_at, run_trainjob
-from faultproxy import FaultProxy
+from helpers import runfolders
+from helpers.faultproxy import FaultProxy
+from helpers.jobs import cli_in_subprocess
 
 from trainjob.cli import cli
 from trainjob.inspect import runinfo
@@ -141,21 +140,6 @@ def test_list_an_empty_prefix_says_so(s3env, bucket):
 def test_list_on_a_run_folder_points_at_show(runs_bucket):
     result = invoke("runs", "list", f"s3://{runs_bucket}/runs/done")
     assert "is itself a run folder: see 'trainjob runs show" in result.stderr
-
-
-def cli_in_subprocess(s3, home, *args: str) -> tuple[int, str, str, list[str]]:
-    """Run trainjob's main() in a fresh interpreter; report which heavy modules it loaded."""
-    code = ("import sys, json\n"
-            "from trainjob.cli import main\n"
-            f"rc = main({list(args)!r})\n"
-            "heavy = [m for m in ('tensorflow', 'keras', 'matplotlib') if m in sys.modules]\n"
-            "print('HEAVY=' + json.dumps(heavy))\n"
-            "sys.exit(rc)\n")
-    env = {**s3.env(), "TRAINJOB_HOME": str(home)}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                          text=True, timeout=120)
-    heavy = json.loads(proc.stdout.rsplit("HEAVY=", 1)[1])
-    return proc.returncode, proc.stdout, proc.stderr, heavy
 
 
 def test_list_never_imports_tensorflow(s3, runs_bucket, tmp_path):

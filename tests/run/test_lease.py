@@ -15,9 +15,9 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from conftest import SMALL, STAND_IN, start_trainjob
-from faultproxy import FaultProxy
-from test_e2e import assert_complete_run
-from test_resume import _hooks, _status, _wait_for
+from helpers.checks import assert_complete_run
+from helpers.faultproxy import FaultProxy
+from helpers.jobs import hooks_file, stored_json, wait_for
 
 from trainjob.errors import LostOwnership, StorageError
 from trainjob.run import savepoints, stop
@@ -158,22 +158,22 @@ def test_a_job_partitioned_past_the_stale_time_writes_nothing_when_its_network_r
     release = tmp_path / "release"
     cut_log, new_log = tmp_path / "cut.log", tmp_path / "new.log"
     with FaultProxy(s3.endpoint) as proxy:
-        hooks = _hooks(tmp_path, "cut.json", **timings,
+        hooks = hooks_file(tmp_path, "cut.json", **timings,
                        hold={"epoch:2": {"seconds": 600, "until_file": str(release)}})
         cut = start_trainjob(args, s3.env(AWS_ENDPOINT_URL=proxy.endpoint,
                                           TRAINJOB_TEST_HOOKS=hooks), tmp_path / "h1", cut_log)
-        _wait_for(lambda: _status(s3, bucket, prefix).get("epochs_done", 0) >= 1, cut, cut_log)
+        wait_for(lambda: stored_json(s3, bucket, prefix).get("epochs_done", 0) >= 1, cut, cut_log)
         since = time.time()
         proxy.cut_off()
-        _wait_for(lambda: "lock heartbeat failed" in cut_log.read_text(), cut, cut_log)
-        new = start_trainjob(args, s3.env(TRAINJOB_TEST_HOOKS=_hooks(tmp_path, "new.json",
+        wait_for(lambda: "lock heartbeat failed" in cut_log.read_text(), cut, cut_log)
+        new = start_trainjob(args, s3.env(TRAINJOB_TEST_HOOKS=hooks_file(tmp_path, "new.json",
                                                                      **timings)),
                              tmp_path / "h2", new_log)
-        _wait_for(lambda: "taking over the run lock" in new_log.read_text(), new, new_log)
+        wait_for(lambda: "taking over the run lock" in new_log.read_text(), new, new_log)
         # The cut-off job trained on meanwhile: its epochs 1 and 2 wait to be uploaded.
-        _wait_for(lambda: "test hook: holding at epoch:2" in cut_log.read_text(), cut, cut_log)
+        wait_for(lambda: "test hook: holding at epoch:2" in cut_log.read_text(), cut, cut_log)
         proxy.recover()
-        _wait_for(lambda: "lost the run lock" in cut_log.read_text(), cut, cut_log)
+        wait_for(lambda: "lost the run lock" in cut_log.read_text(), cut, cut_log)
         release.touch()
         assert cut.wait(timeout=120) == 6, cut_log.read_text()[-3000:]
         assert new.wait(timeout=600) == 0, new_log.read_text()[-3000:]

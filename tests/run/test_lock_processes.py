@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import make_bucket, point_boto3_at
-from faultproxy import FaultProxy
+from helpers.faultproxy import FaultProxy
 
 from trainjob.errors import LostOwnership
 from trainjob.run.folder import LOCK
@@ -23,7 +23,7 @@ from trainjob.run.lock import RunLock
 from trainjob.store import client
 from trainjob.store.s3 import S3Store
 
-WORKER = str(Path(__file__).with_name("lockworker.py"))
+WORKER = str(Path(__file__).parents[1] / "helpers" / "lockworker.py")
 ROUNDS, PERIOD = 10, 0.8
 
 

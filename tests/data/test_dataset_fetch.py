@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from conftest import run_trainjob
-from test_runs import cli_in_subprocess
+from helpers.jobs import cli_in_subprocess
 
 MiB = 1024**2
 

@@ -14,9 +14,9 @@ import time
 
 import pytest
 from conftest import SMALL, STAND_IN, run_trainjob, start_trainjob
-from faultproxy import FaultProxy
-from test_e2e import assert_complete_run
-from test_resume import _hooks, _status, _wait_for
+from helpers.checks import assert_complete_run
+from helpers.faultproxy import FaultProxy
+from helpers.jobs import hooks_file, stored_json, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -52,19 +52,19 @@ def test_fast_epochs_keep_the_bucket_advancing_and_a_random_kill_resumes(s3, buc
     log = tmp_path / "first.log"
     # Held after its last epoch: however fast the machine trains, the kill lands in a
     # running job (it used to land in a finished one, which had removed backup/).
-    hooks = _hooks(tmp_path, **STAND_IN, hold={"epoch:7": 600})
+    hooks = hooks_file(tmp_path, **STAND_IN, hold={"epoch:7": 600})
     with FaultProxy(s3.endpoint, slowdown=0.0, drop=0.0, bytes_per_second=40 * MB) as proxy:
         proc = start_trainjob(args, s3.env(AWS_ENDPOINT_URL=proxy.endpoint,
                                            TRAINJOB_TEST_HOOKS=hooks), tmp_path / "h", log)
         seen: list[int] = []
 
         def advanced_twice() -> bool:
-            done = _status(s3, bucket, prefix).get("epochs_done", 0)
+            done = stored_json(s3, bucket, prefix).get("epochs_done", 0)
             if done and done not in seen:
                 seen.append(done)
             return len(seen) >= 2
 
-        _wait_for(advanced_twice, proc, log, timeout=300)
+        wait_for(advanced_twice, proc, log, timeout=300)
         time.sleep(random.Random().uniform(0.0, 4.0))  # anywhere in an upload
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
@@ -73,7 +73,7 @@ def test_fast_epochs_keep_the_bucket_advancing_and_a_random_kill_resumes(s3, buc
         "the regime under test (epochs faster than uploads) was not reached"
     state = bucket_generation(s3, bucket, prefix)
 
-    result = run_trainjob(args, s3.env(TRAINJOB_TEST_HOOKS=_hooks(tmp_path, "h2.json",
+    result = run_trainjob(args, s3.env(TRAINJOB_TEST_HOOKS=hooks_file(tmp_path, "h2.json",
                                                                   **STAND_IN)),
                           tmp_path / "h2")
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
@@ -94,21 +94,21 @@ def test_a_short_outage_does_not_fail_the_run(s3, bucket, dataset, tmp_path):
     log = tmp_path / "job.log"
     with FaultProxy(s3.endpoint, slowdown=0.0, drop=0.0) as proxy:
         env = s3.env(AWS_ENDPOINT_URL=proxy.endpoint, AWS_MAX_ATTEMPTS="1",
-                     TRAINJOB_TEST_HOOKS=_hooks(tmp_path, **STAND_IN))
+                     TRAINJOB_TEST_HOOKS=hooks_file(tmp_path, **STAND_IN))
         proxy.hold(r"^PUT .*/manifest\.json$")
         proc = start_trainjob(args, env, tmp_path / "home", log)
-        _wait_for(lambda: _status(s3, bucket, prefix).get("epochs_done", 0) >= 1, proc, log)
+        wait_for(lambda: stored_json(s3, bucket, prefix).get("epochs_done", 0) >= 1, proc, log)
         proxy.fail_everything()
-        _wait_for(lambda: "failed" in log.read_text() and "retrying" in log.read_text(),
+        wait_for(lambda: "failed" in log.read_text() and "retrying" in log.read_text(),
                   proc, log, timeout=120)
         # Longer than 0.1.0's whole retry budget for one file (1+2+4+8+16 s of backoff, and
         # the attempts, each refused at once): it gave up on that file, kept the error, and
         # exited 4 at the end though the store came back.
         time.sleep(45)
         proxy.recover()
-        _wait_for(proxy.holding.is_set, proc, log)  # manifest.json is on its way
+        wait_for(proxy.holding.is_set, proc, log)  # manifest.json is on its way
         proc.send_signal(signal.SIGTERM)
-        _wait_for(lambda: "SIGTERM received" in log.read_text(), proc, log)
+        wait_for(lambda: "SIGTERM received" in log.read_text(), proc, log)
         proxy.release()
         rc = proc.wait(timeout=600)
         failed = proxy.injected["slowdown"]
@@ -126,12 +126,12 @@ def test_shutdown_fits_the_grace_period_when_the_store_hangs(s3, bucket, dataset
     log = tmp_path / "job.log"
     # Held inside the second epoch until the signal: it lands inside training, after a
     # save point, whatever the machine's speed.
-    hooks = _hooks(tmp_path, **STAND_IN,
+    hooks = hooks_file(tmp_path, **STAND_IN,
                    hold={"batch:1:3": {"seconds": 600, "until_signal": True}})
     with FaultProxy(s3.endpoint, slowdown=0.0, drop=0.0) as proxy:
         proc = start_trainjob(args, s3.env(AWS_ENDPOINT_URL=proxy.endpoint,
                                            TRAINJOB_TEST_HOOKS=hooks), tmp_path / "home", log)
-        _wait_for(lambda: "test hook: holding at batch:1:3" in log.read_text(), proc, log)
+        wait_for(lambda: "test hook: holding at batch:1:3" in log.read_text(), proc, log)
         proxy.stalled.set()
         started = time.monotonic()
         proc.send_signal(signal.SIGTERM)

@@ -37,9 +37,9 @@ from conftest import (
     run_trainjob,
     start_trainjob,
 )
-from faultproxy import FaultProxy
-from test_e2e import assert_complete_run
-from test_resume import _csv_epochs, _hooks, _status, _wait_for
+from helpers.checks import assert_complete_run
+from helpers.faultproxy import FaultProxy
+from helpers.jobs import csv_epochs, hooks_file, stored_json, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -117,7 +117,7 @@ def test_sigterm_then_peer_killed_then_group_restart_completes(s3, bucket, datas
     """The six launches of the module's docstring, on one run folder."""
     prefix = "runs/multi"
     out = f"s3://{bucket}/{prefix}"
-    stand_in = _hooks(tmp_path, "stand_in.json", **SMALL_STAND_IN)
+    stand_in = hooks_file(tmp_path, "stand_in.json", **SMALL_STAND_IN)
 
     # 1. Configured as in an Indexed Job: JOB_COMPLETION_INDEX, --workers and a host
     #    pattern (here one host, a port per worker). Worker 1 waits after the first batch of
@@ -125,7 +125,7 @@ def test_sigterm_then_peer_killed_then_group_restart_completes(s3, bucket, datas
     #    save point). The chief talks to the store through a proxy, which holds its writes
     #    under backup/ from the signal on: its last save point is on its way, not stored.
     first_port = consecutive_free_ports(2)
-    held = _hooks(tmp_path, "held.json", **SMALL_STAND_IN,
+    held = hooks_file(tmp_path, "held.json", **SMALL_STAND_IN,
                   hold={"batch:1:1": {"seconds": 300, "until_signal": True}})
     args = _args(dataset, out, "--workers", "2", "--worker-hosts", "127.0.0.1:{port}",
                  "--worker-port", str(first_port), "--backup-every-steps", "2")
@@ -139,7 +139,7 @@ def test_sigterm_then_peer_killed_then_group_restart_completes(s3, bucket, datas
         other, other_log = _start(args, s3.env(JOB_COMPLETION_INDEX="1",
                                                TRAINJOB_TEST_HOOKS=held),
                                   tmp_path, "first", 1, started)
-        _wait_for(lambda: "holding at batch:1:1" in other_log.read_text(), other, other_log)
+        wait_for(lambda: "holding at batch:1:1" in other_log.read_text(), other, other_log)
         link.hold(rf"^PUT /{bucket}/{prefix}/backup/")
         signalled = time.monotonic()
         other.send_signal(signal.SIGTERM)
@@ -148,24 +148,24 @@ def test_sigterm_then_peer_killed_then_group_restart_completes(s3, bucket, datas
         assert time.monotonic() - signalled < 25, "the signalled worker overran --grace-seconds"
         # Only the chief writes to --output: the other worker's files stay in its own folder.
         assert (tmp_path / "home1" / "work" / "worker-1" / "status.json").exists()
-        _wait_for(link.holding.is_set, chief, chief_log)  # the last save point is on its way
-        stale = _status(s3, bucket, prefix, "backup/state.json")
+        wait_for(link.holding.is_set, chief, chief_log)  # the last save point is on its way
+        stale = stored_json(s3, bucket, prefix, "backup/state.json")
 
         # 2. Worker 1's replacement starts while the bucket still holds the older save
         #    point; once it waits at the start-up barrier, the old chief's upload lands
         #    (inside its grace period), then the chief's replacement starts.
         ports = free_ports(2)
-        oom = _hooks(tmp_path, "oom.json", **SMALL_STAND_IN,
+        oom = hooks_file(tmp_path, "oom.json", **SMALL_STAND_IN,
                      collective_error={"validation": "ResourceExhaustedError"})
         other, other_log = _start(_args(dataset, out), s3.env(
             TF_CONFIG=_tf_config(ports, 1), TRAINJOB_TEST_HOOKS=oom), tmp_path, "second", 1,
             started)
-        _wait_for(lambda: BARRIER in other_log.read_text(), other, other_log)
+        wait_for(lambda: BARRIER in other_log.read_text(), other, other_log)
         assert chief.poll() is None, "the old chief gave up its last save point"
         link.release()
         assert chief.wait(timeout=120) == 143, chief_log.read_text()[-3000:]
     assert "a peer worker was signalled" in chief_log.read_text()
-    assert _status(s3, bucket, prefix)["state"] == "preempted"
+    assert stored_json(s3, bucket, prefix)["state"] == "preempted"
     state = s3.read_json(bucket, f"{prefix}/backup/state.json")
     assert (state["epoch"], state["step"]) == (1, 2), state
     assert (stale.get("epoch"), stale.get("step")) != (1, 2), "the hold came too late"
@@ -191,7 +191,7 @@ def test_sigterm_then_peer_killed_then_group_restart_completes(s3, bucket, datas
     assert codes[0] == 4, chief_log.read_text()[-3000:]
     assert len(_error_lines(chief_log)) == 1
     assert "a peer worker died or stopped responding" in _error_lines(chief_log)[0]
-    assert _status(s3, bucket, prefix)["state"] == "failed"
+    assert stored_json(s3, bucket, prefix)["state"] == "failed"
 
     # 3. The group restarts, and worker 1 hangs after a batch (a hold that never returns,
     #    as a wedged peer), so the chief waits in the next step's collective. A SIGTERM to
@@ -199,7 +199,7 @@ def test_sigterm_then_peer_killed_then_group_restart_completes(s3, bucket, datas
     #    (90 s), so the signal watchdog stops the run inside --grace-seconds: exit 143,
     #    status preempted, the bucket's save point kept.
     ports = free_ports(2)
-    wedged = _hooks(tmp_path, "wedged.json", **SMALL_STAND_IN,
+    wedged = hooks_file(tmp_path, "wedged.json", **SMALL_STAND_IN,
                     hold={f"batch:{state['epoch']}:{state['step'] + 1}": 600})
     chief, chief_log = _start([*_args(dataset, out), "--grace-seconds", "10"], s3.env(
         TF_CONFIG=_tf_config(ports, 0), TRAINJOB_TEST_HOOKS=stand_in), tmp_path, "hung", 0,
@@ -207,7 +207,7 @@ def test_sigterm_then_peer_killed_then_group_restart_completes(s3, bucket, datas
     other, other_log = _start(_args(dataset, out), s3.env(
         TF_CONFIG=_tf_config(ports, 1), TRAINJOB_TEST_HOOKS=wedged), tmp_path, "hung", 1,
         started)
-    _wait_for(lambda: "test hook: holding at batch" in other_log.read_text(), other, other_log)
+    wait_for(lambda: "test hook: holding at batch" in other_log.read_text(), other, other_log)
     signalled = time.monotonic()
     chief.send_signal(signal.SIGTERM)
     code = _wait_all([(chief, chief_log)], timeout=60)[0]
@@ -217,13 +217,13 @@ def test_sigterm_then_peer_killed_then_group_restart_completes(s3, bucket, datas
     assert code == 143, chief_log.read_text()[-3000:]
     assert elapsed < 10, f"the chief took {elapsed:.1f}s with --grace-seconds 10"
     assert "grace period ran out" in _error_lines(chief_log)[0]
-    assert _status(s3, bucket, prefix)["state"] == "preempted"
+    assert stored_json(s3, bucket, prefix)["state"] == "preempted"
     assert s3.read_json(bucket, f"{prefix}/backup/state.json")["seq"] == state["seq"]
 
     # 4. The next restart resumes at the same save point and trains to the end; the chief
     #    is SIGKILLed after training, once worker 1 has left (training is over).
     ports = free_ports(2)
-    after = _hooks(tmp_path, "after.json", **SMALL_STAND_IN, hold={"after_training": 300})
+    after = hooks_file(tmp_path, "after.json", **SMALL_STAND_IN, hold={"after_training": 300})
     chief, chief_log = _start(_args(dataset, out), s3.env(
         TF_CONFIG=_tf_config(ports, 0), TRAINJOB_TEST_HOOKS=after), tmp_path, "third", 0,
         started)
@@ -231,7 +231,7 @@ def test_sigterm_then_peer_killed_then_group_restart_completes(s3, bucket, datas
         TF_CONFIG=_tf_config(ports, 1), TRAINJOB_TEST_HOOKS=stand_in), tmp_path, "third", 1,
         started)
     assert _wait_all([(other, other_log)]) == [0], other_log.read_text()[-3000:]
-    _wait_for(lambda: "holding at after_training" in chief_log.read_text(), chief, chief_log)
+    wait_for(lambda: "holding at after_training" in chief_log.read_text(), chief, chief_log)
     chief.send_signal(signal.SIGKILL)
     chief.wait(timeout=30)
     for log in (chief_log, other_log):
@@ -252,7 +252,7 @@ def test_sigterm_then_peer_killed_then_group_restart_completes(s3, bucket, datas
     assert lone.returncode == 0, lone.stdout[-3000:] + lone.stderr[-2000:]
     assert time.monotonic() - relaunched < 60, "the lone chief took a minute to publish"
     assert BARRIER not in lone.stdout and "cluster formed" not in lone.stdout
-    assert _csv_epochs(s3, bucket, prefix) == list(range(EPOCHS))
+    assert csv_epochs(s3, bucket, prefix) == list(range(EPOCHS))
     assert_complete_run(s3, bucket, prefix, epochs=EPOCHS)  # each epoch once, one manifest
     assert sum(k.endswith("manifest.json") for k in s3.keys(bucket, prefix + "/")) == 1
     # The step count of a run that was never stopped: no step twice, none lost.

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import make_bucket, point_boto3_at
-from faultproxy import FaultProxy
+from helpers.faultproxy import FaultProxy
 
 import trainjob
 from trainjob.errors import ConfigError, DataError, StorageError

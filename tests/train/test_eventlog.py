@@ -3,45 +3,15 @@ step exactly once across a kill and a resume, and sent in the epoch's generation
 
 from __future__ import annotations
 
-from collections import Counter
-from pathlib import Path
-
 import pytest
-from test_runstate import weights_writer
+from helpers.checks import assert_each_step_once
+from helpers.runs import weights_writer
 
 from trainjob.run import savepoints, stop
 from trainjob.run.folder import RunFolder, read_json
 from trainjob.run.state import RunState
 from trainjob.store.local import LocalStore
 from trainjob.train import eventlog
-
-
-def read_scalars(path: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar in an event file, as {tag: [(step, value), ...]} in file order."""
-    import tensorflow as tf
-    from tensorflow.core.util import event_pb2
-
-    out: dict[str, list[tuple[int, float]]] = {}
-    for record in tf.data.TFRecordDataset(str(path)):
-        event = event_pb2.Event.FromString(record.numpy())
-        for value in event.summary.value:
-            number = float(tf.make_ndarray(value.tensor)) if value.HasField("tensor") \
-                else value.simple_value
-            out.setdefault(value.tag, []).append((event.step, number))
-    return out
-
-
-def assert_each_step_once(run: Path, epochs: int) -> dict[str, list[tuple[int, float]]]:
-    """Both files of ``run`` (a run folder) hold steps 0..epochs-1, each once per tag."""
-    train = read_scalars(run / eventlog.TRAIN)
-    val = read_scalars(run / eventlog.VALIDATION)
-    assert {"epoch_loss", "epoch_accuracy", "epoch_learning_rate"} <= set(train), train
-    assert {"epoch_loss", "epoch_accuracy"} <= set(val), val
-    for tag, points in [*train.items(), *val.items()]:
-        steps = [s for s, _ in points]
-        assert sorted(steps) == list(range(epochs)), (tag, steps)
-        assert max(Counter(steps).values()) == 1, (tag, steps)
-    return train
 
 
 def row(epoch: int, **extra: float) -> dict:

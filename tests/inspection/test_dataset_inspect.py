@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from conftest import upload_tree
-from test_runs import cli_in_subprocess
+from helpers.jobs import cli_in_subprocess
 
 from trainjob import job
 from trainjob.cli import cli

@@ -2,7 +2,7 @@
 Job) and k8s/jobset (the same run as a JobSet), rendered through kustomize.
 
 k8s/multiworker is validated like k8s/ (kubernetes-validate --strict, Kubernetes 1.29-1.37);
-the JobSet against JobSet's published CRD schema (tests/data/jobset-crd-schema.json, from
+the JobSet against JobSet's published CRD schema (tests/fixtures/jobset-crd-schema.json, from
 kubernetes-sigs/jobset v0.12.0; see its "$comment"), made strict about unknown fields as the
 API server's strict field validation is, and its child Job and pod against Kubernetes' own
 schemas. The rest checks that the fields which must agree do: N, the Service, the port, the
@@ -23,17 +23,20 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
-from test_k8s import (
+from helpers.manifests import (
     AWS_KEYS,
     COMPONENTS,
     K8S,
     KUBERNETES_VERSIONS,
     ROOT,
+    child_job,
     find,
     load_all,
     render,
     require_kustomize,
+    same_pod,
     strict_k8s_errors,
+    strict_schema,
 )
 
 from trainjob.cli import train
@@ -41,7 +44,7 @@ from trainjob.config import Config
 from trainjob.errors import NON_RETRIABLE, Preempted
 
 MULTIWORKER = K8S / "multiworker"
-JOBSET_SCHEMA = ROOT / "tests" / "data" / "jobset-crd-schema.json"
+JOBSET_SCHEMA = ROOT / "tests" / "fixtures" / "jobset-crd-schema.json"
 JOBSET_API = "jobset.x-k8s.io/v1alpha2"
 RJOB = "workers"      # the JobSet's one replicatedJob
 ENVVARS = {p.envvar for p in train.params if getattr(p, "envvar", None)}
@@ -127,30 +130,7 @@ def settings(docs: list[dict]) -> dict[str, str]:
     return find(docs, "ConfigMap")["data"]
 
 
-def child_job(jobset: dict) -> dict:
-    """The batch/v1 Job the JobSet controller creates: <jobset>-<replicatedJob>-<index>."""
-    [rjob] = jobset["spec"]["replicatedJobs"]
-    return {"apiVersion": "batch/v1", "kind": "Job",
-            "metadata": {"name": f"{jobset['metadata']['name']}-{rjob['name']}-0"},
-            "spec": copy.deepcopy(rjob["template"]["spec"])}
-
-
 # --- schema ---------------------------------------------------------------------------------
-
-def strict_schema(node):
-    """A CRD's structural schema, rejecting unknown fields: the API server prunes them, and
-    kubectl's default strict field validation refuses them (additionalProperties: false
-    wherever properties are listed and unknown fields are not preserved)."""
-    if isinstance(node, list):
-        return [strict_schema(n) for n in node]
-    if not isinstance(node, dict):
-        return node
-    out = {k: ({name: strict_schema(s) for name, s in v.items()} if k == "properties"
-               else strict_schema(v)) for k, v in node.items()}
-    if ("properties" in node and "additionalProperties" not in node
-            and not node.get("x-kubernetes-preserve-unknown-fields")):
-        out["additionalProperties"] = False
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -250,21 +230,6 @@ def test_one_gpu_per_worker_and_the_base_pod(rendered):
         assert res["limits"]["nvidia.com/gpu"] == res["requests"]["nvidia.com/gpu"] == 1, name
         assert same_pod(pod(docs), base), f"{name}: the worker pod strays from k8s/base's"
         assert pod(docs)["restartPolicy"] == "Never", name
-
-
-def same_pod(a: dict, b: dict) -> bool:
-    """Equal but for what a variant adds: the subdomain, the worker port, the owner id's
-    source, and the names an overlay's namePrefix changed."""
-    def norm(spec: dict) -> dict:
-        spec = copy.deepcopy(spec)
-        spec.pop("subdomain", None)
-        spec.pop("serviceAccountName", None)
-        for c in spec["containers"]:
-            c.pop("ports", None)
-            c.pop("envFrom", None)
-            c["env"] = [e for e in c.get("env", []) if e["name"] != "TRAINJOB_OWNER_ID"]
-        return spec
-    return norm(a) == norm(b)
 
 
 def test_failure_policy_restarts_the_group(rendered):

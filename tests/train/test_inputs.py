@@ -8,9 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import imagefiles
 import numpy as np
 import pytest
+from helpers import imagefiles
 from PIL import Image
 
 import trainjob

@@ -18,7 +18,7 @@ import keras
 import numpy as np
 import pytest
 from conftest import SMALL, SMALL_STAND_IN, run_trainjob, start_trainjob
-from test_resume import _csv_epochs, _hooks, _status, _wait_for
+from helpers.jobs import csv_epochs, hooks_file, stored_json, wait_for
 
 from trainjob.config import Config, ModelConfig
 from trainjob.errors import ConfigError, DataError
@@ -206,29 +206,29 @@ def test_resume_across_the_phase_boundary(s3, bucket, dataset, tmp_path):
 
     def run_until(epochs_done: int, pause_after: int, name: str) -> str:
         log = tmp_path / f"{name}.log"
-        env = s3.env(TRAINJOB_TEST_HOOKS=_hooks(tmp_path, **SMALL_STAND_IN,
+        env = s3.env(TRAINJOB_TEST_HOOKS=hooks_file(tmp_path, **SMALL_STAND_IN,
                                                 hold={f"epoch:{pause_after}": 600}))
         proc = start_trainjob(args, env, tmp_path / name, log)  # a new pod each time
-        _wait_for(lambda: _status(s3, bucket, prefix).get("epochs_done", 0) >= epochs_done,
+        wait_for(lambda: stored_json(s3, bucket, prefix).get("epochs_done", 0) >= epochs_done,
                   proc, log)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
         return log.read_text()
 
     first = run_until(1, 0, "first")
-    assert head in first and _status(s3, bucket, prefix)["phase"] == "head"
+    assert head in first and stored_json(s3, bucket, prefix)["phase"] == "head"
     second = run_until(3, 2, "second")
     assert "resuming at epoch 1, batch 0" in second
     assert second.index(head) < second.index(full)  # resumed in phase 1, then crossed
-    assert _status(s3, bucket, prefix)["phase"] == "full"
+    assert stored_json(s3, bucket, prefix)["phase"] == "full"
     assert s3.read_json(bucket, f"{prefix}/backup/state.json")["phase"] == "full"
 
-    hooks = _hooks(tmp_path, **SMALL_STAND_IN)
+    hooks = hooks_file(tmp_path, **SMALL_STAND_IN)
     third = run_trainjob(args, s3.env(TRAINJOB_TEST_HOOKS=hooks), tmp_path / "third")
     assert third.returncode == 0, third.stdout[-4000:] + third.stderr[-3000:]
     assert "resuming at epoch 3, batch 0" in third.stdout
     assert full in third.stdout and "phase head" not in third.stdout
-    assert _csv_epochs(s3, bucket, prefix) == [0, 1, 2, 3]
+    assert csv_epochs(s3, bucket, prefix) == [0, 1, 2, 3]
     history = s3.read_json(bucket, f"{prefix}/history.json")
     assert [h["epoch"] for h in history] == [0, 1, 2, 3]
     assert [h["phase"] for h in history] == ["head", "head", "full", "full"]
@@ -244,7 +244,7 @@ def test_recipe_command_lines_parse(monkeypatch):
 
     from trainjob.cli import train
 
-    text = (Path(__file__).resolve().parents[1] / "docs" / "recipes.md").read_text()
+    text = (Path(__file__).resolve().parents[2] / "docs" / "recipes.md").read_text()
     commands = [" ".join(block.replace("\\\n", " ").split())
                 for block in text.split("```")[1::2] if block.strip().startswith("trainjob")]
     assert len(commands) == 3

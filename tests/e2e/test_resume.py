@@ -5,20 +5,20 @@ Real processes against a real S3 server over HTTP; faults come from a real proxy
 
 from __future__ import annotations
 
-import csv
-import io
 import json
-import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 from conftest import SMALL, STAND_IN, point_boto3_at, run_trainjob, start_trainjob, upload_tree
-from faultproxy import FaultProxy
-from test_e2e import assert_complete_run, assert_stock_client_pulls_the_run
-from test_eventlog import assert_each_step_once
+from helpers.checks import (
+    assert_complete_run,
+    assert_each_step_once,
+    assert_stock_client_pulls_the_run,
+)
+from helpers.faultproxy import FaultProxy
+from helpers.jobs import csv_epochs, hooks_file, stored_json, wait_for
 
 from trainjob.run.folder import LOCK
 from trainjob.run.lock import RunLock
@@ -29,45 +29,6 @@ from trainjob.train import eventlog
 pytestmark = pytest.mark.e2e
 
 STEPS = 6  # batches per epoch: long enough to kill inside an epoch, short enough for CI
-
-
-def _status(s3, bucket: str, prefix: str, name: str = "status.json") -> dict:
-    try:
-        return s3.read_json(bucket, f"{prefix}/{name}")
-    except Exception:  # noqa: BLE001 - not there yet
-        return {}
-
-
-def _wait_for(predicate, proc: subprocess.Popen, log: Path, timeout: float = 400) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        if proc.poll() is not None:
-            pytest.fail(f"job exited {proc.returncode} early:\n{log.read_text()[-4000:]}")
-        time.sleep(0.3)
-    proc.kill()
-    pytest.fail(f"timed out waiting; log:\n{log.read_text()[-4000:]}")
-
-
-def _csv_epochs(s3, bucket: str, prefix: str) -> list[int]:
-    rows = csv.DictReader(io.StringIO(s3.read(bucket, f"{prefix}/training_log.csv").decode()))
-    return [int(r["epoch"]) for r in rows]
-
-
-# Seconds added to every training step of the jobs these tests start, when set: the suite
-# run as on a machine much slower than this one (docs/testing.md, "Speed"). Unset, steps
-# run as fast as the machine goes (the stand-in backbone's take milliseconds).
-PACE = os.environ.get("TRAINJOB_TEST_PACE")
-
-
-def _hooks(tmp_path: Path, file: str = "hooks.json", **hooks) -> str:
-    """A test hooks file for a job (hooks.py): holds, stand-in backbone, lock timings."""
-    if PACE is not None:
-        hooks["sleep_after_batch"] = float(PACE)
-    path = tmp_path / file
-    path.write_text(json.dumps(hooks))
-    return str(path)
 
 
 @pytest.mark.timeout(1800)  # four runs on moto: well over the default per-test limit
@@ -96,9 +57,9 @@ def test_official_zip_killed_resumed_and_pulled(server, bucket, dataset, class_f
     release = tmp_path / "release"
     hooks = {"hold": {"epoch:1": {"seconds": 600, "until_file": str(release)}},
              **({} if s3.kind == "moto" else {"lock_heartbeat_seconds": 1, **stand_in})}
-    proc = start_trainjob(args, s3.env(TRAINJOB_TEST_HOOKS=_hooks(tmp_path, **hooks)),
+    proc = start_trainjob(args, s3.env(TRAINJOB_TEST_HOOKS=hooks_file(tmp_path, **hooks)),
                           tmp_path / "home", log)
-    _wait_for(lambda: _status(s3, bucket, prefix).get("epochs_done", 0) >= 2, proc, log)
+    wait_for(lambda: stored_json(s3, bucket, prefix).get("epochs_done", 0) >= 2, proc, log)
     if s3.kind == "moto":
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
@@ -110,7 +71,7 @@ def test_official_zip_killed_resumed_and_pulled(server, bucket, dataset, class_f
 
     # A new pod: empty home, empty cache.
     cache = tmp_path / "cache2"
-    env = s3.env(TRAINJOB_TEST_HOOKS=_hooks(tmp_path, **stand_in))
+    env = s3.env(TRAINJOB_TEST_HOOKS=hooks_file(tmp_path, **stand_in))
     result = run_trainjob([*args, "--cache-dir", str(cache)], env, tmp_path / "home2")
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
     assert "resuming at epoch 2, batch 0" in result.stdout
@@ -188,7 +149,7 @@ def test_official_zip_killed_resumed_and_pulled(server, bucket, dataset, class_f
                           "--weights", f"s3://{bucket}/weights/best.weights.h5"],
                          env, tmp_path / "home2")
     assert fresh.returncode == 0, fresh.stdout[-3000:] + fresh.stderr[-3000:]
-    assert _csv_epochs(s3, bucket, prefix) == [0]
+    assert csv_epochs(s3, bucket, prefix) == [0]
     assert s3.read(bucket, f"{prefix}/manifest.json") != manifest
     config2 = s3.read_json(bucket, f"{prefix}/config.json")
     assert config2["dataset"]["download"]["objects_downloaded"] == 0
@@ -217,7 +178,7 @@ def _take_the_lock_from(proc, log: Path, release: Path, s3, bucket: str, prefix:
     try:
         taker.acquire(force=True, timeout=10, poll=0.05)
         frozen = etags()
-        _wait_for(lambda: "lost the run lock" in log.read_text(), proc, log)
+        wait_for(lambda: "lost the run lock" in log.read_text(), proc, log)
         release.touch()
         assert proc.wait(timeout=120) == 6, log.read_text()[-3000:]
         assert etags() == frozen, "the job wrote after losing the lock"
@@ -228,7 +189,7 @@ def _take_the_lock_from(proc, log: Path, release: Path, s3, bucket: str, prefix:
         client._clients.clear()
     errors = [line for line in log.read_text().splitlines() if line.startswith("trainjob: error")]
     assert len(errors) == 1 and "lost the run lock" in errors[0], errors
-    assert _status(s3, bucket, prefix)["state"] == "running"
+    assert stored_json(s3, bucket, prefix)["state"] == "running"
 
 
 def assert_predict_agrees_with_evaluation(s3, bucket: str, prefix: str, model,
@@ -314,12 +275,12 @@ def test_sigterm_mid_epoch_then_late_sigterm_then_resume(s3, bucket, class_folde
     log = tmp_path / "first.log"
     # Held in epoch 1 after batch 4 (its save point after batch 2 is made), until the
     # signal: the signal lands mid-epoch whatever the machine's speed.
-    hooks = _hooks(tmp_path, metrics=scripted, **STAND_IN,
+    hooks = hooks_file(tmp_path, metrics=scripted, **STAND_IN,
                    hold={"batch:1:4": {"seconds": 600, "until_signal": True}})
     with FaultProxy(s3.endpoint) as link:
         env = s3.env(AWS_ENDPOINT_URL=link.endpoint, TRAINJOB_TEST_HOOKS=hooks)
         proc = start_trainjob([*args, "--grace-seconds", "10"], env, tmp_path / "home", log)
-        _wait_for(lambda: "test hook: holding at batch:1:4" in log.read_text(), proc, log)
+        wait_for(lambda: "test hook: holding at batch:1:4" in log.read_text(), proc, log)
 
         # While it runs, a second job on the same output waits for the lock, then gives up.
         other = run_trainjob([*args, "--lock-timeout", "3"], s3.env(), tmp_path / "other",
@@ -330,8 +291,8 @@ def test_sigterm_mid_epoch_then_late_sigterm_then_resume(s3, bucket, class_folde
         # Once the save point after batch 2 is in the bucket (the rerun resumes there, so
         # little training is lost), the link turns too slow for checkpoints (small
         # requests still pass): the stop's own save point cannot go up in its grace period.
-        _wait_for(lambda: (lambda s: (s.get("epoch"), s.get("step")) == (1, 2))(
-            _status(s3, bucket, "runs/term", "backup/state.json")), proc, log)
+        wait_for(lambda: (lambda s: (s.get("epoch"), s.get("step")) == (1, 2))(
+            stored_json(s3, bucket, "runs/term", "backup/state.json")), proc, log)
         link.stall_bodies_over = 2**20
         started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
@@ -352,11 +313,11 @@ def test_sigterm_mid_epoch_then_late_sigterm_then_resume(s3, bucket, class_folde
     # late in it, right after epoch 2 is saved: that one used to be ignored, and the job
     # went on to evaluate and publish. It must stop there, with 143, before publishing.
     log2 = tmp_path / "second.log"
-    env2 = s3.env(TRAINJOB_TEST_HOOKS=_hooks(
+    env2 = s3.env(TRAINJOB_TEST_HOOKS=hooks_file(
         tmp_path, metrics=scripted, **STAND_IN,
         hold={"epoch:2": {"seconds": 600, "until_signal": True}}))
     proc = start_trainjob(args, env2, tmp_path / "home", log2)
-    _wait_for(lambda: "test hook: holding at epoch:2" in log2.read_text(), proc, log2)
+    wait_for(lambda: "test hook: holding at epoch:2" in log2.read_text(), proc, log2)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 143, log2.read_text()[-3000:]
     assert f"resuming at epoch {state['epoch']}, batch {state['step']}" in log2.read_text()
@@ -376,14 +337,14 @@ def test_sigterm_mid_epoch_then_late_sigterm_then_resume(s3, bucket, class_folde
         "host": "gone-pod", "pid": 1, "token": "x", "started": time.time() - 7200,
         "heartbeat": time.time() - 3600}).encode())
     with FaultProxy(s3.endpoint, slowdown=0.20, drop=0.05, seed=1) as proxy:
-        hooks = _hooks(tmp_path, metrics=scripted, **STAND_IN)
+        hooks = hooks_file(tmp_path, metrics=scripted, **STAND_IN)
         result = run_trainjob(args, s3.env(AWS_ENDPOINT_URL=proxy.endpoint, AWS_MAX_ATTEMPTS="10",
                                            TRAINJOB_TEST_HOOKS=hooks), tmp_path / "home2")
         injected = proxy.injected
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
     assert injected["slowdown"] > 5 and injected["drop"] > 0, injected
     assert "taking over the run lock" in result.stdout
-    assert _csv_epochs(s3, bucket, "runs/term") == [0, 1, 2, 3]
+    assert csv_epochs(s3, bucket, "runs/term") == [0, 1, 2, 3]
     assert_complete_run(s3, bucket, "runs/term", epochs=4)
     config = s3.read_json(bucket, "runs/term/config.json")
     assert config["dataset"]["download"]["objects_downloaded"] > 40
@@ -399,9 +360,9 @@ def test_second_sigterm_exits_at_once(s3, bucket, dataset, tmp_path):
     args = ["train", "--data", dataset, "--output", f"s3://{bucket}/runs/term2",
             "--epochs", "3", "--steps-per-epoch", "50", *SMALL]
     log = tmp_path / "job.log"
-    hooks = _hooks(tmp_path, **STAND_IN, hold={"first_step": 600})
+    hooks = hooks_file(tmp_path, **STAND_IN, hold={"first_step": 600})
     proc = start_trainjob(args, s3.env(TRAINJOB_TEST_HOOKS=hooks), tmp_path / "home", log)
-    _wait_for(lambda: "test hook: holding at first_step" in log.read_text(), proc, log)
+    wait_for(lambda: "test hook: holding at first_step" in log.read_text(), proc, log)
     started = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     time.sleep(0.05)
@@ -418,10 +379,10 @@ def test_uploads_failing_after_retries_exit_4_and_keep_local_files(s3, bucket, d
         log = tmp_path / "job.log"
         release = tmp_path / "release"
         env = s3.env(AWS_ENDPOINT_URL=proxy.endpoint, AWS_MAX_ATTEMPTS="2",
-                     TRAINJOB_TEST_HOOKS=_hooks(tmp_path, **STAND_IN, hold={"epoch:0": {
+                     TRAINJOB_TEST_HOOKS=hooks_file(tmp_path, **STAND_IN, hold={"epoch:0": {
                          "seconds": 600, "until_file": str(release)}}))
         proc = start_trainjob(args, env, tmp_path / "home", log)
-        _wait_for(lambda: "test hook: holding at epoch:0" in log.read_text(), proc, log)
+        wait_for(lambda: "test hook: holding at epoch:0" in log.read_text(), proc, log)
         proxy.fail_everything()  # the endpoint dies after the first epoch
         release.touch()
         rc = proc.wait(timeout=600)

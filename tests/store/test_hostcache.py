@@ -24,7 +24,7 @@ from trainjob.data.catalog import scan
 from trainjob.store import fetch
 from trainjob.store.mirror import FetchResult
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 GB = 10**9
 DAY = 86_400
 

@@ -183,3 +183,34 @@ def test_plot_history_writes_a_png(tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with Image.open(out) as img:
         assert img.size[0] > 400 and img.size[1] > 200
+
+
+@pytest.mark.parametrize("same", [True, False])
+def test_the_last_checkpoint_equal_to_the_best_is_copied_in_the_store_not_uploaded(
+        same, through_proxy, bucket, tmp_path):
+    """Whenever the last epoch was the best, checkpoints/last.weights.h5 holds the bytes of
+    best.weights.h5: they are uploaded once, and the store copies them (no second upload);
+    different bytes are both uploaded. The manifest lists both either way."""
+    proxy = through_proxy()
+    local = tmp_path / "run"
+    weights = os.urandom(2 << 20)
+    (local / "checkpoints").mkdir(parents=True)
+    (local / "checkpoints" / "best.weights.h5").write_bytes(weights)
+    (local / "checkpoints" / "last.weights.h5").write_bytes(
+        weights if same else os.urandom(2 << 20))
+    (local / "status.json").write_text("{}")
+    with RunFolder(local, S3Store(bucket, "runs/copy", threads=2)) as run:
+        run.publish(timeout=30)
+        sent = run.uploader.bytes_sent
+    last = [s for s in proxy.seen if s.method == "PUT" and
+            s.path.endswith("/runs/copy/checkpoints/last.weights.h5")]
+    assert len(last) == 1
+    assert ("x-amz-copy-source" in last[0].headers) == same, last[0].headers
+    # The checkpoints' bytes, once or twice; status.json and the manifest.
+    assert sent == (1 if same else 2) * (2 << 20) + 2 + (local / MANIFEST).stat().st_size
+    both = read_json(local / MANIFEST)["files"]
+    stored = S3Store(bucket, "runs/copy", threads=2)
+    for rel in ("checkpoints/best.weights.h5", "checkpoints/last.weights.h5"):
+        assert hashlib.sha256(stored.read_bytes(rel)).hexdigest() == both[rel]["sha256"]
+    assert (both["checkpoints/best.weights.h5"]["sha256"] ==
+            both["checkpoints/last.weights.h5"]["sha256"]) == same

@@ -82,6 +82,7 @@ SAVED_MODEL = "model/saved_model"
 BACKUP = "backup"
 
 
+COPY_ABOVE_BYTES = 1 << 20  # a published duplicate this big is copied in the store
 NOT_PUBLISHED = (BACKUP + "/", LOCK, MANIFEST, ".")  # never listed in the manifest
 
 
@@ -257,10 +258,27 @@ class RunFolder:
                 out.append(rel)
         return out
 
-    def manifest(self) -> dict[str, Any]:
-        files = {rel: {"size": self.path(rel).stat().st_size, "sha256": sha256(self.path(rel))}
-                 for rel in self.published_files()}
+    def manifest(self, digests: dict[str, str] | None = None) -> dict[str, Any]:
+        """Every published file with its size and sha256 (``digests``: known already)."""
+        digests = digests or {rel: sha256(self.path(rel)) for rel in self.published_files()}
+        files = {rel: {"size": self.path(rel).stat().st_size, "sha256": digest}
+                 for rel, digest in digests.items()}
         return {"files": files, "created": _utc_now()}
+
+    def _copies(self, digests: dict[str, str]) -> dict[str, str]:
+        """Published files whose bytes another one already has (the last checkpoint is the
+        best whenever the last epoch was the best): each is copied inside the store from the
+        first of them, not uploaded again."""
+        first: dict[str, str] = {}
+        copies = {}
+        for rel in sorted(digests, key=lambda r: (upload_rank(r), r)):
+            if self.path(rel).stat().st_size < COPY_ABOVE_BYTES:
+                continue
+            if digests[rel] in first:
+                copies[rel] = first[digests[rel]]
+            else:
+                first[digests[rel]] = rel
+        return copies
 
     def publish(self, timeout: float | None = None,
                 shield: Callable[[], ContextManager] = contextlib.nullcontext
@@ -270,9 +288,15 @@ class RunFolder:
         A stop before the manifest leaves no manifest. From the moment it is sent, nothing
         changes the run: ``shield`` keeps a signal from interrupting it, and the status
         stays as the manifest records it, whatever happens next."""
-        self.uploader.commit(self.published_files(), label="final")
+        digests = {rel: sha256(self.path(rel)) for rel in self.published_files()}
+        copies = self._copies(digests) if self.uploader.enabled else {}
+        self.uploader.commit([rel for rel in digests if rel not in copies], label="final")
         self.flush(timeout)
-        manifest = self.manifest()
+        if copies:
+            self.confirm()
+            for rel, source in copies.items():
+                self.store.copy(source, rel)
+        manifest = self.manifest(digests)
         with shield():
             self.manifest_sent = True
             write_json(self.path(MANIFEST), manifest)
@@ -280,7 +304,9 @@ class RunFolder:
             self.flush(timeout)
             self.published = True
         self.drop_backup()
-        log.info("published %d files to %s", len(manifest["files"]), self.store.uri)
+        log.info("published %d files to %s (%.1f MB uploaded by this job, %d file(s) copied "
+                 "in the store instead)", len(manifest["files"]), self.store.uri,
+                 self.uploader.bytes_sent / 1e6, len(copies))
         return manifest
 
     def flush(self, timeout: float | None) -> None:

@@ -99,6 +99,7 @@ class Uploader:
         self.stored_label = ""  # the newest generation wholly in the store
         self.error: StorageError | None = None  # the last failure; cleared by a success
         self.uploads = 0
+        self.bytes_sent = 0  # of the files stored by this uploader
         self.skipped = 0
         self.sending: str | None = None  # the file being put (or retried) now, if any
         self._thread = threading.Thread(target=self._run, name="trainjob-uploader", daemon=True)
@@ -241,6 +242,7 @@ class Uploader:
                     self.sending = None
             with self._cond:
                 self.uploads += 1
+                self.bytes_sent += snap.size
                 self.error = None
         return True
 

@@ -41,6 +41,9 @@ class Store:
     def write_bytes(self, key: str, data: bytes) -> None: ...
     def delete(self, keys: list[str]) -> None: ...
 
+    def copy(self, src: str, dst: str) -> None:
+        """Make ``dst`` hold what ``src`` holds, inside the store (no upload)."""
+
     def folders(self, prefix: str = "") -> list[str]:
         """The names of the folders directly under ``prefix`` (one level, sorted)."""
 

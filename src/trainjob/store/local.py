@@ -66,6 +66,14 @@ class LocalStore(Store):
             tmp.write_bytes(data)
             os.replace(tmp, target)
 
+    def copy(self, src: str, dst: str) -> None:
+        with local_errors(self.child(dst)):
+            target = self._path(dst)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.tmp")
+            shutil.copyfile(self._path(src), tmp)
+            os.replace(tmp, target)
+
     def delete(self, keys: list[str]) -> None:
         for key in keys:
             self._path(key).unlink(missing_ok=True)

@@ -35,7 +35,8 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends tini \
     && rm -rf /var/lib/apt/lists/*
 
-# Install the wheel into the base's Python without touching its TensorFlow: every package
+# Install the wheel (with the mlflow extra: MLflow's client) into the base's Python without
+# touching its TensorFlow: every package
 # the base already has is a constraint (pip fails rather than up- or downgrading one), and
 # the check after the install proves no package of the base changed.
 COPY --from=build /wheels /tmp/wheels
@@ -45,7 +46,7 @@ RUN python3 -m pip list --format=freeze 2>/dev/null | sort > /tmp/base-packages.
     && { grep -q '^tensorflow==' /tmp/base-constraints.txt \
         || { echo "BASE_IMAGE has no tensorflow in its python3" >&2; exit 1; }; } \
     && PIP_BREAK_SYSTEM_PACKAGES=1 PIP_ROOT_USER_ACTION=ignore python3 -m pip install \
-        --no-cache-dir --constraint /tmp/base-constraints.txt /tmp/wheels/*.whl \
+        --no-cache-dir --constraint /tmp/base-constraints.txt "$(ls /tmp/wheels/*.whl)[mlflow]" \
     && python3 -m pip list --format=freeze 2>/dev/null | sort > /tmp/after-packages.txt \
     && changed=$(comm -23 /tmp/base-packages.txt /tmp/after-packages.txt) \
     && if [ -n "$changed" ]; then echo "the install changed the base's packages: $changed" >&2; exit 1; fi \

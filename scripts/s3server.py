@@ -93,7 +93,7 @@ class S3Server:
 
     def env(self, **overrides: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("AWS_", "TRAINJOB_"))}
+               if not k.startswith(("AWS_", "TRAINJOB_", "MLFLOW_"))}
         env.update(AWS_ENDPOINT_URL=self.endpoint, AWS_ACCESS_KEY_ID=self.access_key,
                    AWS_SECRET_ACCESS_KEY=self.secret_key, AWS_DEFAULT_REGION="us-east-1",
                    AWS_EC2_METADATA_DISABLED="true", PYTHONUNBUFFERED="1")

@@ -94,6 +94,16 @@ def seaweed(tmp_path_factory) -> S3Server:
     stop_server(server, grace=0)  # its data is throwaway: skip the clean shutdown's seconds
 
 
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server (SQLite), started once per test worker."""
+    from helpers.mlflowserver import start_mlflow, stop_mlflow
+
+    server = start_mlflow(tmp_path_factory.mktemp("mlflow"))
+    yield server
+    stop_mlflow(server)
+
+
 SERVERS = {"moto": "s3", "seaweedfs": "seaweed"}
 
 

@@ -142,6 +142,8 @@ DOCUMENTED_DEFAULTS = {
     "worker_port": 2222, "cluster_timeout": 600.0, "collective_timeout": 300.0,
     # Sweep
     "sweep_file": None, "trial_index": None,
+    # Tracking
+    "mlflow_tracking_uri": None, "mlflow_experiment": "trainjob",
 }
 HOME_DEFAULTS = ("cache_dir", "work_dir")  # $TRAINJOB_HOME/cache and /work: a subprocess
 
@@ -193,6 +195,8 @@ STR_VALUES = {
     "work_dir": "/tmp/trainjob-env/work",
     "worker_hosts": "10.0.0.{index}",
     "worker_service": "other-service",
+    "mlflow_tracking_uri": "http://mlflow.example:5000",
+    "mlflow_experiment": "other-experiment",
 }
 
 

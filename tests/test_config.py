@@ -172,7 +172,7 @@ def test_to_dict_has_every_group_and_field():
     # Every option group, and not the sweep trial (config.json records it apart).
     assert set(d) == {f.name for f in dataclasses.fields(Config)} - {"trial"}
     assert set(d) == {"data", "split", "model", "optim", "callbacks", "output", "runtime",
-                      "cluster", "sweep"}
+                      "cluster", "sweep", "tracking"}
     for config_field, group in zip(dataclasses.fields(Config), GROUPS.values()):
         assert set(d[config_field.name]) == {f.name for f in dataclasses.fields(group)}
     assert d["optim"]["epochs"] == 3 and d["split"]["seed"] == 7
@@ -189,7 +189,7 @@ def test_option_fields_cover_every_group_once():
     titles = [t for t, _ in option_fields()]
     assert list(dict.fromkeys(titles)) == ["Data", "Split", "Model", "Optimization",
                                            "Callbacks", "Output", "Runtime", "Cluster",
-                                           "Sweep"]
+                                           "Sweep", "Tracking"]
     names = [f.name for _, f in option_fields()]
     assert len(names) == len(set(names)), "an option name is declared twice"
     for _, f in option_fields():

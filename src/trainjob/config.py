@@ -276,6 +276,19 @@ class SweepConfig:
             raise ConfigError(f"--trial-index {self.trial_index} must be 0 or more")
 
 
+@dataclass(frozen=True)
+class TrackingConfig:
+    mlflow_tracking_uri: str | None = option(
+        None, "Log the run to this MLflow tracking server (the mlflow extra): one MLflow run "
+        "per run folder, continued on resume, each epoch once. MLFLOW_TRACKING_URI turns it "
+        "on too.", type=str)
+    mlflow_experiment: str = option("trainjob", "The MLflow experiment of the run.")
+
+    def __post_init__(self) -> None:
+        if not self.mlflow_experiment:
+            raise ConfigError("--mlflow-experiment is empty: give an experiment name")
+
+
 GROUPS: dict[str, type] = {
     "Data": DataConfig,
     "Split": SplitConfig,
@@ -286,6 +299,7 @@ GROUPS: dict[str, type] = {
     "Runtime": RuntimeConfig,
     "Cluster": ClusterConfig,
     "Sweep": SweepConfig,
+    "Tracking": TrackingConfig,
 }
 
 
@@ -315,6 +329,7 @@ class Config:
     runtime: RuntimeConfig
     cluster: ClusterConfig
     sweep: SweepConfig
+    tracking: TrackingConfig
     trial: Trial | None = None  # not an option: set by sweep.configure from --sweep-file
 
     @classmethod

@@ -13,7 +13,7 @@ from trainjob.config import Config
 from trainjob.data import source
 from trainjob.data.catalog import Dataset, split
 from trainjob.errors import ConfigError, as_job_error
-from trainjob.run import cluster, configfile, resumption, savepoints, shutdown, startpoint
+from trainjob.run import cluster, configfile, resumption, savepoints, shutdown, startpoint, tracking
 from trainjob.run.cluster import Cluster
 from trainjob.run.folder import CLASSES, RunFolder
 from trainjob.run.lock import RunLock
@@ -90,12 +90,14 @@ def _run_locked(cfg: Config, run_dir: RunFolder, lock: RunLock | None, stop: Sto
     publish; a stop or a failure is recorded in the status (run.shutdown)."""
     state = resumption.prepare(cfg, run_dir)
     resumption.mark_running(run_dir, state)
-    with shutdown.outcome_recorded(run_dir, stop, cfg, several=group is not None):
-        _train(cfg, run_dir, state, stop, group, lock)
+    tracker = tracking.start(cfg, run_dir)  # None: the run is not tracked (MLflow)
+    with shutdown.outcome_recorded(run_dir, stop, cfg, group is not None, tracker):
+        _train(cfg, run_dir, state, stop, group, lock, tracker)
 
 
 def _train(cfg: Config, run_dir: RunFolder, state: dict | None, stop: StopSignal,
-           group: Cluster | None, lock: RunLock | None) -> None:
+           group: Cluster | None, lock: RunLock | None,
+           tracker: tracking.Tracker | None = None) -> None:
     """Weights and data first (bad input fails in a second), then the TensorFlow session:
     build, fit, evaluate; then the run is published."""
     record = configfile.RunRecord(run_dir, cfg, state)
@@ -120,6 +122,8 @@ def _train(cfg: Config, run_dir: RunFolder, state: dict | None, stop: StopSignal
         session.cfg, group, session.replicas)
     if lock:  # the chief records how the run is spread
         record.write()
+    if tracker:
+        tracker.follow(session.run_state)
     with record.timed("train"):
         session.fit()
     if group:
@@ -136,6 +140,8 @@ def _train(cfg: Config, run_dir: RunFolder, state: dict | None, stop: StopSignal
         lock.check()
         run_dir.publish(timeout=cfg.output.upload_timeout, shield=stop.shield)
         stop.exit_code = 0  # published: a signal from now on ends the job with success
+    if tracker:
+        tracker.finish(run_dir)
     log.info("run finished: %s", run_dir.store.uri)
 
 

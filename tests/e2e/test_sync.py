@@ -16,6 +16,7 @@ import pytest
 from conftest import SMALL, STAND_IN, run_trainjob, start_trainjob
 from helpers.checks import assert_complete_run
 from helpers.faultproxy import FaultProxy
+from helpers.mlflowserver import free_port
 from helpers.jobs import hooks_file, stored_json, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -93,8 +94,11 @@ def test_a_short_outage_does_not_fail_the_run(s3, bucket, dataset, tmp_path):
             "--steps-per-epoch", "2", *SMALL]
     log = tmp_path / "job.log"
     with FaultProxy(s3.endpoint, slowdown=0.0, drop=0.0) as proxy:
+        # Its MLflow tracking server is not there at all: a warning, not another exit code.
+        dead = f"http://127.0.0.1:{free_port()}"
         env = s3.env(AWS_ENDPOINT_URL=proxy.endpoint, AWS_MAX_ATTEMPTS="1",
-                     TRAINJOB_TEST_HOOKS=hooks_file(tmp_path, **STAND_IN))
+                     TRAINJOB_TEST_HOOKS=hooks_file(tmp_path, **STAND_IN),
+                     MLFLOW_TRACKING_URI=dead)
         proxy.hold(r"^PUT .*/manifest\.json$")
         proc = start_trainjob(args, env, tmp_path / "home", log)
         wait_for(lambda: stored_json(s3, bucket, prefix).get("epochs_done", 0) >= 1, proc, log)
@@ -115,6 +119,7 @@ def test_a_short_outage_does_not_fail_the_run(s3, bucket, dataset, tmp_path):
     assert rc == 0, log.read_text()[-4000:]
     assert failed > 0
     assert_complete_run(s3, bucket, prefix, epochs=4)
+    assert f"MLflow: {dead} unreachable" in log.read_text()
 
 
 def test_shutdown_fits_the_grace_period_when_the_store_hangs(s3, bucket, dataset, tmp_path):

@@ -265,6 +265,8 @@ def test_base_packages_untouched(image):
     assert not changed, f"packages of the base changed by the install: {changed}"
     assert final["trainjob"] == VERSION
     assert tf_record(STANDIN_TAG) == tf_record(image)
+    # The mlflow extra: MLflow's client only (--mlflow-tracking-uri), not its server.
+    assert "mlflow-skinny" in final and "mlflow" not in final
 
 
 @pytest.mark.docker

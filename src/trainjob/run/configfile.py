@@ -15,6 +15,7 @@ from trainjob import __version__
 from trainjob.config import Config
 from trainjob.run.cluster import Cluster
 from trainjob.run.folder import CONFIG, RunFolder
+from trainjob.store.client import redact
 
 
 def distribution(cfg: Config, group: Cluster | None, replicas: int) -> dict:
@@ -52,7 +53,7 @@ class RunRecord:
         """Write config.json now."""
         cfg = self.settings
         self.run_dir.write(CONFIG, {
-            "settings": cfg.to_dict(),
+            "settings": _without_secrets(cfg.to_dict()),
             "fingerprint": self.fingerprint,
             "versions": versions(),
             "hardware": {"platform": platform.platform(), "cpus": os.cpu_count(),
@@ -78,3 +79,11 @@ def versions() -> dict[str, str]:
 def gpu_names() -> list[str]:
     tf = sys.modules.get("tensorflow")
     return [d.name for d in tf.config.list_physical_devices("GPU")] if tf else []
+
+
+def _without_secrets(settings: dict) -> dict:
+    """The settings, the tracking server's URI without credentials or query secrets."""
+    tracking = dict(settings.get("tracking", {}))
+    if tracking.get("mlflow_tracking_uri"):
+        tracking["mlflow_tracking_uri"] = redact(tracking["mlflow_tracking_uri"])
+    return {**settings, "tracking": tracking} if tracking else settings

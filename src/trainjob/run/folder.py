@@ -57,6 +57,7 @@ TENSORBOARD = "tensorboard"
 
 
 MANIFEST = "manifest.json"
+TRACKING = "tracking.json"  # the MLflow run of this folder (run.tracking)
 
 
 LOCK = "run.lock.json"
@@ -88,13 +89,14 @@ NOT_PUBLISHED = (BACKUP + "/", LOCK, MANIFEST, ".")  # never listed in the manif
 
 # Everything a run writes at the top of its folder; --overwrite removes only these.
 RUN_ENTRIES = (CONFIG, CLASSES, STATUS, LOG_CSV, HISTORY, PLOT, METRICS, CONFUSION, PER_CLASS,
-               MANIFEST, BEST.split("/")[0], MODEL.split("/")[0], TENSORBOARD, BACKUP)
+               MANIFEST, TRACKING, BEST.split("/")[0], MODEL.split("/")[0], TENSORBOARD,
+               BACKUP)
 
 
 # What a resumed run needs back from the bucket: never the model, the manifest or the lock,
 # and nothing that is not trainjob's (--output may be a bucket root).
-RESUME_ENTRIES = (CONFIG, CLASSES, STATUS, LOG_CSV, HISTORY, BEST.split("/")[0] + "/",
-                  BACKUP + "/")
+RESUME_ENTRIES = (CONFIG, CLASSES, STATUS, LOG_CSV, HISTORY, TRACKING,
+                  BEST.split("/")[0] + "/", BACKUP + "/")
 
 
 def upload_rank(rel: str) -> int:

@@ -15,37 +15,48 @@ from trainjob.errors import LostOwnership, Preempted, StorageError, TrainJobErro
 from trainjob.run.folder import RunFolder
 from trainjob.run.lock import RunLock
 from trainjob.run.stop import StopSignal
+from trainjob.run.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
 FAILURE_FLUSH_SECONDS = 60.0
 SHUTDOWN_RESERVE_SECONDS = 3.0  # of the grace period: closing the uploader, the lock
 STATUS_RESERVE_SECONDS = 2.0  # of the grace period: marking the stored status, if need be
+TRACKING_STOP_SECONDS = 1.0  # an MLflow run's final status, when the job fails or stops
 
 
 @contextlib.contextmanager
 def outcome_recorded(run_dir: RunFolder, stop: StopSignal, cfg: Config,
-                     several: bool = False) -> Iterator[None]:
+                     several: bool = False, tracker: Tracker | None = None) -> Iterator[None]:
     """Record in the status how the run inside ended, if it did not publish: ``preempted``
     (flushed within the grace period), or ``failed`` with its error mapped to the exit code
     it deserves; nothing at all once the run is another job's, or once its manifest is
-    sent. ``several``: workers train together (a lost peer is exit 4)."""
+    sent. ``several``: workers train together (a lost peer is exit 4). The MLflow run, if
+    any, ends the same way (KILLED, FAILED; untouched once the run is another job's)."""
     try:
         yield
     except LostOwnership:
+        if tracker:
+            tracker.close(None, TRACKING_STOP_SECONDS)
         raise  # the run is another job's now: not even the status is ours to write
     except BaseException as exc:
         if run_dir.published:  # the manifest is up: the run is finished, whatever came after
             log.warning("after publishing: %s", exc)
+            if tracker:
+                tracker.close("FINISHED", TRACKING_STOP_SECONDS)
             return
         if run_dir.manifest_sent:  # it may be stored: nothing may change the run now
             raise
         if isinstance(exc, Preempted):
             _stopped(run_dir, stop, cfg, str(exc))
+            if tracker:  # inside the grace period: what is left of the shutdown reserve
+                tracker.close("KILLED", min(TRACKING_STOP_SECONDS, stop.remaining() - 2.5))
             raise
         error = as_job_error(exc, peers=several)
         run_dir.set_status("failed", error=str(error))
         flush_quietly(run_dir, min(FAILURE_FLUSH_SECONDS, cfg.output.upload_timeout))
+        if tracker:
+            tracker.close("FAILED", TRACKING_STOP_SECONDS)
         log.error("run failed; local run folder kept at %s", run_dir.local)
         if error is exc:
             raise
@@ -90,7 +101,7 @@ def release(lock: RunLock, stop: StopSignal) -> None:
     if not (stop.requested or stop.signalled):
         lock.release()
         return
-    if not within(stop.remaining() - 0.5, lock.release, "trainjob-unlock"):
+    if not within(stop.remaining() - 1.5, lock.release, "trainjob-unlock"):
         log.warning("grace period over: the run lock is left to go stale")
 
 

@@ -49,6 +49,8 @@ class RunState:
         self.epoch_writers: list[EpochWriter] = []
         # The best checkpoint the newest save point follows on from: its sha256 and epoch.
         self.best: dict | None = (restore or {}).get("best")
+        # Told each epoch whose save point is stored (a tracker logs it only then).
+        self.stored_listeners: list[Callable[[int], None]] = []
 
     def add_epoch_writer(self, writer: EpochWriter) -> None:
         """Call ``writer`` with the history now (a resumed run rewrites what it derives
@@ -99,7 +101,7 @@ class RunState:
             os.replace(staged, self.run.path(BEST))
         self.run.set_status("running", epoch=epoch, epochs_done=epoch + 1, metrics=row,
                             phase=self.phase, upload=False)
-        self._commit(f"epoch {epoch}", (BEST, *derived))
+        self._commit(f"epoch {epoch}", (BEST, *derived), epoch=epoch)
 
     def reconcile_best(self, write_best: WriteWeights) -> None:
         """On resume: make checkpoints/best.weights.h5 the one the save point follows on
@@ -156,15 +158,27 @@ class RunState:
         # Without --sync nothing of the resume state is stored yet: store it whole, weights
         # and best checkpoint too (a restart evaluates and publishes), never half of it.
         whole = [] if self.run.sync or not weights else [weights, BEST]
-        self.run.uploader.commit([*whole, *rels], label="training finished")
+        epochs = len(self.history)
+        self.run.uploader.commit([*whole, *rels], label="training finished",
+                                 after=[lambda: self._stored(epochs - 1)] if epochs else ())
+        if not self.run.uploader.enabled and epochs:
+            self._stored(epochs - 1)
 
-    def _commit(self, label: str, extra: tuple[str, ...]) -> None:
-        if not self.run.sync:
+    def _commit(self, label: str, extra: tuple[str, ...], epoch: int | None = None) -> None:
+        if not (self.run.sync and self.run.uploader.enabled):
+            if self.run.sync and epoch is not None:  # the local folder is the output
+                self._stored(epoch)
             return
         weights, record = savepoints.pair_files(self.seq)
-        self.run.uploader.commit([weights, record, savepoints.STATE, *extra, LOG_CSV, HISTORY, STATUS],
-                                 label=label, transient=(weights, record),
-                                 after=[lambda seq=self.seq: self._prune_store(seq)])
+        self.run.uploader.commit(
+            [weights, record, savepoints.STATE, *extra, LOG_CSV, HISTORY, STATUS],
+            label=label, transient=(weights, record),
+            after=[lambda seq=self.seq: self._prune_store(seq),
+                   *([lambda: self._stored(epoch)] if epoch is not None else [])])
+
+    def _stored(self, epoch: int) -> None:
+        for listener in self.stored_listeners:
+            listener(epoch)
 
     def _prune_store(self, seq: int) -> None:
         """Runs once generation ``seq`` is stored: keep it and the pair stored before it

@@ -82,8 +82,8 @@ class Uploader:
         # Before every put: raises once the run may not be written (another job owns it);
         # a StorageError means "cannot tell now" and the put waits and retries.
         self.fence = fence or (lambda: None)
-        # Before the puts that decide what the run is (``critical``) and before actions
-        # (they delete): a stronger check, such as a conditional write of the run lock.
+        # Before the puts that decide what the run is (``critical``): a stronger check, such
+        # as a conditional write of the run lock. (An action that deletes confirms itself.)
         self.confirm = confirm or self.fence
         self.critical = critical
         # When a put must have landed (the run lock's lease): one still running is cancelled.
@@ -260,9 +260,11 @@ class Uploader:
         return self.lost is None
 
     def _act(self, action: Action) -> None:
+        """An action of a stored generation; one that deletes confirms the lock itself."""
+        if self.lost is not None:
+            return
         try:
-            if self._ours(self.confirm):
-                action()
+            action()
         except Exception as exc:  # noqa: BLE001 - housekeeping never fails the run
             log.warning("after upload: %s", exc)
 

@@ -286,6 +286,25 @@ def test_sigterm_then_peer_killed_then_group_restart_completes(s3, bucket, datas
     distribution = s3.read_json(bucket, "runs/single/config.json")["distribution"]
     assert distribution["workers"] == 1 and distribution["cluster"] is None
 
+    # `runs compare` on the run folders these real runs wrote: one row each, its figures
+    # those of the run's own files, and the validation curves' picture.
+    picture = tmp_path / "curves.png"
+    compared = run_trainjob(["runs", "compare", f"s3://{bucket}/runs/", "--json",
+                             "--plot", str(picture)], s3.env(), tmp_path / "compare",
+                            timeout=120)
+    assert compared.returncode == 0, compared.stderr[-2000:]
+    rows = {row["name"]: row for row in json.loads(compared.stdout)}
+    assert set(rows) == {"multi", "single"}
+    for name, row in rows.items():
+        runs_history = s3.read_json(bucket, f"runs/{name}/history.json")
+        metrics = s3.read_json(bucket, f"runs/{name}/metrics.json")
+        assert (row["status"], row["finished"], row["epochs_done"]) == ("succeeded", True,
+                                                                        EPOCHS)
+        assert row["best_val_accuracy"] == max(h["val_accuracy"] for h in runs_history)
+        assert row["final_val_loss"] == pytest.approx(runs_history[-1]["val_loss"])
+        assert row["test_accuracy"] == pytest.approx(metrics["accuracy"])
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
 
 def test_lone_worker_times_out_naming_its_peer(s3, bucket, dataset, tmp_path):
     ports = free_ports(2)

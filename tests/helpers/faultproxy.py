@@ -20,6 +20,10 @@ instead (every connection is closed before any answer), which ``recover`` ends t
 until ``release()`` (then they go through): ``holding`` is set once one has arrived, so a
 test can act while a chosen key is being stored.
 
+``corrupt(pattern, times)`` flips a byte in the body of the next ``times`` GET answers
+whose path matches, and drops their checksum headers: a server that serves damaged bytes
+consistently with itself (bit rot at rest, a bad disk).
+
 ``lost_reply`` forwards a share of requests whole, so the server acts on them, then cuts
 the connection before the reply: the client retries a request that already happened.
 
@@ -86,6 +90,8 @@ class FaultProxy:
         self.holding = threading.Event()  # a held request has arrived
         self._released = threading.Event()
         self._drop_held = False
+        self.corrupted: re.Pattern | None = None  # see corrupt()
+        self.corrupt_left = 0
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -144,6 +150,20 @@ class FaultProxy:
         if not drop:
             self.held = None
         self._released.set()
+
+    def corrupt(self, pattern: str, times: int = 1) -> None:
+        """Damage the body of the next ``times`` GET answers whose path matches ``pattern``."""
+        with self.lock:
+            self.corrupted, self.corrupt_left = re.compile(pattern), times
+
+    def _damaged(self, h: BaseHTTPRequestHandler, data: bytes) -> bool:
+        with self.lock:
+            if (h.command != "GET" or not data or self.corrupted is None
+                    or not self.corrupt_left or not self.corrupted.search(urlsplit(h.path).path)):
+                return False
+            self.corrupt_left -= 1
+            self.injected["corrupt"] += 1
+            return True
 
     def _throttle(self, size: int) -> None:
         """Hold the request until a link of ``bytes_per_second`` would have carried it."""
@@ -233,9 +253,14 @@ class FaultProxy:
             h.close_connection = True
             h.connection.shutdown(2)
             return
+        damaged = self._damaged(h, data)
+        if damaged:
+            data = data[:len(data) // 2] + bytes([data[len(data) // 2] ^ 0xFF]) + \
+                data[len(data) // 2 + 1:]
         h.send_response(resp.status)
         for k, v in resp.getheaders():
-            if k.lower() not in HOP_BY_HOP and k.lower() != "content-length":
+            if k.lower() not in HOP_BY_HOP and k.lower() != "content-length" and not (
+                    damaged and k.lower().startswith("x-amz-checksum")):
                 h.send_header(k, v)
         h.send_header("Content-Length", str(len(data) if h.command != "HEAD" else
                                             resp.getheader("Content-Length", "0")))

@@ -60,9 +60,10 @@ def test_evaluate_reports_mean_per_class_accuracy():
     model = Fixed()
     import tensorflow as tf
 
-    ds = tf.data.Dataset.from_tensor_slices(probs.astype("float32")).batch(2)
-    test = [Sample("a", 0), Sample("b", 1), Sample("c", 1), Sample("d", 2)]
-    m = evaluation.evaluate(model, ds, test, ["x", "y", "z"])
+    labels = np.eye(3, dtype="float32")[[0, 1, 1, 2]]  # the labels come with the images
+    ds = tf.data.Dataset.from_tensor_slices((probs.astype("float32"), labels)).batch(2)
+    m = evaluation.evaluate(model, ds, ["x", "y", "z"])
+    assert m["test_images"] == 4
     assert m["accuracy"] == pytest.approx(0.75)
     assert m["per_class_accuracy"] == {"x": 1.0, "y": 0.5, "z": 1.0}
     assert m["mean_per_class_accuracy"] == pytest.approx(2.5 / 3)
@@ -86,19 +87,18 @@ def test_evaluate_warns_when_the_answers_collapse_to_one_class(caplog):
     import tensorflow as tf
 
     x, y = _data(30)
-    test = [Sample(str(i), int(label)) for i, label in enumerate(y.argmax(1))]
     assert max(np.bincount(y.argmax(1))) < 15  # the truth is spread over the three
-    ds = tf.data.Dataset.from_tensor_slices(x).batch(8)
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
     names = ["red", "green", "blue"]
     caplog.set_level("WARNING", logger="trainjob.train.trainer")
-    m = evaluation.evaluate(_headed(bias=[0, 5, 0]), ds, test, names)
+    m = evaluation.evaluate(_headed(bias=[0, 5, 0]), ds, names)
     assert m["answers"]["collapsed"] is True and m["answers"]["classes_answered"] == 1
     assert (m["answers"]["top_class"], m["answers"]["top_share"]) == ("green", 1.0)
     [warning] = m["warnings"]
     assert "collapsed" in warning and "'green' for 100% of the test images" in warning
     assert "\n" not in warning and warning in caplog.text
     caplog.clear()
-    learned = evaluation.evaluate(_headed(), ds, test, names)
+    learned = evaluation.evaluate(_headed(), ds, names)
     assert learned["accuracy"] == 1.0
     assert learned["answers"]["collapsed"] is False and learned["warnings"] == []
     assert "collapsed" not in caplog.text

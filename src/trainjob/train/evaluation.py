@@ -11,7 +11,6 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from trainjob.data.catalog import Sample
 from trainjob.inspect.runinfo import top_confusions
 from trainjob.train.plots import confusion_matrix
 
@@ -97,19 +96,31 @@ def recalibrate_batchnorm(model: keras.Model, dataset: tf.data.Dataset, max_batc
     return batches
 
 
-def evaluate(model: keras.Model, test_ds: tf.data.Dataset, test: list[Sample],
-             classes: list[str], predict=None) -> dict:
+def predict(model: keras.Model, ds: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """Class probabilities and true labels of every (images, one-hot labels) batch of
+    ``ds``, in one pass, on this process alone (several workers: the chief evaluates the
+    test split after the others are done, so nothing here may be a collective)."""
+    call = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+    probs, labels = [], []
+    for x, y in ds:
+        probs.append(np.asarray(call(x), dtype=np.float64))
+        labels.append(np.argmax(np.asarray(y), axis=1))
+    if not probs:
+        return np.zeros((0, int(model.output_shape[-1]))), np.zeros(0, dtype=np.int64)
+    return np.concatenate(probs), np.concatenate(labels)
+
+
+def evaluate(model: keras.Model, test_ds: tf.data.Dataset, classes: list[str]) -> dict:
     """Loss, accuracy, top-5, per-class accuracy and their mean (the Caltech101 figure),
     the confusion matrix (rows: true class) and its most frequent off-diagonal cells.
 
-    One predict pass gives all of them; model.evaluate would trace and run a second pass.
+    One pass over ``test_ds`` ((images, one-hot labels) batches) gives all of them: the
+    labels come with the images, whether the split is a list of files or streamed shards.
     """
-    if not test:
+    probs, labels = predict(model, test_ds)
+    if not len(labels):
         log.warning("the test split is empty: metrics.json holds no test figures")
         return {"test_images": 0}
-    probs = predict(model, test_ds) if predict else model.predict(test_ds, verbose=0)
-    probs = np.asarray(probs, dtype=np.float64)
-    labels = np.array([s.label for s in test])
     predicted = np.argmax(probs, axis=1)
     k = min(5, len(classes))
     top_k = np.argsort(-probs, axis=1)[:, :k]
@@ -119,7 +130,7 @@ def evaluate(model: keras.Model, test_ds: tf.data.Dataset, test: list[Sample],
     names = {str(i): name for i, name in enumerate(classes)}
     answers = answer_spread(labels, predicted, classes)
     return {
-        "test_images": len(test),
+        "test_images": len(labels),
         "loss": float(-np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-7, 1)))),
         "accuracy": float(np.mean(predicted == labels)),
         "top5_accuracy": float(np.mean(np.any(top_k == labels[:, None], axis=1))),

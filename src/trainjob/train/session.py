@@ -177,9 +177,7 @@ class Session:
         test_ds = inputs.evaluation_stream(
             inputs.decoded(self.data.splits.test, cfg.model.image_size, "none",
                            _tfcache(cfg), "test"), num_classes, cfg.optim.batch_size)
-        metrics = evaluation.evaluate(model, test_ds, self.data.splits.test,
-                                      self.data.catalog.classes,
-                                      predict=steploop.predict if self.group else None)
+        metrics = evaluation.evaluate(model, test_ds, self.data.catalog.classes)
         run_dir.write(METRICS, metrics)
         log.info("test: %s", {k: v for k, v in metrics.items()
                               if not isinstance(v, (dict, list))})

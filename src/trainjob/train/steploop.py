@@ -135,10 +135,3 @@ def _validator(model: keras.Model, strategy: tf.distribute.Strategy, val_ds: tf.
                                            point="validation"))
 
     return evaluate
-
-
-def predict(model: keras.Model, ds: tf.data.Dataset) -> np.ndarray:
-    """Class probabilities on this worker alone (no collective: the chief evaluates the test
-    split after the others are done)."""
-    call = tf.function(lambda x: model(x, training=False))
-    return np.concatenate([call(x).numpy() for x, _ in ds], axis=0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
@@ -133,7 +134,7 @@ def check_places(src: str, dest: str) -> None:
 
 def reporter(uri: str) -> Callable[[packing.Progress], None]:
     """Progress: a bar on a terminal, else one line per shard (logs)."""
-    stream = click.get_text_stream("stderr")
+    stream = sys.stderr
     bar = textfmt.ProgressReporter(f"packing {uri}", stream, tty=True) if stream.isatty() \
         else None
 

@@ -7,11 +7,13 @@ import io
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_trainjob, upload_tree
+from conftest import run_trainjob, start_trainjob, upload_tree
+from helpers.jobs import hooks_file, wait_for
 from helpers.packs import assert_shards_match_index, training_view
 from PIL import Image
 
@@ -121,14 +123,18 @@ def test_pack_a_prefix_and_the_zip_locally_byte_identical_then_rerun(
     assert a["image_stats"]["cmyk"] == 1 and a["max_side"] == 512
 
     before = (tmp_path / "a" / "index.json").read_bytes()
+    written = (tmp_path / "a" / "index.json").stat()
     again = run_trainjob(["dataset", "pack", f"s3://{bucket}/data/", str(tmp_path / "a"),
                           *SMALL], seaweed.env(TRAINJOB_SHARD_SIZE="64KiB"), home)
     assert again.returncode == 0, again.stderr
     assert again.stderr.count("(already stored)") == 18 and "(stored)" not in again.stderr
     assert (tmp_path / "a" / "index.json").read_bytes() == before  # a finished pack: no-op
+    now = (tmp_path / "a" / "index.json").stat()
+    assert (now.st_ino, now.st_mtime_ns) == (written.st_ino, written.st_mtime_ns)
 
 
-def test_a_damaged_local_shard_is_packed_again(class_folders, tmp_path):
+def test_a_damaged_local_shard_is_packed_again_and_the_index_waits_for_it(class_folders,
+                                                                          tmp_path):
     args = ["dataset", "pack", str(class_folders), str(tmp_path / "p"), *SMALL]
     assert run_trainjob(args, dict(os.environ), tmp_path / "home").returncode == 0
     index = json.loads((tmp_path / "p" / "index.json").read_text())
@@ -136,11 +142,24 @@ def test_a_damaged_local_shard_is_packed_again(class_folders, tmp_path):
     good, stat = shard.read_bytes(), shard.stat()
     shard.write_bytes(good[:100] + bytes([good[100] ^ 1]) + good[101:])  # one bit, same size
     os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # and the same time
-    again = run_trainjob(args, dict(os.environ), tmp_path / "home")
-    assert again.returncode == 0, again.stderr
-    assert "train-00003.tfrecord: 2 images" in again.stderr
-    assert again.stderr.count("(stored)") == 1 and again.stderr.count("(already stored)") == 17
-    assert shard.read_bytes() == good
+    go_on = tmp_path / "go-on"
+    hooks = hooks_file(tmp_path, hold={"pack_stored:18": {"seconds": 120,
+                                                          "until_file": str(go_on)}})
+    log = tmp_path / "again.log"
+    proc = start_trainjob(args, {**os.environ, "TRAINJOB_TEST_HOOKS": hooks},
+                          tmp_path / "home", log)
+    try:
+        wait_for(lambda: "test hook: holding at pack_stored:18" in log.read_text(), proc, log,
+                 120)
+        assert shard.read_bytes() == good  # repaired, and meanwhile no index claims it
+        assert not (tmp_path / "p" / "index.json").exists()
+        go_on.touch()
+        assert proc.wait(120) == 0, log.read_text()
+    finally:
+        proc.kill()
+    out = log.read_text()
+    assert "train-00003.tfrecord: 2 images" in out
+    assert out.count("(stored)") == 1 and out.count("(already stored)") == 17
     assert json.loads((tmp_path / "p" / "index.json").read_text())["shards"] == index["shards"]
 
 
@@ -225,13 +244,19 @@ def test_a_missing_bucket_is_exit_4(s3env, class_folders, tmp_path, capsys):
 
 def test_another_dataset_is_replaced_only_when_asked(class_folders, tmp_path, capsys):
     dest = tmp_path / "p"
-    base = ["dataset", "pack", str(class_folders), str(dest), *SMALL, "--cache-dir",
-            str(tmp_path / "cache")]
-    assert main(base) == 0
+    other = tmp_path / "other" / "101_ObjectCategories"
+    shutil.copytree(class_folders, other)
+    (other / "ant" / "image_0001.jpg").unlink()
+    base = [str(dest), *SMALL, "--cache-dir", str(tmp_path / "cache")]
+    assert main(["dataset", "pack", str(class_folders), *base]) == 0
     first = json.loads((dest / "index.json").read_text())
     capsys.readouterr()
-    assert main([*base, "--seed", "7"]) == 2
+    assert main(["dataset", "pack", str(class_folders), *base, "--seed", "7"]) == 2
+    err = capsys.readouterr().err
+    assert "give --replace to replace it" in err
+    assert "skipped 3 of 54 files" not in err  # other settings: refused before the scan
+    assert main(["dataset", "pack", str(other), *base]) == 2  # other images: after it
     assert "give --replace to replace it" in capsys.readouterr().err
     assert json.loads((dest / "index.json").read_text()) == first
-    assert main([*base, "--seed", "7", "--replace"]) == 0
-    assert json.loads((dest / "index.json").read_text())["split"]["seed"] == 7
+    assert main(["dataset", "pack", str(other), *base, "--replace"]) == 0
+    assert json.loads((dest / "index.json").read_text())["counts"]["train"] == 38

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 import threading
 import time
 import uuid
@@ -95,11 +94,14 @@ def test_sigkilled_pack_leaves_no_process_and_its_rerun_reuses_what_was_stored(
     hooks = hooks_file(tmp_path, hold={"pack_stored:3": 300})
     log = tmp_path / "killed.log"
     proc = start_trainjob(args, seaweed.env(TRAINJOB_TEST_HOOKS=hooks), tmp_path / "home", log)
-    wait_for(lambda: "test hook: holding at pack_stored:3" in log.read_text(), proc, log, 120)
-    workers = children(proc.pid)
+    try:
+        wait_for(lambda: "test hook: holding at pack_stored:3" in log.read_text(), proc, log,
+                 120)
+        workers = children(proc.pid)
+    finally:
+        proc.kill()
+    proc.wait()  # killed (SIGKILL) in the middle of the pack
     assert len(workers) >= 2  # the pool's processes (and multiprocessing's tracker)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
     deadline = time.monotonic() + 20
     while any(alive(p) for p in workers) and time.monotonic() < deadline:
         time.sleep(0.1)

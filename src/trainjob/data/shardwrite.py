@@ -82,10 +82,10 @@ def encoded(path: str, max_side: int) -> tuple[bytes, bool]:
     with Image.open(io.BytesIO(data)) as img:
         if max(img.size) < REENCODE_RATIO * max_side:
             return data, False
-        img.draft("RGB", (max_side, max_side))
+        scale = max_side / max(img.size)
+        size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+        img.draft("RGB", size)  # a JPEG decodes at 1/2, 1/4, 1/8 where still >= size
         rgb = img.convert("RGB")
-    scale = max_side / max(rgb.size)
-    size = (max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale)))
     out = io.BytesIO()
     rgb.resize(size, Image.LANCZOS).save(out, "JPEG", quality=JPEG_QUALITY)
     small = out.getvalue()

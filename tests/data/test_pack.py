@@ -260,3 +260,18 @@ def test_another_dataset_is_replaced_only_when_asked(class_folders, tmp_path, ca
     assert json.loads((dest / "index.json").read_text()) == first
     assert main(["dataset", "pack", str(other), *base, "--replace"]) == 0
     assert json.loads((dest / "index.json").read_text())["counts"]["train"] == 38
+
+
+def test_an_index_of_another_version_at_dest_is_replaced_only_when_asked(class_folders,
+                                                                         tmp_path, capsys):
+    dest = tmp_path / "p"
+    dest.mkdir()
+    (dest / "index.json").write_text(json.dumps({"format": "trainjob-packed", "version": 99}))
+    base = ["dataset", "pack", str(class_folders), str(dest), *SMALL, "--cache-dir",
+            str(tmp_path / "cache")]
+    assert main(base) == 2
+    err = capsys.readouterr().err
+    assert "another format ('trainjob-packed' version 99): give --replace" in err
+    assert "skipped 3 of 54 files" not in err  # before the scan
+    assert main([*base, "--replace"]) == 0
+    assert json.loads((dest / "index.json").read_text())["version"] == 1

@@ -43,7 +43,8 @@ log = logging.getLogger(__name__)
 
 MIN_TRAIN_SHARDS = 16  # several workers read disjoint shards
 RECORDS = ".pack"
-_SHARD_NAME = re.compile(r"\.?(train|val|test)-\d{5}\.tfrecord(?:\.tmp)?")  # and put's temporaries
+# Shard names, and the temporaries a local put leaves when killed
+_SHARD_NAME = re.compile(r"\.?(train|val|test)-\d{5}\.tfrecord(?:\.tmp)?")
 
 
 @dataclass(frozen=True)
@@ -124,44 +125,63 @@ def same_plan(a: PackedIndex, b: PackedIndex) -> bool:
     return key(a) == key(b)
 
 
-def existing_index(store: Store) -> PackedIndex | None:
-    """The index already in ``store``, if any and readable; an unknown version is refused
-    (exit 2) rather than overwritten."""
+@dataclass(frozen=True)
+class Existing:
+    """What index.json a destination already holds."""
+
+    index: PackedIndex | None  # None: damaged, or of a format or version this one can't read
+    foreign: str = ""  # the format and version it has, when this trainjob cannot read it
+
+
+def existing(store: Store) -> Existing | None:
     d = store.read_json(INDEX)
     if d is None:
         return None
-    check_format(d, store.child(INDEX))
     try:
-        return PackedIndex.from_dict(d, store.child(INDEX))
+        check_format(d, store.child(INDEX))
+    except ConfigError:
+        return Existing(None, f"{d.get('format')!r} version {d.get('version')!r}"
+                        if isinstance(d, dict) else "not an index")
+    try:
+        return Existing(PackedIndex.from_dict(d, store.child(INDEX)))
     except TrainJobError:
-        log.warning("%s is damaged: packing again", store.child(INDEX))
-        return None
+        return Existing(None)
 
 
-def _other_dataset(store: Store) -> ConfigError:
-    return ConfigError(f"{store.child(INDEX)} is a packed dataset of other data or settings "
-                       "(classes, split, images or --max-side differ): give --replace to "
-                       "replace it, or pack into another prefix")
+def _refused(store: Store, found: Existing) -> ConfigError:
+    what = (f"a packed dataset of another format ({found.foreign})" if found.foreign else
+            "a packed dataset of other data or settings (classes, split, images or "
+            "--max-side differ)")
+    return ConfigError(f"{store.child(INDEX)} is {what}: give --replace to replace it, or "
+                       "pack into another prefix")
 
 
 def check_settings(store: Store, settings: SplitSettings, max_side: int, replace: bool) -> None:
     """Before the scan: refuse at once to replace, without ``replace``, a packed dataset of
-    other split settings or --max-side (``prepare`` compares the images, after it)."""
-    current = existing_index(store)
-    if current is not None and not replace and (current.split, current.max_side) != \
-            (settings, max_side):
-        raise _other_dataset(store)
+    another format or other split settings or --max-side (``prepare`` compares the images,
+    after it)."""
+    found = existing(store)
+    if found is None or replace:
+        return
+    if found.foreign or (found.index is not None and
+                         (found.index.split, found.index.max_side) != (settings, max_side)):
+        raise _refused(store, found)
 
 
 def prepare(store: Store, wanted: PackedIndex, replace: bool) -> PackedIndex | None:
-    """Before building: the index a rerun keeps (the same plan), or None. An index of other
-    data or settings is refused without ``replace``, else deleted first; stored shards
-    and records this plan does not name are deleted."""
-    current = existing_index(store)
-    if current is not None and not same_plan(current, wanted):
-        if not replace:
-            raise _other_dataset(store)
-        log.info("replacing the packed dataset at %s", store.uri)
+    """Before building: the index a rerun keeps (the same plan), or None. Another dataset's
+    index is refused without ``replace``, else deleted first, as is a damaged one; stored
+    shards and records this plan does not name are deleted."""
+    found = existing(store)
+    current = found.index if found else None
+    if found is not None and (found.foreign or current is None or
+                              not same_plan(current, wanted)):
+        if current is None and not found.foreign:
+            log.warning("%s is damaged: packing again", store.child(INDEX))
+        elif not replace:
+            raise _refused(store, found)
+        else:
+            log.info("replacing the packed dataset at %s", store.uri)
         store.delete([INDEX])
         current = None
     names = {s.name for s in wanted.shards}

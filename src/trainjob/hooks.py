@@ -13,7 +13,8 @@ SECONDS like a step that does not return (a signal is not noticed meanwhile);
 signal came, so that the signal is handled right at that point, and ``"until_file": PATH``
 once the test creates that file. Points: ``first_step``
 (before the process's first training step), ``batch:E:S`` (after batch S, counted from 1,
-of epoch E), ``epoch:E`` (after epoch E is saved), ``after_training``.
+of epoch E), ``epoch:E`` (after epoch E is saved), ``after_training``; in ``dataset pack``,
+``pack_stored:N`` (once N shards are stored, before index.json).
 
 ``{"collective_error": {"<point>": "<error>"}}`` makes this process's collective at a named
 point (``step``: a training step, ``validation``: the all-reduce of the validation figures,

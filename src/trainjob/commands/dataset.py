@@ -1,4 +1,5 @@
-"""``trainjob dataset``: look at a dataset the way training sees it."""
+"""``trainjob dataset``: look at a dataset the way training sees it, fetch, upload and pack
+one."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ from pathlib import Path
 import click
 
 from trainjob.commands import options
+from trainjob.commands.datasetpack import pack
 from trainjob.config import DataConfig
-from trainjob.data import httpfetch, source
+from trainjob.data import httpfetch, packed, source
 from trainjob.data.catalog import BACKGROUND
 from trainjob.data.upload import target_key, upload_path
 from trainjob.errors import ConfigError, DataError
@@ -39,10 +41,17 @@ def inspect_dataset(uri: str, as_json: bool, include_background: bool, max_bad_f
                     max_extract_bytes: int, cache_dir: str, threads: int) -> None:
     """Classes, image counts, sizes and modes, and unreadable files of the dataset URI
     (anything --data takes), from the same download, extraction and image checks as
-    training. Exit 3 when training would refuse the data."""
+    training. Exit 3 when training would refuse the data. A packed dataset (a prefix
+    holding index.json) is described from its index: classes, images and shards per split,
+    the files the pack skipped; nothing is downloaded or scanned."""
     # The same checks train's options get (URI scheme, ranges), with the same messages.
     DataConfig(data=uri, include_background=include_background, cache_dir=cache_dir,
                max_extract_bytes=max_extract_bytes, max_bad_fraction=max_bad_fraction)
+    store = packed.packed_store(uri, threads)
+    if store is not None:
+        report = datasetreport.packed_report(uri, packed.read_index(store))
+        click.echo(json.dumps(report, indent=2) if as_json else render_packed(report))
+        return
     catalog, _ = source.load_catalog(
         uri, Path(cache_dir), include_background=include_background,
         max_extract_bytes=max_extract_bytes, max_bad_fraction=None, threads=threads,
@@ -85,6 +94,36 @@ def render_report(r: dict) -> str:
                  f"training would accept this data ({share:.1%} of files skipped, "
                  f"--max-bad-fraction {r['max_bad_fraction']:g})")
     return "\n\n".join(parts)
+
+
+def render_packed(r: dict) -> str:
+    """The text of ``dataset inspect`` for a packed dataset."""
+    t, p = r["totals"], r["packed"]
+    title = (f"{r['uri']}: packed dataset ({p['format']} version {p['version']}, created "
+             f"{p['created']} from {p['source']}, --max-side {p['max_side']}): "
+             f"{t['classes']} classes, {t['images']} images in {t['shards']} shards "
+             f"({textfmt.size(t['bytes'])}), {t['skipped']} files skipped")
+    rows = [[name, s["images"], s["shards"], textfmt.size(s["bytes"]),
+             f"{s['min_per_shard']}-{s['max_per_shard']}"] for name, s in r["splits"].items()]
+    split = r["split"]
+    how = (f"--train-per-class {split['train_per_class']}" if split["train_per_class"]
+           else f"--val-fraction {split['val_fraction']:g} --test-fraction "
+                f"{split['test_fraction']:g}")
+    parts = [title,
+             textfmt.table(["SPLIT", "IMAGES", "SHARDS", "BYTES", "PER SHARD"], rows,
+                           right=(1, 2, 3, 4)),
+             (f"split: --seed {split['seed']} {how}"
+              f"{' --include-background' if split['include_background'] else ''}"),
+             "classes: " + ", ".join(r["classes"])]
+    if r["skipped_files"]:
+        parts.append(f"unreadable or not images ({len(r['skipped_files'])}, skipped by the "
+                     "pack)\n" + textfmt.table(
+                         ["FILE", "REASON"],
+                         [[s["path"], s["reason"]] for s in r["skipped_files"]]))
+    return "\n\n".join(parts)
+
+
+dataset.add_command(pack)
 
 
 @dataset.command(name="fetch")

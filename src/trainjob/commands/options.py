@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import click
 
@@ -83,6 +84,29 @@ def env_option(*decls: str, name: str, **kwargs: Any) -> Callable:
     """An option of the inspection commands only; its twin is TRAINJOB_<NAME>."""
     return click.option(*decls, envvar=f"{ENV_PREFIX}_{name.upper()}", show_envvar=True,
                         **kwargs)
+
+
+class ByteSize(click.ParamType):
+    """A size in bytes: 4000000, 512K, 64MB (powers of 1000), 128MiB, 1GiB (of 1024)."""
+
+    name = "size"
+    UNITS: ClassVar[dict[str, int]] = {
+        "": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+        "kib": 1024, "mib": 1024**2, "gib": 1024**3}
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+                ) -> int:
+        if isinstance(value, int):
+            return value
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(value))
+        unit = match and self.UNITS.get(match.group(2).lower())
+        if not unit:
+            self.fail(f"{value!r} is not a size: use bytes or a number with K, MB, MiB, "
+                      "GiB...", param, ctx)
+        size = int(float(match.group(1)) * unit)
+        if size < 1:
+            self.fail(f"{value!r} must be at least one byte", param, ctx)
+        return size
 
 
 json_output = env_option("--json", "as_json", name="json", is_flag=True,

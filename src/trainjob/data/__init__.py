@@ -3,8 +3,9 @@
 Owns what a dataset URI holds: safe extraction of archives (``archives``), one image checked
 and made readable as Pillow sees it (``images``), class folders found, every file checked,
 and the seeded split (``catalog``), a URI turned into a checked catalog and the published
-archives (``source``), resumable HTTP downloads (``httpfetch``), and dataset uploads
-(``upload``).
+archives (``source``), resumable HTTP downloads (``httpfetch``), dataset uploads
+(``upload``), and packed datasets: the record format (``packfmt``), the index
+(``packed``), and packing itself (``packing``, with ``shardwrite`` in its processes).
 
 May import: ``trainjob.errors``, ``trainjob.store``, and Pillow. Never TensorFlow: a bad
 dataset fails in a second.

@@ -33,8 +33,9 @@ BACKGROUND = "BACKGROUND_Google"
 
 @dataclass(frozen=True)
 class Sample:
-    path: str
+    path: str  # the file training decodes: the original, or its converted PNG
     label: int
+    origin: str = field(default="", compare=False)  # the original file, where it differs
 
 
 @dataclass
@@ -145,7 +146,8 @@ def check_files(root: Path, converted_dir: Path, *, include_background: bool = F
         if check.usable is None:
             skipped.append({"path": str(path.relative_to(root)), "reason": check.reason})
         else:
-            samples.append(Sample(str(check.usable), label))
+            samples.append(Sample(str(check.usable), label,
+                                  str(path) if check.usable != path else ""))
             converted += check.usable != path
             modes[check.mode] += 1
     usable = [c for c in checked if c.usable is not None]

@@ -15,7 +15,7 @@ import pytest
 from helpers.runs import cfg_for, started_run
 
 from trainjob import job
-from trainjob.data.catalog import Catalog, Sample, split
+from trainjob.data.catalog import Catalog, Dataset, Sample, split
 from trainjob.errors import ConfigError, Preempted, StorageError
 from trainjob.run import configfile, resumption, savepoints, stop
 from trainjob.run.folder import (
@@ -265,7 +265,7 @@ def fingerprint_of(tmp_path: Path, cat: Catalog | None = None, **options) -> dic
     cat = cat or catalog()
     splits = split(cat, val_fraction=cfg.split.val_fraction, test_fraction=cfg.split.test_fraction,
                    train_per_class=cfg.split.train_per_class, seed=cfg.split.seed)
-    return savepoints.fingerprint(cfg, cat, splits)
+    return savepoints.fingerprint(cfg, Dataset(cat, splits, {}))
 
 
 @pytest.mark.parametrize("option, value, named", [

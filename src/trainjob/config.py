@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trainjob.data.stream import parse_buffer
 from trainjob.errors import ConfigError
 from trainjob.store.uri import parse_uri
 
@@ -49,6 +50,9 @@ class DataConfig:
                                  "when they fit in 40% of the RAM (or of the container's "
                                  "memory limit), else in a file.",
                                  choices=("auto", "memory", "file", "none"))
+    stream_buffer: str = option("10", "A packed dataset's local buffer: a number of shards "
+                                "(10) or a size (2GB, 1.5GiB), at least 7 shards; local disk "
+                                "never holds more of the dataset.")
 
     def __post_init__(self) -> None:
         if not self.data:
@@ -57,6 +61,7 @@ class DataConfig:
         _check_range("--max-bad-fraction", self.max_bad_fraction, 0.0, 1.0)
         if self.max_extract_bytes <= 0:
             raise ConfigError("--max-extract-bytes must be positive")
+        parse_buffer(self.stream_buffer)
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,10 @@ point (``step``: a training step, ``validation``: the all-reduce of the validati
 instead of running: a TensorFlow error's class name
 (``ResourceExhaustedError``, ``UnavailableError``...) or ``MemoryError``. A test gives the
 hook to one worker to fail it there.
+
+``{"sample_log": PATH}``: a packed dataset's training stream appends "epoch position id"
+for every sample it yields to PATH (``{worker}`` in it: the worker's index), so a test can
+compare the samples of a killed and resumed run with those of one never stopped.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from trainjob.data.source import load_catalog
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 # index.json's keys, as the streaming reader is written against them (issue #20).
 INDEX_KEYS = ["format", "version", "classes", "split", "counts", "samples", "max_side",
-              "source", "created", "skipped", "image_stats", "shards"]
+              "source", "created", "skipped", "image_stats", "class_counts", "shards"]
 SHARD_KEYS = ["name", "split", "count", "bytes", "sha256", "first"]
 
 

@@ -8,6 +8,7 @@ plain folders of class folders, and on anything in between.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import random
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from trainjob.data.archives import ARCHIVE_SUFFIXES, is_archive, is_junk, unpack, walk_files
 from trainjob.data.images import GRAYSCALE_MODES, IMAGE_SUFFIXES, check_image, prune_converted
+from trainjob.data.stream import Packed
 from trainjob.errors import DataError
 from trainjob.store import hostcache
 
@@ -77,14 +79,54 @@ class Splits:
         return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
 
 
+def samples_digest(classes: list[str], splits: Splits) -> str:
+    """What a run's fingerprint says of its images: class name + file name of every image,
+    then of the training images; the same wherever the data was extracted, and the same
+    for the dataset packed (``data.packing`` records it in the index)."""
+    def digest(samples: list[Sample]) -> str:
+        names = sorted(f"{classes[s.label]}/{Path(s.path).name}" for s in samples)
+        return hashlib.sha1("\n".join(names).encode()).hexdigest()
+
+    return digest(splits.train + splits.val + splits.test) + ":" + digest(splits.train)
+
+
 @dataclass
 class Dataset:
-    """A dataset ready to train on: its checked catalog, the split, and what config.json
-    says about it (classes, counts, skipped files, the download)."""
+    """A dataset ready to train on, and what config.json says about it. Files: its checked
+    catalog and the split. Packed (``packed`` set): the index's classes; the split and
+    the images are in the shards, streamed (``data.stream``), and ``splits`` is empty."""
 
     catalog: Catalog
     splits: Splits
     summary: dict
+    packed: Packed | None = None
+
+    @property
+    def classes(self) -> list[str]:
+        return self.catalog.classes
+
+    def sizes(self) -> dict[str, int]:
+        return dict(self.packed.index.counts) if self.packed else self.splits.sizes()
+
+    def train_class_counts(self) -> list[int]:
+        """Training images per class, in class order (``--class-weight balanced``)."""
+        if self.packed:
+            return list(self.packed.index.class_counts["train"])
+        counts = Counter(s.label for s in self.splits.train)
+        return [counts[i] for i in range(len(self.classes))]
+
+    def samples_digest(self) -> str:
+        return self.packed.index.samples if self.packed else \
+            samples_digest(self.classes, self.splits)
+
+    def fixed_split(self) -> dict:
+        """The split settings a packed dataset was split with (they, not the job's, are
+        what its split means); {} for files, which the job's settings split."""
+        if not self.packed:
+            return {}
+        split = self.packed.index.split
+        return {"val_fraction": split.val_fraction, "test_fraction": split.test_fraction,
+                "train_per_class": split.train_per_class}
 
 
 def locate(roots: list[Path]) -> Path:

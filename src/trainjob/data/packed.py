@@ -4,7 +4,8 @@ the dataset is, and written last, so a prefix holding it is a finished pack.
     {"format": "trainjob-packed", "version": 1,
      "classes": [...], "split": {"seed", "val_fraction", "test_fraction", "train_per_class",
      "include_background"}, "counts": {"train", "val", "test"},
-     "samples": "<digest(all):digest(train)>", "max_side": 512, "source": "<SRC, redacted>",
+     "samples": "<digest(all):digest(train)>", "class_counts": {"train": [per class], ...},
+     "max_side": 512, "source": "<SRC, redacted>",
      "created": "<UTC>", "skipped": [{"path", "reason"}], "image_stats": {...},
      "shards": [{"name", "split", "count", "bytes", "sha256", "first"}, ...]}
 
@@ -68,6 +69,7 @@ class PackedIndex:
     shards: list[Shard]
     skipped: list[dict[str, str]] = field(default_factory=list)
     image_stats: dict[str, Any] = field(default_factory=dict)
+    class_counts: dict[str, list[int]] = field(default_factory=dict)  # per split, class order
 
     def split_shards(self, split: str) -> list[Shard]:
         """The shards of ``split``, in the split's order."""
@@ -78,7 +80,7 @@ class PackedIndex:
                 "split": dataclasses.asdict(self.split), "counts": self.counts,
                 "samples": self.samples, "max_side": self.max_side, "source": self.source,
                 "created": self.created, "skipped": self.skipped,
-                "image_stats": self.image_stats,
+                "image_stats": self.image_stats, "class_counts": self.class_counts,
                 "shards": [dataclasses.asdict(s) for s in self.shards]}
 
     def to_json(self) -> bytes:
@@ -95,15 +97,19 @@ class PackedIndex:
                         samples=str(d["samples"]), max_side=int(d["max_side"]),
                         source=str(d["source"]), created=str(d["created"]),
                         shards=[Shard(**s) for s in d["shards"]],
-                        skipped=list(d["skipped"]), image_stats=dict(d["image_stats"]))
+                        skipped=list(d["skipped"]), image_stats=dict(d["image_stats"]),
+                        class_counts={s: [int(n) for n in d["class_counts"][s]]
+                                      for s in SPLITS})
         except (KeyError, TypeError, ValueError) as exc:
             raise DataError(f"{where}: damaged packed index ({type(exc).__name__}: {exc}); "
                             "pack the dataset again") from exc
         for split in SPLITS:
-            if sum(s.count for s in index.split_shards(split)) != index.counts[split]:
-                raise DataError(f"{where}: damaged packed index (the {split} shards do not "
-                                f"add up to its count {index.counts[split]}); pack the "
-                                "dataset again")
+            if sum(s.count for s in index.split_shards(split)) != index.counts[split] or \
+                    sum(index.class_counts[split]) != index.counts[split] or \
+                    len(index.class_counts[split]) != len(index.classes):
+                raise DataError(f"{where}: damaged packed index (the {split} shards or "
+                                f"classes do not add up to its count {index.counts[split]}); "
+                                "pack the dataset again")
         return index
 
 

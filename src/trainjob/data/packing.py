@@ -13,12 +13,12 @@ again), and builds the others. Nothing is done until ``index.json`` is written.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import multiprocessing
 import os
 import re
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import (
     FIRST_COMPLETED,
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainjob import hooks
-from trainjob.data.catalog import Catalog, Splits
+from trainjob.data.catalog import Catalog, Splits, samples_digest
 from trainjob.data.packed import INDEX, SPLITS, PackedIndex, Shard, SplitSettings, check_format
 from trainjob.data.shardwrite import Built, PackItem, ShardPlan, build_shard, watch_parent
 from trainjob.errors import ConfigError, TrainJobError
@@ -74,16 +74,6 @@ def sample_key(catalog: Catalog, path: str, origin: str, label: int) -> str:
     return f"{catalog.classes[label]}/{Path(path).name}"
 
 
-def samples_digest(catalog: Catalog, splits: Splits) -> str:
-    """``run.savepoints.fingerprint``'s "samples" of the same data: class name + file name
-    of every image, then of the training images."""
-    def digest(samples: list) -> str:
-        names = sorted(f"{catalog.classes[s.label]}/{Path(s.path).name}" for s in samples)
-        return hashlib.sha1("\n".join(names).encode()).hexdigest()
-
-    return digest(splits.train + splits.val + splits.test) + ":" + digest(splits.train)
-
-
 def plan(catalog: Catalog, splits: Splits, shard_size: int) -> list[ShardPlan]:
     """The shards of every split, in order: ids dense in (class, file path) order; each
     split cut into shards of about ``shard_size`` input bytes with equal counts (+-1), in
@@ -112,9 +102,19 @@ def plan(catalog: Catalog, splits: Splits, shard_size: int) -> list[ShardPlan]:
 def describe(catalog: Catalog, splits: Splits, settings: SplitSettings, max_side: int,
              source: str, created: str, shards: list[Shard]) -> PackedIndex:
     return PackedIndex(classes=list(catalog.classes), split=settings,
-                       counts=splits.sizes(), samples=samples_digest(catalog, splits),
+                       counts=splits.sizes(), samples=samples_digest(catalog.classes, splits),
+                       class_counts=class_counts(len(catalog.classes), splits),
                        max_side=max_side, source=source, created=created, shards=shards,
                        skipped=list(catalog.skipped), image_stats=catalog.image_stats())
+
+
+def class_counts(num_classes: int, splits: Splits) -> dict[str, list[int]]:
+    """Images per class of each split, in class order."""
+    out = {}
+    for split in SPLITS:
+        counts = Counter(s.label for s in getattr(splits, split))
+        out[split] = [counts[i] for i in range(num_classes)]
+    return out
 
 
 def same_plan(a: PackedIndex, b: PackedIndex) -> bool:

@@ -68,7 +68,7 @@ class Packed:
     index: object  # data.packed.PackedIndex
 
     def shards(self, split: str) -> list:
-        return [s for s in self.index.shards if s.split == split]
+        return self.index.split_shards(split)
 
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,

@@ -36,7 +36,7 @@ if TYPE_CHECKING:  # TensorFlow stays unimported until training starts
     import keras
 
     from trainjob.config import Config
-    from trainjob.data.catalog import Catalog, Splits
+    from trainjob.data.catalog import Dataset
 
 
 log = logging.getLogger(__name__)
@@ -185,20 +185,14 @@ FINGERPRINT_SETTINGS = {"image_size": "model", "optimizer": "optim", "seed": "sp
                         "steps_per_epoch": "optim", "freeze_backbone_epochs": "optim"}
 
 
-def fingerprint(cfg: Config, catalog: Catalog, splits: Splits) -> dict:
+def fingerprint(cfg: Config, data: Dataset) -> dict:
     """The settings a resumed run must share with its start: the model, the optimizer and
     everything that decides which images go where, how many batches an epoch has, and
-    which epochs train the head alone."""
-    def digest(samples: list) -> str:
-        # Class name + file name: the same wherever the data was extracted.
-        names = sorted(f"{catalog.classes[s.label]}/{Path(s.path).name}" for s in samples)
-        return hashlib.sha1("\n".join(names).encode()).hexdigest()
-
-    return {
-        "classes": _classes_digest(catalog.classes),
-        **{key: getattr(getattr(cfg, group), key) for key, group in FINGERPRINT_SETTINGS.items()},
-        "samples": digest(splits.train + splits.val + splits.test) + ":" + digest(splits.train),
-    }
+    which epochs train the head alone. A packed dataset's split settings are its own."""
+    settings = {key: getattr(getattr(cfg, group), key)
+                for key, group in FINGERPRINT_SETTINGS.items()}
+    return {"classes": _classes_digest(data.classes), **settings, **data.fixed_split(),
+            "samples": data.samples_digest()}
 
 
 def _classes_digest(names: list[str]) -> str:

@@ -35,8 +35,10 @@ class RunState:
 
     def __init__(self, run: RunFolder, *, fingerprint: dict, history: list[dict],
                  stop: StopSignal, restore: dict | None = None,
-                 fence: Callable[[], None] | None = None) -> None:
+                 fence: Callable[[], None] | None = None, workers: int = 1) -> None:
         self.run = run
+        # Recorded in save points: a streamed epoch resumed mid-way needs as many workers.
+        self.workers = workers
         self.fingerprint = fingerprint
         self.history = history
         self.stop = stop
@@ -134,6 +136,7 @@ class RunState:
         record = savepoints.write_point(self.run, self.seq, {
             "epoch": epoch, "step": step, "iterations": iterations, "callbacks": callbacks,
             "phase": self.phase, "fingerprint": self.fingerprint, "best": self.best,
+            "workers": self.workers,
             "saved": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }, write_weights)
         # Keep the pair this one follows on from (not seq - 1: that may be a broken pair

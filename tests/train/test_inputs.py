@@ -74,7 +74,7 @@ def test_each_epoch_is_a_full_pass_in_its_own_seeded_order(samples):
     batches = list(_stream(samples, 0, 3))
     assert len(batches) == 3 * per_epoch
     x, y = batches[0]
-    assert x.dtype.name == "float32" and y.shape == (4, CLASSES)
+    assert x.dtype.name == "uint8" and y.shape == (4, CLASSES)  # the model casts to float32
     orders = [_order(batches[e * per_epoch:(e + 1) * per_epoch]) for e in range(3)]
     for order in orders:
         assert sorted(o for o in order if o < N) == list(range(N))

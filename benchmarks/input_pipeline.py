@@ -1,72 +1,352 @@
-"""Input pipeline throughput: trainjob's tf.data pipeline against Keras' legacy
-ImageDataGenerator.flow_from_directory (what the reference script used), side by side.
+"""Input pipeline throughput at 224 px with the training augmentation, side by side in one
+process on the same Caltech-sized JPEGs (``sampledata.make_photo_folders``: 300 x 180-260
+px, ~34 KB):
 
-Same images, batch size, target size and augmentation (horizontal flip, zoom up to 20%).
-Two passes each: the first decodes every file, the second is where tf.data's cache pays.
+- trainjob's classic path (``inputs.encoded`` + ``inputs.training_stream``, what a run
+  trains on, the float cast and one-hot included), epoch 1 (reads the files) and epoch 2
+  (the cached bytes);
+- the packed path, when its reader is importable (else a note), and a stand-in for it:
+  the same op on TFRecord files read by TFRecordDataset;
+- the previous pipeline (decode + antialiased resize, cached decoded, crop + resize);
+- ``keras.utils.image_dataset_from_directory`` with Keras' RandomFlip, and with
+  ``tf.image.random_flip_left_right``;
+- the floor: decode (accurate IDCT) + one bilinear resize, batched.
+
+Per core: tf.data held to one thread (private thread pool 1, intra-op 1), images per process
+CPU-second. All cores: tf.data's defaults, images per wall second. Contenders take turns
+within each round; figures are medians over the rounds, and the load average is recorded at
+every round. Then the stages of the training op, per core, cumulative, on bytes in memory.
+
+``python benchmarks/input_pipeline.py [ROUNDS]``; ``run_all.py input_pipeline`` writes
+docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import platform
+import shutil
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-import sampledata  # noqa: E402
+import sampledata
 
-SIZE, BATCH = 128, 32
+SIZE, BATCH, SEED = 224, 32, 42
+CLASSES, PER_CLASS = 30, 100
+ROUNDS = 5
+AUTOTUNE = -1  # tf.data.AUTOTUNE
 
 
-def main() -> dict:
+def main(rounds: int = ROUNDS) -> dict:
+    import keras
     import tensorflow as tf
 
-    from trainjob.data.catalog import scan
-    from trainjob.train import inputs
+    from trainjob.data.catalog import Sample
+    from trainjob.train import augment, inputs
 
     work = Path(tempfile.mkdtemp(prefix="bench-pipe-"))
-    root = work / "101_ObjectCategories"
-    sampledata.make_class_folders(root, classes=10, per_class=60, size=(240, 300),
-                                  background=False)
-    catalog = scan(root, work / "converted")
-    n = len(catalog.samples)
-    steps = -(-n // BATCH)
+    try:
+        root = work / "images"
+        files = sorted(sampledata.make_photo_folders(root, CLASSES, PER_CLASS))
+        samples = [Sample(str(p), int(p.parent.name.split("_")[1])) for p in files]
+        paths, labels = [s.path for s in samples], [s.label for s in samples]
+        n, steps = len(samples), -(-len(samples) // BATCH)
+        sizes = [p.stat().st_size for p in files]
+        records = _write_records(tf, samples, work / "records")
 
-    base = inputs.decoded(catalog.samples, SIZE, "memory", work, "bench")
-    stream = inputs.training_stream(base, n, len(catalog.classes), image_size=SIZE,
-                                    batch_size=BATCH, steps=steps, repeat=False, shuffle=True,
-                                    augment=True, seed=1, first_epoch=0, epochs=2)
-    it = iter(stream)
-    tfdata = []
-    for _ in range(2):
-        start = time.perf_counter()
-        for _ in range(steps):
-            next(it)
-        tfdata.append(n / (time.perf_counter() - start))
+        def limited(ds, per_core: bool):
+            if per_core:
+                opts = tf.data.Options()
+                opts.threading.private_threadpool_size = 1
+                opts.threading.max_intra_op_parallelism = 1
+                ds = ds.with_options(opts)
+            return ds
 
-    gen = tf.keras.preprocessing.image.ImageDataGenerator(horizontal_flip=True, zoom_range=0.2)
-    flow = gen.flow_from_directory(str(root), target_size=(SIZE, SIZE), batch_size=BATCH,
-                                   class_mode="categorical", seed=1)
-    legacy = []
-    for _ in range(2):
-        start = time.perf_counter()
-        for _ in range(len(flow)):
-            next(flow)
-        legacy.append(n / (time.perf_counter() - start))
+        def epochs(make: Callable[[int], object], count: int, per_core: bool) -> list[tuple]:
+            """(images, wall s, CPU s) of each epoch; make(e) -> that epoch's dataset."""
+            out = []
+            for e in range(count):
+                ds = limited(make(e), per_core)
+                out.append(_timed(lambda ds=ds: sum(int(b[0].shape[0]) for b in ds)))
+            return out
 
-    result = {"images": n, "image_size": SIZE, "batch_size": BATCH,
-              "tf_data_images_per_s": [round(x, 1) for x in tfdata],
-              "image_data_generator_images_per_s": [round(x, 1) for x in legacy],
-              "speedup_pass1": round(tfdata[0] / legacy[0], 2),
-              "speedup_pass2": round(tfdata[1] / legacy[1], 2)}
-    print(json.dumps(result, indent=2))
-    return result
+        def trainjob(per_core):
+            stream = limited(inputs.training_stream(
+                inputs.encoded(samples, "memory", work, "bench"), n, CLASSES, image_size=SIZE,
+                batch_size=BATCH, steps=steps, repeat=False, shuffle=True, augment=True,
+                seed=SEED, first_epoch=0, epochs=2), per_core)
+            it = iter(stream)
+            return [_timed(lambda: sum(int(next(it)[0].shape[0]) for _ in range(steps)))
+                    for _ in range(2)]
+
+        def previous(per_core):
+            stream = limited(_previous_stream(tf, paths, labels, n, steps), per_core)
+            it = iter(stream)
+            return [_timed(lambda: sum(int(next(it)[0].shape[0]) for _ in range(steps)))
+                    for _ in range(2)]
+
+        def stand_in(per_core):
+            def make(e):
+                ds = tf.data.TFRecordDataset(records).map(_parse(tf), num_parallel_calls=AUTOTUNE)
+                ds = ds.map(lambda data, label, i: (augment.train_image(
+                    data, i, tf.constant(e, tf.int64), seed=SEED, image_size=SIZE,
+                    augment=True), label), num_parallel_calls=AUTOTUNE)
+                return inputs._finish(ds.batch(BATCH), CLASSES)
+            return epochs(make, 1, per_core)
+
+        def idfd(keras_flip):
+            def run(per_core):
+                def make(e):
+                    ds = keras.utils.image_dataset_from_directory(
+                        str(root), image_size=(SIZE, SIZE), batch_size=BATCH, shuffle=True,
+                        seed=SEED + e, verbose=False)
+                    if keras_flip:
+                        flip = keras.layers.RandomFlip("horizontal", seed=SEED)
+                        ds = ds.map(lambda x, y: (flip(x, training=True), y),
+                                    num_parallel_calls=AUTOTUNE)
+                    else:
+                        ds = ds.map(lambda x, y: (tf.image.random_flip_left_right(x), y),
+                                    num_parallel_calls=AUTOTUNE)
+                    return ds.prefetch(AUTOTUNE)
+                return epochs(make, 1, per_core)
+            return run
+
+        def floor(per_core):
+            return epochs(lambda e: tf.data.Dataset.from_tensor_slices((paths, labels)).map(
+                lambda p, y: (tf.image.resize(augment.decode(tf.io.read_file(p)), [SIZE, SIZE]),
+                              y), num_parallel_calls=AUTOTUNE).batch(BATCH).prefetch(AUTOTUNE),
+                1, per_core)
+
+        contenders = {"trainjob": trainjob, "packed_stand_in": stand_in, "previous": previous,
+                      "idfd_keras_flip": idfd(True), "idfd_tf_flip": idfd(False),
+                      "floor": floor}
+        packed = _packed_reader()
+        results = {"images": n, "mean_kb": round(statistics.mean(sizes) / 1000, 1),
+                   "image_size": SIZE, "batch_size": BATCH, "rounds": rounds,
+                   "machine": _machine(tf, keras), "packed_reader": packed}
+        _warm(tf, paths)
+        for mode in ("per_core", "all_cores"):
+            results[mode] = _rounds(contenders, rounds, mode == "per_core")
+        results["stages"] = _stages(tf, augment, inputs, paths, rounds)
+        results["ratios"] = _ratios(results)
+        print(json.dumps(results, indent=2))
+        return results
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _timed(fn: Callable[[], int]) -> tuple[int, float, float]:
+    cpu, wall = time.process_time(), time.perf_counter()
+    images = fn()
+    return images, time.perf_counter() - wall, time.process_time() - cpu
+
+
+def _rounds(contenders: dict, rounds: int, per_core: bool) -> dict:
+    runs: dict[str, list] = {name: [] for name in contenders}
+    loads = []
+    for r in range(rounds):
+        loads.append(round(os.getloadavg()[0], 2))
+        for name, fn in contenders.items():
+            runs[name].append(fn(per_core))
+            print(f"{'per core' if per_core else 'all cores'} round {r} {name}: " + ", ".join(
+                f"e{e + 1} {m / w:.0f}/s {m / c:.0f}/cpu-s" for e, (m, w, c)
+                in enumerate(runs[name][-1])), file=sys.stderr, flush=True)
+    loads.append(round(os.getloadavg()[0], 2))
+    out = {"load_1min": loads, "contenders": {}}
+    for name, per_round in runs.items():
+        out["contenders"][name] = [
+            {"per_cpu_s": round(statistics.median(m / c for m, _, c in epoch)),
+             "per_wall_s": round(statistics.median(m / w for m, w, _ in epoch)),
+             "per_cpu_s_runs": [round(m / c) for m, _, c in epoch]}
+            for epoch in zip(*per_round)]
+    return out
+
+
+def _stages(tf, augment, inputs, paths: list[str], rounds: int) -> dict:
+    """Per core, cumulative: each row adds one step of the training op to the one before,
+    on encoded bytes held in memory (reading the files is its own row)."""
+    def draw(i):
+        flip, *window = tf.unstack(augment.sample_seeds(SEED, tf.constant(0, tf.int64), i))
+        return flip, window
+
+    def window(image, i):
+        _, seeds = draw(i)
+        s = tf.shape(image)
+        y, x, h, w = augment.crop_window(s[0], s[1], seeds)
+        return image[y:y + h, x:x + w]
+
+    def flip(image, i):
+        return tf.image.stateless_random_flip_left_right(image, draw(i)[0])
+
+    def resize(image):
+        return tf.image.resize(image, [SIZE, SIZE])
+
+    def first(image):  # a cheap consumer per image
+        return image[0, 0, 0]
+
+    steps = {
+        "read the file": lambda d, i: tf.strings.length(d),
+        "decode (accurate IDCT)": lambda d, i: first(augment.decode(d)),
+        "+ window (draw + slice)": lambda d, i: first(window(augment.decode(d), i)),
+        "+ flip": lambda d, i: first(flip(window(augment.decode(d), i), i)),
+        "+ bilinear resize to 224": lambda d, i: first(resize(flip(window(augment.decode(d), i),
+                                                                    i))),
+        "+ round to uint8": lambda d, i: first(augment.to_uint8(
+            resize(flip(window(augment.decode(d), i), i)))),
+        "+ batching (32)": None,
+        "+ float cast, one-hot (training_stream)": None,
+        "previous: decode + antialiased resize": lambda d, i: first(augment.eval_image(d, SIZE)),
+    }
+    files = tf.data.Dataset.from_tensor_slices((paths, tf.range(len(paths), dtype=tf.int64)))
+    cached = files.map(lambda p, i: (tf.io.read_file(p), i)).cache()
+    for _ in cached:  # fill
+        pass
+    opts = tf.data.Options()
+    opts.threading.private_threadpool_size = 1
+    opts.threading.max_intra_op_parallelism = 1
+
+    def dataset(name, fn):
+        if name == "read the file":
+            return files.map(lambda p, i: fn(tf.io.read_file(p), i),
+                             num_parallel_calls=AUTOTUNE).batch(256)
+        if fn is not None:
+            return cached.map(fn, num_parallel_calls=AUTOTUNE).batch(256)
+        ds = cached.map(lambda d, i: (augment.train_image(
+            d, i, tf.constant(0, tf.int64), seed=SEED, image_size=SIZE, augment=True),
+            tf.constant(0)), num_parallel_calls=AUTOTUNE).batch(BATCH)
+        return inputs._finish(ds, CLASSES) if name.startswith("+ float") else ds
+
+    runs: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, fn in steps.items():
+            ds = dataset(name, fn).with_options(opts)
+            m, _, c = _timed(lambda ds=ds: sum(
+                int(tf.shape(b[0] if isinstance(b, tuple) else b)[0]) for b in ds))
+            runs[name].append(m / c)
+    out, before = {}, 0.0
+    for name, rates in runs.items():
+        rate = statistics.median(rates)
+        us = 1e6 / rate
+        alone = name.startswith(("read", "previous"))  # not a step of the chain
+        out[name] = {"per_cpu_s": round(rate), "us_per_image": round(us),
+                     "step_us": round(us if alone else us - before)}
+        if not alone:
+            before = us
+    return out
+
+
+def _ratios(results: dict) -> dict:
+    def rate(mode, name, epoch=0):
+        return results[mode]["contenders"][name][epoch]["per_cpu_s" if mode == "per_core"
+                                                        else "per_wall_s"]
+    out = {}
+    for mode in ("per_core", "all_cores"):
+        ours = {"trainjob_e1": rate(mode, "trainjob"), "trainjob_e2": rate(mode, "trainjob", 1),
+                "packed_stand_in": rate(mode, "packed_stand_in")}
+        out[mode] = {
+            **{f"{k}_vs_idfd_keras_flip": round(v / rate(mode, "idfd_keras_flip"), 2)
+               for k, v in ours.items()},
+            **{f"{k}_of_floor": round(v / rate(mode, "floor"), 2) for k, v in ours.items()},
+            "trainjob_e1_vs_previous_e1": round(ours["trainjob_e1"] / rate(mode, "previous"), 2),
+            "trainjob_e2_vs_previous_e2": round(ours["trainjob_e2"] / rate(mode, "previous", 1),
+                                                2)}
+    return out
+
+
+def _previous_stream(tf, paths, labels, n, steps):
+    """The pipeline before this one (trainjob at 397f6b4), two epochs: decode + antialiased
+    resize, cached decoded; per epoch a shuffle, a flip and a square crop of 80-100% of the
+    side, resized back (bilinear), drawn by position; then the float cast and one-hot."""
+    from trainjob.train import augment, inputs
+
+    base = tf.data.Dataset.from_tensor_slices((paths, labels)).map(
+        lambda p, y: (inputs.decode_image(p, SIZE), y), num_parallel_calls=AUTOTUNE).cache()
+
+    def crop(image, seed):
+        seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 3)
+        image = tf.image.stateless_random_flip_left_right(image, seeds[0])
+        side = tf.cast(tf.round(tf.random.stateless_uniform([], seeds[1], 0.8, 1.0) * SIZE),
+                       tf.int32)
+        image = tf.image.stateless_random_crop(image, tf.stack([side, side, 3]), seeds[2])
+        return augment.to_uint8(tf.image.resize(image, [SIZE, SIZE]))
+
+    def one_epoch(epoch):
+        ds = base.shuffle(n, seed=SEED * 100_003 + epoch, reshuffle_each_iteration=False)
+        ds = ds.enumerate().map(lambda i, xy: (crop(xy[0], tf.stack([SEED + epoch, i])),
+                                               xy[1]), num_parallel_calls=AUTOTUNE)
+        return ds.batch(BATCH).take(steps)
+
+    return inputs._finish(tf.data.Dataset.range(0, 2).flat_map(one_epoch), CLASSES)
+
+
+def _write_records(tf, samples, folder: Path, per_file: int = 120) -> list[str]:
+    """The samples as TFRecord files of tf.train.Example (image, label, id), ~4 MB each."""
+    folder.mkdir(parents=True)
+    out = []
+    for start in range(0, len(samples), per_file):
+        path = str(folder / f"part-{start // per_file:04d}.tfrecord")
+        with tf.io.TFRecordWriter(path) as writer:
+            for i, s in enumerate(samples[start:start + per_file], start):
+                feature = {
+                    "image": tf.train.Feature(bytes_list=tf.train.BytesList(
+                        value=[Path(s.path).read_bytes()])),
+                    "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[s.label])),
+                    "id": tf.train.Feature(int64_list=tf.train.Int64List(value=[i]))}
+                writer.write(tf.train.Example(features=tf.train.Features(
+                    feature=feature)).SerializeToString())
+        out.append(path)
+    return out
+
+
+def _parse(tf):
+    spec = {"image": tf.io.FixedLenFeature([], tf.string),
+            "label": tf.io.FixedLenFeature([], tf.int64),
+            "id": tf.io.FixedLenFeature([], tf.int64)}
+
+    def parse(record):
+        f = tf.io.parse_single_example(record, spec)
+        return f["image"], tf.cast(f["label"], tf.int32), f["id"]
+    return parse
+
+
+def _packed_reader() -> str:
+    """Whether the packed dataset reader is in this tree (it is being built beside this)."""
+    import importlib.util
+
+    for module in ("trainjob.train.packed", "trainjob.train.stream"):
+        if importlib.util.find_spec(module) is not None:
+            return (f"{module} exists, but this benchmark does not drive it yet: the rows "
+                    "labelled 'packed' are the TFRecord stand-in")
+    return ("not in this tree yet (no trainjob.train.packed): skipped; the TFRecord stand-in "
+            "runs the same training op on records read by TFRecordDataset")
+
+
+def _warm(tf, paths: list[str]) -> None:
+    """Every file in the page cache, and TensorFlow's first-call costs paid, before timing."""
+    for _ in tf.data.Dataset.from_tensor_slices(paths).map(tf.io.read_file).batch(256):
+        pass
+
+
+def _machine(tf, keras) -> dict:
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        model = next((line.split(":", 1)[1].strip() for line in lscpu.splitlines()
+                      if line.startswith("Model name")), platform.processor())
+    except OSError:
+        model = platform.processor()
+    return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version(),
+            "tensorflow": tf.__version__, "keras": keras.__version__}
 
 
 if __name__ == "__main__":
-    main()
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else ROUNDS)

@@ -55,15 +55,61 @@ def previous() -> tuple[dict, str]:
 
 
 def pipeline_section(pipe: dict) -> str:
-    return f"""## Input pipeline: tf.data against ImageDataGenerator
+    if "per_core" not in pipe:  # the figures of the benchmark before this one
+        return ""
+    core, every = pipe["per_core"]["contenders"], pipe["all_cores"]["contenders"]
+    floor, idfd = core["floor"][0]["per_cpu_s"], core["idfd_keras_flip"][0]["per_cpu_s"]
+    labels = [("trainjob", 0, "trainjob, epoch 1 (reads the files)"),
+              ("trainjob", 1, "trainjob, epoch 2 (the cached encoded bytes)"),
+              ("packed_stand_in", 0, "packed stand-in: TFRecordDataset + the same op"),
+              ("previous", 0, "previous trainjob, epoch 1"),
+              ("previous", 1, "previous trainjob, epoch 2 (the cached decoded pixels)"),
+              ("idfd_keras_flip", 0, "`image_dataset_from_directory` + Keras `RandomFlip`"),
+              ("idfd_tf_flip", 0, "`image_dataset_from_directory` + `tf.image` flip"),
+              ("floor", 0, "floor: decode + one bilinear resize, batched")]
+    rows = []
+    for name, epoch, label in labels:
+        one, all_ = core[name][epoch], every[name][epoch]
+        rows.append(f"| {label} | {one['per_cpu_s']:,} | {all_['per_wall_s']:,} | "
+                    f"{all_['per_cpu_s']:,} | {one['per_cpu_s'] / idfd:.2f}x | "
+                    f"{one['per_cpu_s'] / floor:.2f} |")
+    stages = "\n".join(f"| {step} | {v['per_cpu_s']:,} | {v['us_per_image']:,} | "
+                       f"{v['step_us']:,} |" for step, v in pipe["stages"].items())
+    m, ratio = pipe["machine"], pipe["ratios"]["per_core"]
+    e1 = core["trainjob"][0]["per_cpu_s"]
+    return f"""## Input pipeline: trainjob against image_dataset_from_directory
 
-{pipe['images']} JPEGs of 300x240, resized to {pipe['image_size']} px, batch {pipe['batch_size']}, flip + zoom
-augmentation in both (`benchmarks/input_pipeline.py`). {_when(pipe)}
+{pipe['images']:,} Caltech-sized JPEGs (300 x 180-260 px, {pipe['mean_kb']} KB on average, made by
+`scripts/sampledata.py`), {pipe['image_size']} px, batch {pipe['batch_size']}, side by side in one process, taking turns in
+each of {pipe['rounds']} rounds, medians (`benchmarks/input_pipeline.py`). trainjob runs its training
+augmentation (a window of 80-100% of each side, a flip, one bilinear resize) and hands out
+what a run trains on (float32, one-hot labels); `image_dataset_from_directory` resizes the
+whole image and flips. **Per core**: tf.data held to one thread, images per CPU-second of the
+process; **all cores**: tf.data's defaults on {m['cores']} cores, images per wall second (and per
+CPU-second). The packed path's reader: {pipe['packed_reader']}. Machine: {m['cpu']}, {m['cores']} cores,
+Python {m['python']}, TensorFlow {m['tensorflow']}, Keras {m['keras']}; load average (1 min) at each round,
+per core: {pipe['per_core']['load_1min']}, all cores: {pipe['all_cores']['load_1min']}. {_when(pipe)}
 
-| pass | tf.data (img/s) | ImageDataGenerator (img/s) | ratio |
+| contender | per core (img/CPU-s) | all cores (img/s) | all cores (img/CPU-s) | per core vs idfd + RandomFlip | per core, of the floor |
+| --- | --- | --- | --- | --- | --- |
+{chr(10).join(rows)}
+
+Targets for epoch 1, per core: at least 1,000 images per CPU-second (**{e1:,}**; the packed
+stand-in **{core['packed_stand_in'][0]['per_cpu_s']:,}**), at least 1.6x `image_dataset_from_directory` + Keras
+`RandomFlip` (**{ratio['trainjob_e1_vs_idfd_keras_flip']}x**; stand-in {ratio['packed_stand_in_vs_idfd_keras_flip']}x; all cores, per wall second:
+{pipe['ratios']['all_cores']['trainjob_e1_vs_idfd_keras_flip']}x and {pipe['ratios']['all_cores']['packed_stand_in_vs_idfd_keras_flip']}x), about three quarters of the floor
+(**{ratio['trainjob_e1_of_floor']}**; stand-in {ratio['packed_stand_in_of_floor']}). Against the previous pipeline: epoch 1 **{ratio['trainjob_e1_vs_previous_e1']}x**,
+epoch 2 **{ratio['trainjob_e2_vs_previous_e2']}x** (see "Input pipeline" under History and caveats).
+
+### Where the training op's time goes
+
+Per core, on the encoded bytes held in memory; each row adds one step to the row above it
+(reading the files, which epoch 1 adds, and the previous pipeline's decode, for comparison,
+stand alone). "This step" is the difference of the CPU time per image with the row above.
+
+| step | images per CPU-second | CPU per image (us) | this step (us) |
 | --- | --- | --- | --- |
-| 1 (decode every file) | {pipe['tf_data_images_per_s'][0]} | {pipe['image_data_generator_images_per_s'][0]} | {pipe['speedup_pass1']}x |
-| 2 (tf.data serves its cache) | {pipe['tf_data_images_per_s'][1]} | {pipe['image_data_generator_images_per_s'][1]} | {pipe['speedup_pass2']}x |
+{stages}
 """
 
 

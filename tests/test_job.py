@@ -101,6 +101,10 @@ def test_the_last_checkpoint_fallback_checks_the_settings_like_any_resume(tmp_pa
         _broken_but_for_last(run, keep)
         state = resumption.prepare(cfg, run)
     assert state["from_checkpoint"] == LAST and state["epoch"] == 2
+    if keep == "settings":  # a config.json without a fingerprint: an older trainjob's run,
+        with pytest.raises(ConfigError, match="the input pipeline"):  # on the first pipeline
+            savepoints.check_compatible(state, fingerprint_of(tmp_path))
+        state["fingerprint"]["input_pipeline"] = savepoints.INPUT_PIPELINE  # to go on below
     savepoints.check_compatible(state, fingerprint_of(tmp_path))  # the same settings: fine
     for option, value, named in [("seed", 7, "--seed"), ("val_fraction", 0.3, "--val-fraction")]:
         with pytest.raises(ConfigError) as err:
@@ -289,6 +293,22 @@ def test_resume_refuses_changed_data(tmp_path):
 
 
 def test_settings_an_older_version_did_not_record_are_not_checked(tmp_path):
-    old = {"fingerprint": {"image_size": 224, "optimizer": "adam",
+    old = {"fingerprint": {"image_size": 224, "optimizer": "adam", "input_pipeline": 2,
                            "classes": fingerprint_of(tmp_path)["classes"]}}
     savepoints.check_compatible(old, fingerprint_of(tmp_path, seed=9, image_size=224))
+
+
+@pytest.mark.parametrize("saved", [{"input_pipeline": 1}, {}, None])
+def test_resume_refuses_a_run_started_on_another_input_pipeline(tmp_path, saved):
+    """A run that began on the first input pipeline (which recorded no version: the key is
+    missing, or the whole fingerprint, in records of older releases) must not go on with
+    other training images; the check skips every other key an older record lacks."""
+    current = fingerprint_of(tmp_path)
+    assert current["input_pipeline"] == savepoints.INPUT_PIPELINE == 2
+    started = {**current, **saved} if saved is not None else None
+    if saved == {}:
+        del started["input_pipeline"]
+    with pytest.raises(ConfigError, match="the input pipeline") as err:
+        savepoints.check_compatible({"fingerprint": started}, current)
+    assert err.value.exit_code == 2 and "trainjob release" in str(err.value)
+    savepoints.check_compatible({"fingerprint": current}, current)  # the same pipeline: fine

@@ -45,10 +45,11 @@ class DataConfig:
     max_extract_bytes: int = option(32 * GiB, "Refuse archives that unpack to more bytes.")
     max_bad_fraction: float = option(0.05, "Fail when more than this fraction of files "
                                      "are unreadable images.")
-    pipeline_cache: str = option("auto", "Cache decoded, resized images: in memory, in a "
-                                 "file under the work dir, or not at all; auto: in memory "
-                                 "when they fit in 40% of the RAM (or of the container's "
-                                 "memory limit), else in a file.",
+    pipeline_cache: str = option("auto", "Cache the training files' bytes and the decoded, "
+                                 "resized validation images: in memory, in a file under the "
+                                 "work dir, or not at all; auto: in memory when they fit in "
+                                 "40% of the RAM (or of the container's memory limit), else "
+                                 "in a file.",
                                  choices=("auto", "memory", "file", "none"))
     stream_buffer: str = option("10", "A packed dataset's local buffer: a number of shards "
                                 "(10) or a size (2GB, 1.5GiB), at least 7 shards; local disk "
@@ -123,7 +124,9 @@ class OptimConfig:
                                          type=int)
     validation_freq: int = option(1, "Validate every N epochs.")
     shuffle: bool = option(True, "Shuffle the training data every epoch.")
-    augment: bool = option(True, "Random flips and crops of training images.")
+    augment: bool = option(True, "Each epoch, train on a random window of 80-100% of each "
+                           "side of every image, flipped half the time, resized once "
+                           "(bilinear); drawn from --seed, the epoch and the image.")
     freeze_backbone_epochs: int = option(0, "Fine-tuning: train only the classifier head "
                                          "for the first N epochs (backbone frozen, its "
                                          "BatchNorm in inference mode), then everything.")

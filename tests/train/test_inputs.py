@@ -1,4 +1,5 @@
-"""inputs.py: decode, resize, cache, deterministic per-epoch order and augmentation."""
+"""inputs.py and augment.py: decode, resize, cache, deterministic per-epoch order and
+augmentation (in (seed, epoch, sample id), wherever the sample falls), shards, resumes."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from PIL import Image
 import trainjob
 from trainjob.data.catalog import Sample
 from trainjob.data.images import check_image
-from trainjob.train import inputs
+from trainjob.train import augment, inputs
 
 N, CLASSES, SIZE = 20, 4, 16
 
@@ -46,12 +47,15 @@ def _structured(i: int) -> np.ndarray:
     return image
 
 
-def _stream(samples, first, last, *, skip=0, augment=False, seed=3, cache="memory", tmp=None):
-    base = inputs.decoded(samples, SIZE, cache, tmp, "train")
+def _stream(samples, first, last, *, skip=0, augment=False, seed=3, cache="memory", tmp=None,
+            shuffle=True, repeat=False, shard=(0, 1), batch=4):
+    base = inputs.encoded(samples, cache, tmp, "train")
     steps = inputs.steps_for(len(samples), 4, None)
-    return inputs.training_stream(base, len(samples), CLASSES, image_size=SIZE, batch_size=4,
-                                  steps=steps, repeat=False, shuffle=True, augment=augment,
-                                  seed=seed, first_epoch=first, epochs=last, skip_batches=skip)
+    return inputs.training_stream(base, len(samples), CLASSES, image_size=SIZE,
+                                  batch_size=batch, steps=steps * 4 // batch, repeat=repeat,
+                                  shuffle=shuffle, augment=augment, seed=seed,
+                                  first_epoch=first, epochs=last, skip_batches=skip,
+                                  shard=shard)
 
 
 def _order(ds) -> list[int]:
@@ -70,7 +74,7 @@ def test_each_epoch_is_a_full_pass_in_its_own_seeded_order(samples):
     batches = list(_stream(samples, 0, 3))
     assert len(batches) == 3 * per_epoch
     x, y = batches[0]
-    assert x.dtype.name == "float32" and y.shape == (4, CLASSES)
+    assert x.dtype.name == "uint8" and y.shape == (4, CLASSES)  # the model casts to float32
     orders = [_order(batches[e * per_epoch:(e + 1) * per_epoch]) for e in range(3)]
     for order in orders:
         assert sorted(o for o in order if o < N) == list(range(N))
@@ -117,7 +121,7 @@ def test_file_cache_survives_a_killed_writer(samples, tmp_path):
     refuse the cache because of it."""
     cache_dir = tmp_path / "tfcache"
     cache_dir.mkdir()
-    key = inputs.fingerprint_files([s.path for s in samples], SIZE)
+    key = inputs.fingerprint_files([s.path for s in samples], "encoded")
     (cache_dir / f"train-{key}_0.lockfile").write_text("")
     assert len(list(_stream(samples, 0, 1, cache="file", tmp=cache_dir))) == len(samples) // 4 + 1
     assert any(p.name.endswith(".index") for p in cache_dir.iterdir())
@@ -160,15 +164,27 @@ def test_memory_limit_is_the_cgroup_limit_where_lower(tmp_path):
     assert inputs.memory_limit(v1, own)[0] == min(physical, 3 * 2**30)
 
 
+@pytest.mark.parametrize("what", ["decoded", "encoded"])
 @pytest.mark.parametrize("ram, files", [(2**40, False), (2**10, True)])
-def test_auto_decoded_caches_in_a_file_when_memory_is_short(samples, tmp_path, monkeypatch,
-                                                           ram, files):
+def test_auto_caches_in_a_file_when_memory_is_short(samples, tmp_path, monkeypatch, ram, files,
+                                                    what):
     monkeypatch.setattr(inputs, "_budget", inputs.MemoryBudget(ram_bytes=ram))
     cache_dir = tmp_path / "tfcache"
-    first = [x.numpy() for x, _ in inputs.decoded(samples, SIZE, "auto", cache_dir, "train")]
-    assert len(first) == len(samples)
+    ds = inputs.decoded(samples, SIZE, "auto", cache_dir, "train") if what == "decoded" else \
+        inputs.encoded(samples, "auto", cache_dir, "train")
+    assert len(list(ds)) == len(samples)
     written = list(cache_dir.glob("train-*.index")) if cache_dir.exists() else []
     assert bool(written) is files
+
+
+def test_auto_budget_counts_the_training_files_bytes(caplog):
+    """The training set is cached encoded: its files' bytes count, not 224 x 224 x 3 each."""
+    caplog.set_level(logging.INFO, logger="trainjob.train.inputs")
+    budget = inputs.MemoryBudget(ram_bytes=10 * 2**20, fraction=0.5)  # 5 MiB
+    assert inputs.choose_pipeline_cache(100, 224, budget=budget, encoded_bytes=100 * 35_000) \
+        == "memory"  # 100 decoded images at 224 px (14 MiB) would not fit
+    assert "100 images take 0.00 GiB encoded" in caplog.text
+    assert inputs.choose_pipeline_cache(100, 224, budget=budget, encoded_bytes=2 * 2**20) == "file"
 
 
 def test_steps_per_epoch():
@@ -177,14 +193,23 @@ def test_steps_per_epoch():
     assert inputs.steps_for(100, 32, 7) == 7
 
 
-def test_file_cache_is_not_served_stale_when_an_image_changes_in_place(samples, tmp_path):
+@pytest.mark.parametrize("what", ["decoded", "encoded"])
+def test_file_cache_is_not_served_stale_when_an_image_changes_in_place(samples, tmp_path, what):
     """A prefix re-synced in place keeps its paths: the cache key must see the new content."""
     cache_dir = tmp_path / "tfcache"
-    first = [x.numpy() for x, _ in inputs.decoded(samples, SIZE, "file", cache_dir, "train")]
+
+    def images():
+        if what == "decoded":
+            return [x.numpy() for x, _ in inputs.decoded(samples, SIZE, "file", cache_dir,
+                                                         "train")]
+        return [augment.decode(data).numpy()
+                for data, _, _ in inputs.encoded(samples, "file", cache_dir, "train")]
+
+    first = images()
     assert first[3][..., 0].max() == 30
     Image.fromarray(np.full((20, 30, 3), 200, np.uint8)).save(samples[3].path)
     os.utime(samples[3].path, ns=(1_700_000_000_000_000_000,) * 2)  # a different mtime, surely
-    again = [x.numpy() for x, _ in inputs.decoded(samples, SIZE, "file", cache_dir, "train")]
+    again = images()
     assert again[3].min() == again[3].max() == 200, "the file cache served the old image"
     assert all((a == b).all() for i, (a, b) in enumerate(zip(first, again)) if i != 3)
 
@@ -194,7 +219,7 @@ def test_file_cache_another_job_is_writing_is_left_alone(samples, tmp_path):
     one's TF lockfile (both would write the same cache files) nor fail."""
     cache_dir = tmp_path / "tfcache"
     cache_dir.mkdir()
-    prefix = cache_dir / f"train-{inputs.fingerprint_files([s.path for s in samples], SIZE)}"
+    prefix = cache_dir / f"train-{inputs.fingerprint_files([s.path for s in samples], 'encoded')}"
     lockfile = prefix.with_name(f"{prefix.name}_0.lockfile")
     holder = subprocess.Popen(
         [sys.executable, "-c", f"""
@@ -238,3 +263,61 @@ def test_every_image_the_scan_accepts_decodes_to_the_colours_pillow_shows(name, 
     how = "as is" if checked.usable == path else "converted"
     assert worst == 0, f"{name} ({checked.mode}, {how}) decodes up to {worst} levels off " \
                        "Pillow's colours"
+
+
+def _by_sample(batches) -> dict[int, np.ndarray]:
+    """Each image of the batches keyed by its sample (the flat red channel tells which)."""
+    return {int(np.rint(x[0, 0, 0] / 10)): x for xs, _ in batches for x in xs.numpy()}
+
+
+def test_augmentation_follows_the_sample_not_its_position(samples):
+    """The same epoch in another order (or another batching) augments every sample alike:
+    what a resume with other workers, or the packed stream, relies on."""
+    shuffled = list(_stream(samples, 1, 2, augment=True))
+    in_order = list(_stream(samples, 1, 2, augment=True, shuffle=False, batch=2))
+    assert _order(shuffled) != _order(in_order)
+    a, b = _by_sample(shuffled), _by_sample(in_order)
+    assert sorted(a) == sorted(b) and len(a) == len(samples)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=f"sample {k}")
+    other_epoch = _by_sample(_stream(samples, 2, 3, augment=True))
+    assert sum(not np.array_equal(a[k], other_epoch[k]) for k in a) >= len(a) // 2
+
+
+def _worker_stream(samples, shard, *, batch, steps, skip=0, first=0, last=2):
+    base = inputs.encoded(samples, "memory", None, "train")
+    return inputs.training_stream(base, len(samples), CLASSES, image_size=SIZE,
+                                  batch_size=batch, steps=steps, repeat=True, shuffle=True,
+                                  augment=True, seed=3, first_epoch=first, epochs=last,
+                                  skip_batches=skip, shard=shard)
+
+
+def test_shards_split_every_epoch_between_the_workers(samples):
+    """Two workers, as session streams them (the data wraps; per-replica batches, as many
+    steps each): element i of the one-worker epoch goes to worker i % 2, the same image."""
+    steps = 12  # 48 images from 21 samples: each epoch draws some samples twice or more
+    one = np.concatenate([x.numpy() for x, _ in _worker_stream(samples, (0, 1), batch=4,
+                                                                steps=steps)])
+    shards = [np.concatenate([x.numpy() for x, _ in _worker_stream(samples, (k, 2), batch=2,
+                                                                    steps=steps)])
+              for k in range(2)]
+    assert len(one) == 2 * 4 * steps and all(len(s) == 2 * 2 * steps for s in shards)
+    for epoch in range(2):
+        mine = one[epoch * 4 * steps:(epoch + 1) * 4 * steps]
+        for k in range(2):
+            np.testing.assert_array_equal(shards[k][epoch * 2 * steps:(epoch + 1) * 2 * steps],
+                                          mine[k::2])
+    # A sample drawn twice in one epoch gets two draws of the augmentation, not one twice.
+    first_epoch = one[:4 * steps]
+    red = first_epoch[:, 0, 0, 0]
+    twice = [v for v in set(red.tolist()) if (red == v).sum() > 1 and v != 250]  # not grey
+    assert len(twice) >= 3
+    assert all(not np.array_equal(*first_epoch[red == v][:2]) for v in twice)
+    # A worker resumed mid-epoch (session: skip * local) goes on with the batches it would
+    # have had.
+    resumed = [x.numpy() for x, _ in _worker_stream(samples, (1, 2), batch=2, steps=steps,
+                                                     skip=5, first=1)]
+    full = [x.numpy() for x, _ in _worker_stream(samples, (1, 2), batch=2, steps=steps)]
+    assert len(resumed) == 2 * steps - steps - 5
+    for a, b in zip(resumed, full[steps + 5:]):
+        np.testing.assert_array_equal(a, b)

@@ -95,3 +95,21 @@ def test_the_test_stand_in_has_resnet50s_bytes_and_only_under_its_hook(tmp_path,
     assert [type(x) for x in little.layers] == [type(x) for x in small.layers]
     assert little.output_shape == small.output_shape
     assert little.count_params() < 1e-2 * small.count_params()
+
+
+@pytest.mark.parametrize("precision", ["float32", "mixed_float16"])
+def test_the_model_takes_the_training_streams_uint8_pixels(precision):
+    """training_stream hands out uint8 pixels; the model casts them to its float32 input
+    (on the accelerator, where there is one): the same answers as float32 pixels, and a
+    training step on them."""
+    import tensorflow as tf
+
+    model = models.build_model(ModelConfig(image_size=32, precision=precision), num_classes=3)
+    pixels = np.random.default_rng(2).integers(0, 256, (4, 32, 32, 3)).astype(np.uint8)
+    as_float = np.asarray(model(pixels.astype(np.float32), training=False))
+    np.testing.assert_allclose(np.asarray(model(tf.constant(pixels), training=False)),
+                               as_float, rtol=1e-5, atol=1e-6)
+    model.compile(optimizer="sgd", loss="categorical_crossentropy")
+    stream = tf.data.Dataset.from_tensors((pixels, np.eye(3, dtype=np.float32)[[0, 1, 2, 0]]))
+    loss = model.fit(stream, epochs=1, verbose=0).history["loss"][0]
+    assert np.isfinite(loss)

@@ -185,14 +185,23 @@ FINGERPRINT_SETTINGS = {"image_size": "model", "optimizer": "optim", "seed": "sp
                         "steps_per_epoch": "optim", "freeze_backbone_epochs": "optim"}
 
 
+# The training input's version (train/augment.py): what the image of (seed, epoch, sample)
+# is. 1, which records written before it never name, cropped the image once resized to the
+# training size, drawn by the sample's position in the epoch; 2 takes the window from the
+# original, resizes once, and draws by the sample's id. A run resumes only on its own.
+INPUT_PIPELINE = 2
+UNRECORDED = {"input_pipeline": 1}  # what a record without the key was made with
+
+
 def fingerprint(cfg: Config, data: Dataset) -> dict:
     """The settings a resumed run must share with its start: the model, the optimizer and
-    everything that decides which images go where, how many batches an epoch has, and
-    which epochs train the head alone. A packed dataset's split settings are its own."""
+    everything that decides which images go where, how many batches an epoch has, which
+    epochs train the head alone, and what its training images look like. A packed
+    dataset's split settings are its own."""
     settings = {key: getattr(getattr(cfg, group), key)
                 for key, group in FINGERPRINT_SETTINGS.items()}
     return {"classes": _classes_digest(data.classes), **settings, **data.fixed_split(),
-            "samples": data.samples_digest()}
+            "samples": data.samples_digest(), "input_pipeline": INPUT_PIPELINE}
 
 
 def _classes_digest(names: list[str]) -> str:
@@ -209,17 +218,21 @@ def _from_settings(settings: dict, classes: object) -> dict:
     return out
 
 
-OPTION_NAMES = {"samples": "the dataset's images", "classes": "the class list"}
+OPTION_NAMES = {"samples": "the dataset's images", "classes": "the class list",
+                "input_pipeline": "the input pipeline (this trainjob augments and resizes "
+                                  "training images differently from the one that started it)"}
 
 
 def check_compatible(state: dict, fingerprint: dict) -> None:
-    """Exit 2 naming what changed. Settings an older trainjob did not record are not checked."""
-    saved = state.get("fingerprint", {})
+    """Exit 2 naming what changed. Settings an older trainjob did not record are not checked,
+    but for the input pipeline: a record without it was made by the first one."""
+    saved = {**UNRECORDED, **(state.get("fingerprint") or {})}
     changed = sorted(k for k in fingerprint if k in saved and saved[k] != fingerprint[k])
     if changed:
         names = ", ".join(OPTION_NAMES.get(k, "--" + k.replace("_", "-")) for k in changed)
-        raise ConfigError(f"cannot resume: {names} changed since the run started; "
-                          "rerun with the original settings, or pass --overwrite to start afresh")
+        release = " (and the trainjob release)" if "input_pipeline" in changed else ""
+        raise ConfigError(f"cannot resume: {names} changed since the run started; rerun with "
+                          f"the original settings{release}, or pass --overwrite to start afresh")
 
 
 def trim_logs(run: RunFolder, next_epoch: int) -> list[dict]:

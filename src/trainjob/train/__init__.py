@@ -1,7 +1,8 @@
 """The training layer: the only one that imports TensorFlow and Keras.
 
-Owns the tf.data pipeline (``inputs``), the model and its initial weights (``model``,
-``weights``), compiling, fitting and the phases (``trainer``), the callbacks and RunKeeper,
+Owns the tf.data pipeline (``inputs``) and its per-image ops (``augment``), the model and
+its initial weights (``model``, ``weights``), compiling, fitting and the phases
+(``trainer``), the callbacks and RunKeeper,
 Keras' side of the run state (``callbacks``), several workers (``collective``,
 ``steploop``), the final evaluation (``evaluation``), and what a finished run writes
 (``exports``, ``plots``, ``eventlog``), ``trainjob predict`` (``predictor``), and the

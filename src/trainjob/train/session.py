@@ -42,7 +42,7 @@ class Streams:
     """The data a run trains and evaluates on, batched for its strategy."""
 
     train: Callable[[int, int, int], tf.data.Dataset]  # (first epoch, last, batches done)
-    train_base: tf.data.Dataset  # decoded, cached, not augmented
+    train_base: tf.data.Dataset  # decoded as evaluation sees them, not augmented, uncached
     val: tf.data.Dataset | None
     steps: int  # global batches per epoch
 
@@ -202,15 +202,16 @@ def _streams(cfg: Config, data: Dataset, replicas: int, group: Cluster | None) -
     per-replica batches, every step a full global batch) and the validation stream."""
     splits, num_classes, work = data.splits, len(data.catalog.classes), _tfcache(cfg)
     steps = inputs.steps_for(len(splits.train), cfg.optim.batch_size, cfg.optim.steps_per_epoch)
-    train_base = inputs.decoded(splits.train, cfg.model.image_size, cfg.data.pipeline_cache,
-                                work, "train")
+    train_files = inputs.encoded(splits.train, cfg.data.pipeline_cache, work, "train")
+    # BatchNorm's recalibration: training images as evaluation sees them (no cache: once).
+    train_base = inputs.decoded(splits.train, cfg.model.image_size, "none", work, "train")
     # Several workers: each takes its shard of every epoch in per-replica batches, and
     # every step is a full global batch (the data wraps), so all workers take as many.
     local = replicas // group.size if group else 1
 
     def train(first: int, last: int, skip: int = 0) -> tf.data.Dataset:
         return inputs.training_stream(
-            train_base, len(splits.train), num_classes, image_size=cfg.model.image_size,
+            train_files, len(splits.train), num_classes, image_size=cfg.model.image_size,
             batch_size=cfg.optim.batch_size // (replicas if group else 1),
             steps=steps * local, repeat=group is not None or cfg.optim.steps_per_epoch
             is not None, shuffle=cfg.optim.shuffle, augment=cfg.optim.augment,

@@ -3,10 +3,12 @@ process on the same Caltech-sized JPEGs (``sampledata.make_photo_folders``: 300 
 px, ~34 KB):
 
 - trainjob's classic path (``inputs.encoded`` + ``inputs.training_stream``, what a run
-  trains on, the float cast and one-hot included), epoch 1 (reads the files) and epoch 2
-  (the cached bytes);
-- the packed path, when its reader is importable (else a note), and a stand-in for it:
-  the same op on TFRecord files read by TFRecordDataset;
+  trains on: uint8 pixels, which the model casts, and one-hot labels), epoch 1 (reads the
+  files) and epoch 2 (the cached bytes);
+- the packed path (``trainjob dataset pack`` of the same images to a local folder, then
+  ``train.packedinput.training_stream``, what a run on it trains on: the shards fetched
+  through the stream buffer, checked, parsed, decoded and augmented), epoch 1 (its train
+  split, 70% of the images: rates are per image);
 - the previous pipeline (decode + antialiased resize, cached decoded, crop + resize);
 - ``keras.utils.image_dataset_from_directory`` with Keras' RandomFlip, and with
   ``tf.image.random_flip_left_right``;
@@ -62,7 +64,7 @@ def main(rounds: int = ROUNDS) -> dict:
         paths, labels = [s.path for s in samples], [s.label for s in samples]
         n, steps = len(samples), -(-len(samples) // BATCH)
         sizes = [p.stat().st_size for p in files]
-        records = _write_records(tf, samples, work / "records")
+        packed_dir = _pack(root, work / "packed")
 
         def limited(ds, per_core: bool):
             if per_core:
@@ -95,14 +97,9 @@ def main(rounds: int = ROUNDS) -> dict:
             return [_timed(lambda: sum(int(next(it)[0].shape[0]) for _ in range(steps)))
                     for _ in range(2)]
 
-        def stand_in(per_core):
-            def make(e):
-                ds = tf.data.TFRecordDataset(records).map(_parse(tf), num_parallel_calls=AUTOTUNE)
-                ds = ds.map(lambda data, label, i: (augment.train_image(
-                    data, i, tf.constant(e, tf.int64), seed=SEED, image_size=SIZE,
-                    augment=True), label), num_parallel_calls=AUTOTUNE)
-                return inputs._finish(ds.batch(BATCH), CLASSES)
-            return epochs(make, 1, per_core)
+        def packed(per_core):
+            train = _packed_stream(packed_dir, work / "stream")
+            return epochs(lambda e: train(e, e + 1, 0), 1, per_core)
 
         def idfd(keras_flip):
             def run(per_core):
@@ -127,13 +124,12 @@ def main(rounds: int = ROUNDS) -> dict:
                               y), num_parallel_calls=AUTOTUNE).batch(BATCH).prefetch(AUTOTUNE),
                 1, per_core)
 
-        contenders = {"trainjob": trainjob, "packed_stand_in": stand_in, "previous": previous,
+        contenders = {"trainjob": trainjob, "packed": packed, "previous": previous,
                       "idfd_keras_flip": idfd(True), "idfd_tf_flip": idfd(False),
                       "floor": floor}
-        packed = _packed_reader()
         results = {"images": n, "mean_kb": round(statistics.mean(sizes) / 1000, 1),
                    "image_size": SIZE, "batch_size": BATCH, "rounds": rounds,
-                   "machine": _machine(tf, keras), "packed_reader": packed}
+                   "machine": _machine(tf, keras)}
         _warm(tf, paths)
         for mode in ("per_core", "all_cores"):
             results[mode] = _rounds(contenders, rounds, mode == "per_core")
@@ -204,7 +200,8 @@ def _stages(tf, augment, inputs, paths: list[str], rounds: int) -> dict:
         "+ round to uint8": lambda d, i: first(augment.to_uint8(
             resize(flip(window(augment.decode(d), i), i)))),
         "+ batching (32)": None,
-        "+ float cast, one-hot (training_stream)": None,
+        "+ one-hot labels (the end of training_stream)": None,
+        "+ float32 cast (before; now the model's, on the accelerator)": None,
         "previous: decode + antialiased resize": lambda d, i: first(augment.eval_image(d, SIZE)),
     }
     files = tf.data.Dataset.from_tensor_slices((paths, tf.range(len(paths), dtype=tf.int64)))
@@ -224,6 +221,8 @@ def _stages(tf, augment, inputs, paths: list[str], rounds: int) -> dict:
         ds = cached.map(lambda d, i: (augment.train_image(
             d, i, tf.constant(0, tf.int64), seed=SEED, image_size=SIZE, augment=True),
             tf.constant(0)), num_parallel_calls=AUTOTUNE).batch(BATCH)
+        if name.startswith("+ one-hot"):
+            return inputs._finish(ds, CLASSES, pixels=tf.uint8)
         return inputs._finish(ds, CLASSES) if name.startswith("+ float") else ds
 
     runs: dict[str, list[float]] = {name: [] for name in steps}
@@ -252,7 +251,7 @@ def _ratios(results: dict) -> dict:
     out = {}
     for mode in ("per_core", "all_cores"):
         ours = {"trainjob_e1": rate(mode, "trainjob"), "trainjob_e2": rate(mode, "trainjob", 1),
-                "packed_stand_in": rate(mode, "packed_stand_in")}
+                "packed_e1": rate(mode, "packed")}
         out[mode] = {
             **{f"{k}_vs_idfd_keras_flip": round(v / rate(mode, "idfd_keras_flip"), 2)
                for k, v in ours.items()},
@@ -289,46 +288,30 @@ def _previous_stream(tf, paths, labels, n, steps):
     return inputs._finish(tf.data.Dataset.range(0, 2).flat_map(one_epoch), CLASSES)
 
 
-def _write_records(tf, samples, folder: Path, per_file: int = 120) -> list[str]:
-    """The samples as TFRecord files of tf.train.Example (image, label, id), ~4 MB each."""
-    folder.mkdir(parents=True)
-    out = []
-    for start in range(0, len(samples), per_file):
-        path = str(folder / f"part-{start // per_file:04d}.tfrecord")
-        with tf.io.TFRecordWriter(path) as writer:
-            for i, s in enumerate(samples[start:start + per_file], start):
-                feature = {
-                    "image": tf.train.Feature(bytes_list=tf.train.BytesList(
-                        value=[Path(s.path).read_bytes()])),
-                    "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[s.label])),
-                    "id": tf.train.Feature(int64_list=tf.train.Int64List(value=[i]))}
-                writer.write(tf.train.Example(features=tf.train.Features(
-                    feature=feature)).SerializeToString())
-        out.append(path)
-    return out
+def _pack(images: Path, dest: Path) -> Path:
+    """``trainjob dataset pack`` of the images (the default split), shards of ~4 MB."""
+    subprocess.run([sys.executable, "-m", "trainjob.cli", "dataset", "pack", str(images),
+                    str(dest), "--shard-size", "4MB", "--processes", "2"], check=True,
+                   stdout=subprocess.DEVNULL)
+    return dest
 
 
-def _parse(tf):
-    spec = {"image": tf.io.FixedLenFeature([], tf.string),
-            "label": tf.io.FixedLenFeature([], tf.int64),
-            "id": tf.io.FixedLenFeature([], tf.int64)}
+def _packed_stream(folder: Path, buffer_dir: Path) -> Callable:
+    """The packed path's training stream, as a one-worker run builds it (train.streams)."""
+    from trainjob.config import Config
+    from trainjob.data import stream
+    from trainjob.data.packed import read_index
+    from trainjob.store.local import LocalStore
+    from trainjob.train import packedinput
 
-    def parse(record):
-        f = tf.io.parse_single_example(record, spec)
-        return f["image"], tf.cast(f["label"], tf.int32), f["id"]
-    return parse
-
-
-def _packed_reader() -> str:
-    """Whether the packed dataset reader is in this tree (it is being built beside this)."""
-    import importlib.util
-
-    for module in ("trainjob.train.packed", "trainjob.train.stream"):
-        if importlib.util.find_spec(module) is not None:
-            return (f"{module} exists, but this benchmark does not drive it yet: the rows "
-                    "labelled 'packed' are the TFRecord stand-in")
-    return ("not in this tree yet (no trainjob.train.packed): skipped; the TFRecord stand-in "
-            "runs the same training op on records read by TFRecordDataset")
+    store = LocalStore(folder)
+    packed = stream.Packed(store, read_index(store))
+    cfg = Config.from_options(data=str(folder), output=str(buffer_dir / "unused"),
+                              image_size=SIZE, batch_size=BATCH, seed=SEED)
+    layout = packedinput.Layout(1, 0, BATCH, 1)
+    buffer = stream.buffer_shards(cfg.data.stream_buffer, packed.index.shards)
+    return packedinput.training_stream(packed, cfg, layout, buffer - stream.EVAL_SLOTS,
+                                       buffer_dir, CLASSES)
 
 
 def _warm(tf, paths: list[str]) -> None:

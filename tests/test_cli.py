@@ -116,6 +116,7 @@ DOCUMENTED_DEFAULTS = {
     # Data
     "include_background": False, "max_extract_bytes": 32 * 2**30, "max_bad_fraction": 0.05,
     "pipeline_cache": "auto",
+    "stream_buffer": "10",
     # Split
     "val_fraction": 0.15, "test_fraction": 0.15, "train_per_class": None, "seed": 42,
     # Model
@@ -197,6 +198,7 @@ STR_VALUES = {
     "worker_service": "other-service",
     "mlflow_tracking_uri": "http://mlflow.example:5000",
     "mlflow_experiment": "other-experiment",
+    "stream_buffer": "2GiB",
 }
 
 

@@ -113,3 +113,10 @@ def test_no_module_over_400_lines():
     long = {name: n for name, path in modules().items()
             if (n := len(path.read_text().splitlines())) > 400}
     assert long == {}
+
+
+def test_test_modules_have_unique_names():
+    """The test folders are not packages: pytest imports each test module by its bare name,
+    so two ``test_x.py`` in different folders fail collection on a clean checkout."""
+    names = [p.name for p in (SRC.parents[1] / "tests").rglob("test_*.py")]
+    assert sorted({n for n in names if names.count(n) > 1}) == []

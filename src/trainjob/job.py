@@ -10,7 +10,7 @@ from pathlib import Path
 
 from trainjob import termination
 from trainjob.config import Config
-from trainjob.data import source
+from trainjob.data import source, stream
 from trainjob.data.catalog import Dataset, split
 from trainjob.data.packed import packed_store
 from trainjob.errors import ConfigError, as_job_error
@@ -118,7 +118,9 @@ def _train(cfg: Config, run_dir: RunFolder, state: dict | None, stop: StopSignal
 
     with record.timed("build"):
         session = Session.start(cfg, run_dir, data, state, initial, stop, group,
-                                record.fingerprint)
+                                record.fingerprint, record.timed)
+    # The first step's time, tracing apart, joins the start's phases in config.json.
+    session.keeper.clock.report = functools.partial(_record_first_step, record, lock)
     record.state, record.distribution = session.state, configfile.distribution(
         session.cfg, group, session.replicas)
     if lock:  # the chief records how the run is spread
@@ -146,16 +148,27 @@ def _train(cfg: Config, run_dir: RunFolder, state: dict | None, stop: StopSignal
     log.info("run finished: %s", run_dir.store.uri)
 
 
+def _record_first_step(record: configfile.RunRecord, lock: RunLock | None,
+                       took: dict[str, float]) -> None:
+    record.timings.update(took)
+    log.info("first training step done (tracing %.1f s, then %.1f s to the step's end)",
+             took["tracing"], took["first_step"])
+    if lock:
+        record.write()
+
+
 def _load_data(cfg: Config, record: configfile.RunRecord) -> Dataset:
     """A packed dataset: its index (the shards are streamed while training). Else download
     (cached), unpack, find the classes, check every image, split."""
     with record.timed("index"):  # one HEAD: is --data a packed dataset?
         packed = packed_store(cfg.data.data, cfg.runtime.threads)
         if packed is not None:
-            return source.load_packed(packed, {
+            data = source.load_packed(packed, {
                 "val_fraction": cfg.split.val_fraction, "test_fraction": cfg.split.test_fraction,
                 "train_per_class": cfg.split.train_per_class,
                 "include_background": cfg.data.include_background})
+            stream.buffer_shards(cfg.data.stream_buffer, data.packed.index.shards)  # exit 2
+            return data
     catalog, fetched = source.load_catalog(
         cfg.data.data, Path(cfg.data.cache_dir), include_background=cfg.data.include_background,
         max_extract_bytes=cfg.data.max_extract_bytes, max_bad_fraction=cfg.data.max_bad_fraction,

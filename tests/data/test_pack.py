@@ -20,6 +20,7 @@ from PIL import Image
 from trainjob.cli import main
 from trainjob.config import Config
 from trainjob.data import packed, packing
+from trainjob.data.catalog import Dataset
 from trainjob.data.shardwrite import encoded
 from trainjob.errors import ConfigError
 from trainjob.run.savepoints import fingerprint
@@ -56,8 +57,11 @@ def test_plan_ids_shards_and_the_samples_digest(official_zip, tmp_path):
     cmyk = next(i for p in plans for i in p.items if i.key.endswith("cmyk_0001.jpg"))
     assert cmyk.key == "airplanes/cmyk_0001.jpg" and cmyk.path.endswith(".png")  # converted
     cfg = Config.from_options(data="x", output="y")  # seed 42, fractions 0.15: as above
-    assert packing.samples_digest(catalog, splits) == \
-        fingerprint(cfg, catalog, splits)["samples"]
+    index = packing.describe(
+        catalog, splits, packed.SplitSettings(42, 0.15, 0.15, None, False), 512, "x", "now", [])
+    # What the index says of its images is what a run on the files records.
+    assert index.samples == fingerprint(cfg, Dataset(catalog, splits, {}))["samples"]
+    assert index.class_counts["train"] == Dataset(catalog, splits, {}).train_class_counts()
 
 
 def photo(size: tuple[int, int], quality: int = 90, seed: int = 0) -> bytes:

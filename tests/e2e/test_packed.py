@@ -126,8 +126,8 @@ def test_one_worker_resumes_mid_epoch_with_the_next_sample(seaweed, packed, tmp_
     assert config["dataset"]["packed"]["uri"].startswith(packed["s3"].rstrip("/"))
     assert config["dataset"]["splits"] == index["counts"]
     for phase in ("index", "pipeline", "tracing", "first_step"):
-        assert phase in config["timings"], config["timings"]
-    assert not any(k in config["timings"] for k in ("download", "scan"))
+        assert phase in config["timings_seconds"], config["timings_seconds"]
+    assert not any(k in config["timings_seconds"] for k in ("download", "scan"))
     metrics = seaweed.read_json(bucket, "runs/cut/metrics.json")
     assert metrics["test_images"] == index["counts"]["test"]
     # No full local copy, and nothing of the dataset left behind: the buffer is emptied.

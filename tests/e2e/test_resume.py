@@ -99,7 +99,8 @@ def test_official_zip_killed_resumed_and_pulled(server, bucket, dataset, class_f
     assert skipped == {"truncated_0001.jpg", "empty_0001.jpg", "notes.txt"}
     assert dataset_info["converted_to_rgb"] >= 1  # the CMYK JPEG
     assert "BACKGROUND_Google" not in dataset_info["class_counts"]
-    assert set(config["timings_seconds"]) >= {"download", "extract", "scan", "train", "evaluate"}
+    assert set(config["timings_seconds"]) >= {"download", "unpack", "scan", "pipeline",
+                                              "tracing", "first_step", "train", "evaluate"}
     # Credentials never reach the run folder or the logs.
     for text in (json.dumps(config), log.read_text(), result.stdout, result.stderr):
         assert s3.secret_key not in text

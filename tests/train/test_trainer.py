@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
 
 from trainjob.config import Config
-from trainjob.data.catalog import Sample
+from trainjob.data.catalog import Catalog, Dataset, Sample, Splits
 from trainjob.errors import Preempted, TrainingError
 from trainjob.run import savepoints
 from trainjob.run.folder import LocalStore, RunFolder
@@ -130,10 +131,13 @@ def test_exp_decay_is_the_reference_scheduler():
 
 def test_balanced_class_weights():
     train = [Sample("a", 0)] * 6 + [Sample("b", 1)] * 2
-    weights = trainer.class_weights(train, 3, "balanced")
+    counts = Dataset(Catalog(Path("/x"), ["a", "b", "c"], train), Splits(train, [], []),
+                     {}).train_class_counts()
+    assert counts == [6, 2, 0]
+    weights = trainer.class_weights(counts, "balanced")
     assert weights[0] == pytest.approx(8 / (3 * 6)) and weights[1] == pytest.approx(8 / (3 * 2))
     assert weights[2] == 0.0
-    assert trainer.class_weights(train, 3, "none") is None
+    assert trainer.class_weights(counts, "none") is None
 
 
 def test_callback_list_follows_the_options(run):

@@ -45,7 +45,7 @@ def load_catalog(uri: str, cache_dir: Path, *, include_background: bool,
     """
     with timed("download"):
         fetched = fetch.fetch(uri, cache_dir / "downloads", threads)
-    with timed("extract"):
+    with timed("unpack"):
         roots = archives.unpack(fetched.path, cache_dir / "extracted", max_extract_bytes)
         class_root = locate(roots)
     with timed("scan"):

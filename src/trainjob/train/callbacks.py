@@ -8,9 +8,11 @@ saves all of it under ``backup/`` (never ``checkpoints/``) and puts it back on r
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +108,42 @@ def make_callbacks(cfg: Config, run: RunFolder, keeper: RunKeeper) -> list[keras
     return callbacks
 
 
+class StartClock:
+    """This process's first training step, in two parts for config.json: ``tracing``, the
+    step's Python, which runs only while TensorFlow builds the step's graph, and
+    ``first_step``, the rest (the first batch from the input pipeline, the graph's
+    optimization, the step itself). ``report`` gets both once."""
+
+    def __init__(self) -> None:
+        self.report: Callable[[dict[str, float]], None] | None = None
+        self.tracing = 0.0
+        self._began: float | None = None
+        self._done = False
+
+    def traced(self, step: Callable) -> Callable:
+        """``step`` timed whenever it runs as Python: while it is traced."""
+        @functools.wraps(step)
+        def timed_step(*args: Any, **kwargs: Any) -> Any:
+            started = time.monotonic()
+            try:
+                return step(*args, **kwargs)
+            finally:
+                self.tracing += time.monotonic() - started
+        return timed_step
+
+    def begin(self) -> None:
+        if self._began is None:
+            self._began = time.monotonic()
+
+    def first_step_done(self) -> None:
+        if self._done or self._began is None:
+            return
+        self._done = True
+        took = time.monotonic() - self._began
+        if self.report:
+            self.report({"tracing": self.tracing, "first_step": max(0.0, took - self.tracing)})
+
+
 class RunKeeper(keras.callbacks.Callback):
     """Last in the callback list: Keras' side of ``RunState``. It restores callback state,
     records each epoch and mid-epoch resume points, stops on a signal or a lost run lock,
@@ -123,6 +161,7 @@ class RunKeeper(keras.callbacks.Callback):
         self._tracked: dict[str, keras.callbacks.Callback] = {}
         self._hooks = test_hooks()  # read once: the batch end is a hot path
         self._first_step = True
+        self.clock = StartClock()
 
     @property
     def history(self) -> list[dict]:
@@ -137,6 +176,7 @@ class RunKeeper(keras.callbacks.Callback):
                     self._tracked[f"{kind}:{getattr(cb, 'label', '')}"] = cb
 
     def on_train_begin(self, logs: dict | None = None) -> None:
+        self.clock.begin()
         restore = self.state.restore
         if not restore:
             return
@@ -159,6 +199,7 @@ class RunKeeper(keras.callbacks.Callback):
         self._first_step = False
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        self.clock.first_step_done()
         loss = (logs or {}).get("loss")
         if loss is not None and not math.isfinite(float(loss)):
             raise TrainingError(f"loss became {float(loss)} at epoch {self.epoch} batch {batch}: "

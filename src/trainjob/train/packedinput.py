@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,8 +27,10 @@ import tensorflow as tf
 from trainjob.config import Config
 from trainjob.data import stream
 from trainjob.data.stream import Packed
+from trainjob.errors import TrainJobError
 from trainjob.hooks import read_hooks
 from trainjob.train import inputs
+from trainjob.train.augment import eval_image, train_image
 
 log = logging.getLogger(__name__)
 AUTOTUNE = tf.data.AUTOTUNE
@@ -71,29 +74,38 @@ def steps_for(count: int, layout: Layout) -> int:
 
 
 def training_stream(packed: Packed, cfg: Config, layout: Layout, buffer: int,
-                    buffer_dir: Path, num_classes: int
+                    buffer_dir: Path, num_classes: int, failures: list[TrainJobError]
                     ) -> Callable[[int, int, int], tf.data.Dataset]:
     """``train(first, last, skip)``: batches of epochs [first, last), less the ``skip``
-    steps of ``first`` a save point records."""
+    steps of ``first`` a save point records. The reader's typed errors are also added to
+    ``failures`` (tf.data hands them on untyped: ``Streams.reported``)."""
     plan = train_plan(packed, cfg.split.seed, layout, cfg.optim.shuffle)
     count = samples_per_epoch(plan, layout, cfg.optim.steps_per_epoch)
     on_sample = sample_logger(layout.worker)
 
-    def generate(epoch: np.int64, start: np.int64) -> Iterator[list[bytes]]:
-        yield from stream.records(plan, packed.store, int(epoch), count, int(start),
-                                  buffer_dir / "train", buffer, on_sample)
+    def generate(epoch: np.int64, start: np.int64) -> Iterator[tuple[list[bytes], np.ndarray]]:
+        # With the share shorter than the epoch (--steps-per-epoch), the stream goes round
+        # it again: the lap tells a sample's draws apart (augment.train_image's ``draw``).
+        share = sum(plan.shards[i].count for i in plan.worker_shards(int(epoch)))
+        position = int(start)
+        with _kept(failures):
+            for chunk in stream.records(plan, packed.store, int(epoch), count, position,
+                                        buffer_dir / "train", buffer, on_sample):
+                yield chunk, np.full(len(chunk), position // share, dtype=np.int64)
+                position += len(chunk)
 
     def one_epoch(epoch: tf.Tensor, first: int, skip: int) -> tf.data.Dataset:
         start = tf.where(epoch == first, tf.constant(skip * layout.worker_batch, tf.int64),
                          tf.constant(0, tf.int64))
         chunks = tf.data.Dataset.from_generator(
-            generate, args=(epoch, start), output_signature=tf.TensorSpec([None], tf.string))
+            generate, args=(epoch, start),
+            output_signature=(tf.TensorSpec([None], tf.string), tf.TensorSpec([None], tf.int64)))
         image_size, seed, augment = cfg.model.image_size, cfg.split.seed, cfg.optim.augment
 
-        def decode(record: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        def decode(record: tf.Tensor, draw: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
             x = tf.io.parse_single_example(record, FEATURES)
-            image = inputs.train_image(x["image"], x["id"], epoch, seed=seed,
-                                       image_size=image_size, augment=augment)
+            image = train_image(x["image"], x["id"], epoch, seed=seed, image_size=image_size,
+                                augment=augment, draw=draw)
             return image, x["label"]
 
         return (chunks.unbatch().map(decode, num_parallel_calls=AUTOTUNE, deterministic=True)
@@ -102,13 +114,14 @@ def training_stream(packed: Packed, cfg: Config, layout: Layout, buffer: int,
     def train(first: int, last: int, skip: int = 0) -> tf.data.Dataset:
         epochs = tf.data.Dataset.range(first, last)
         batches = epochs.flat_map(lambda e: one_epoch(e, first, skip))
-        return inputs.finish(batches, num_classes)
+        return inputs.finish(batches, num_classes, pixels=tf.uint8)  # as the classic path
 
     return train
 
 
 def evaluation_stream(packed: Packed, split: str, image_size: int, batch: int,
-                      num_classes: int, buffer_dir: Path, *, workers: int = 1,
+                      num_classes: int, buffer_dir: Path, failures: list[TrainJobError], *,
+                      workers: int = 1,
                       worker: int = 0, cache: bool = False,
                       limit: int | None = None) -> tf.data.Dataset:
     """(image, one-hot label) batches of ``split`` in the index's order: this worker's share
@@ -117,12 +130,13 @@ def evaluation_stream(packed: Packed, split: str, image_size: int, batch: int,
     shards = packed.shards(split)[worker::workers]
 
     def generate() -> Iterator[list[bytes]]:
-        yield from stream.sequential(packed.store, shards, buffer_dir / split,
-                                     stream.EVAL_SLOTS)
+        with _kept(failures):
+            yield from stream.sequential(packed.store, shards, buffer_dir / split,
+                                         stream.EVAL_SLOTS)
 
     def decode(record: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         x = tf.io.parse_single_example(record, FEATURES)
-        return inputs.eval_image(x["image"], image_size), x["label"]
+        return eval_image(x["image"], image_size), x["label"]
 
     ds = tf.data.Dataset.from_generator(generate,
                                         output_signature=tf.TensorSpec([None], tf.string))
@@ -132,6 +146,15 @@ def evaluation_stream(packed: Packed, split: str, image_size: int, batch: int,
     if cache:
         ds = ds.cache()
     return inputs.finish(ds.batch(batch), num_classes)
+
+
+@contextmanager
+def _kept(failures: list[TrainJobError]) -> Iterator[None]:
+    try:
+        yield
+    except TrainJobError as exc:
+        failures.append(exc)
+        raise
 
 
 def sample_logger(worker: int) -> Callable[[int, int, bytes], None] | None:

@@ -28,23 +28,14 @@ from trainjob.run.folder import BEST, LAST, METRICS, MODEL, PLOT, RunFolder
 from trainjob.run.state import RunState
 from trainjob.run.stop import StopSignal
 from trainjob.train import callbacks as callbacks_lib
-from trainjob.train import collective, evaluation, exports, inputs, plots, steploop, trainer
+from trainjob.train import collective, evaluation, exports, plots, steploop, trainer
+from trainjob.train import streams as streams_lib
 from trainjob.train.model import backbone_of, build_model
 from trainjob.train.weights import InitialWeights
 
 log = logging.getLogger(__name__)
 
 Timer = Callable[[str], object]  # configfile.RunRecord.timed
-
-
-@dataclass
-class Streams:
-    """The data a run trains and evaluates on, batched for its strategy."""
-
-    train: Callable[[int, int, int], tf.data.Dataset]  # (first epoch, last, batches done)
-    train_base: tf.data.Dataset  # decoded as evaluation sees them, not augmented, uncached
-    val: tf.data.Dataset | None
-    steps: int  # global batches per epoch
 
 
 @dataclass
@@ -61,7 +52,7 @@ class Session:
     group: Cluster | None
     strategy: tf.distribute.Strategy
     replicas: int
-    streams: Streams
+    streams: streams_lib.Streams
     model: keras.Model
     run_state: RunState
     keeper: callbacks_lib.RunKeeper
@@ -70,7 +61,7 @@ class Session:
     @classmethod
     def start(cls, cfg: Config, run_dir: RunFolder, data: Dataset, state: dict | None,
               initial: InitialWeights | None, stop: StopSignal, group: Cluster | None,
-              fingerprint: dict) -> Session:
+              fingerprint: dict, timed: Timer) -> Session:
         """Strategy, streams, model, restore, callbacks: everything before the first step."""
         # Before any TensorFlow op (collectives are configured at start-up), and after the
         # data, so that peers that fetch it slower are not timed out meanwhile.
@@ -83,9 +74,11 @@ class Session:
         if cfg.optim.batch_size % replicas:
             raise ConfigError(f"--batch-size {cfg.optim.batch_size} is the global batch: it "
                               f"must divide evenly among the {replicas} replicas")
+        streams_lib.check_resume(data, state, group)
         settings, cfg = cfg, trainer.scale_learning_rates(cfg, replicas)
-        streams = _streams(cfg, data, replicas, group)
-        num_classes = len(data.catalog.classes)
+        with timed("pipeline"):
+            streams = streams_lib.build(cfg, data, replicas, group)
+        num_classes = len(data.classes)
         with strategy.scope():
             model = build_model(cfg.model, num_classes, initial)
             trainer.compile_model(model, cfg, num_classes)
@@ -96,12 +89,15 @@ class Session:
             collective.check_start(strategy, group, model, state, cfg.cluster.collective_timeout)
         history = savepoints.trim_logs(run_dir, state["epoch"]) if state else []
         run_state = RunState(run_dir, fingerprint=fingerprint, history=history, stop=stop,
-                             restore=state, fence=run_dir.check)
+                             restore=state, fence=run_dir.check,
+                             workers=group.size if group else 1)
         if state and not state.get("from_checkpoint"):
             run_state.reconcile_best(functools.partial(callbacks_lib.save_model_weights, model))
         keeper = callbacks_lib.RunKeeper(run_state, steps_per_epoch=streams.steps,
                                          backup_every_steps=cfg.output.backup_every_steps)
         callbacks = callbacks_lib.make_callbacks(cfg, run_dir, keeper)
+        if not group:  # Keras traces train_step; the step loop its replica step (fit)
+            model.train_step = keeper.clock.traced(model.train_step)
         return cls(cfg, settings, run_dir, data, state, stop, group, strategy, replicas,
                    streams, model, run_state, keeper, callbacks)
 
@@ -115,13 +111,14 @@ class Session:
         if self.state and self.state.get("finished_training"):
             return
         cfg, model, group, state = self.cfg, self.model, self.group, self.state
-        num_classes = len(self.data.catalog.classes)
+        num_classes = len(self.data.classes)
         fit = functools.partial(
             steploop.fit if group else trainer.fit, model, val_ds=self.streams.val, cfg=cfg,
             callbacks=self.callbacks,
-            weights=trainer.class_weights(self.data.splits.train, num_classes,
+            weights=trainer.class_weights(self.data.train_class_counts(),
                                           cfg.optim.class_weight),
-            **({"strategy": self.strategy, "cluster": group, "stop": self.stop}
+            **({"strategy": self.strategy, "cluster": group, "stop": self.stop,
+                "traced": self.keeper.clock.traced}
                if group else {}))
         self.stop.in_training = True
         try:
@@ -137,9 +134,10 @@ class Session:
                                         phases.entry_rate(part.phase, previous, cfg.optim))
                 self.run_state.begin_phase(previous := part.phase)
                 self.keeper.step_offset = part.skip  # a mid-epoch restart: batches done
-                fit(self.streams.train(part.start, part.end, part.skip),
-                    steps=self.streams.steps - part.skip, initial_epoch=part.start,
-                    epochs=part.end)
+                with self.streams.reported():  # a damaged shard: exit 4, naming it
+                    fit(self.streams.train(part.start, part.end, part.skip),
+                        steps=self.streams.steps - part.skip, initial_epoch=part.start,
+                        epochs=part.end)
         finally:
             self.stop.in_training = False
             self.stop.end_collective()
@@ -167,21 +165,20 @@ class Session:
             callbacks_lib.load_model_weights(model, run_dir.path(BEST))
             log.info("restored the best weights (%s) for the final model",
                      cfg.callbacks.checkpoint_monitor)
-        num_classes = len(self.data.catalog.classes)
         if cfg.callbacks.recalibrate_batchnorm:  # the batches BN normalized: per replica
             with timed("recalibrate_batchnorm"):
                 batch = cfg.optim.batch_size // self.replicas
-                evaluation.recalibrate_batchnorm(
-                    model, inputs.evaluation_stream(self.streams.train_base, num_classes, batch),
-                    max_batches=max(1, evaluation.PRECISE_BN_IMAGES // batch))
-        test_ds = inputs.evaluation_stream(
-            inputs.decoded(self.data.splits.test, cfg.model.image_size, "none",
-                           _tfcache(cfg), "test"), num_classes, cfg.optim.batch_size)
-        metrics = evaluation.evaluate(model, test_ds, self.data.catalog.classes)
+                with self.streams.reported():
+                    evaluation.recalibrate_batchnorm(
+                        model, self.streams.recalibration(batch),
+                        max_batches=max(1, evaluation.PRECISE_BN_IMAGES // batch))
+        with self.streams.reported():
+            metrics = evaluation.evaluate(model, self.streams.test(cfg.optim.batch_size),
+                                          self.data.classes)
         run_dir.write(METRICS, metrics)
         log.info("test: %s", {k: v for k, v in metrics.items()
                               if not isinstance(v, (dict, list))})
-        plots.plot_test_split(metrics, self.data.catalog.classes, run_dir.local)
+        plots.plot_test_split(metrics, self.data.classes, run_dir.local)
         return metrics
 
     def write_final_files(self) -> None:
@@ -195,37 +192,6 @@ class Session:
     @property
     def epochs_done(self) -> int:
         return len(self.keeper.history)
-
-
-def _streams(cfg: Config, data: Dataset, replicas: int, group: Cluster | None) -> Streams:
-    """The training stream (seeded per epoch; several workers: each its shard, in
-    per-replica batches, every step a full global batch) and the validation stream."""
-    splits, num_classes, work = data.splits, len(data.catalog.classes), _tfcache(cfg)
-    steps = inputs.steps_for(len(splits.train), cfg.optim.batch_size, cfg.optim.steps_per_epoch)
-    train_files = inputs.encoded(splits.train, cfg.data.pipeline_cache, work, "train")
-    # BatchNorm's recalibration: training images as evaluation sees them (no cache: once).
-    train_base = inputs.decoded(splits.train, cfg.model.image_size, "none", work, "train")
-    # Several workers: each takes its shard of every epoch in per-replica batches, and
-    # every step is a full global batch (the data wraps), so all workers take as many.
-    local = replicas // group.size if group else 1
-
-    def train(first: int, last: int, skip: int = 0) -> tf.data.Dataset:
-        return inputs.training_stream(
-            train_files, len(splits.train), num_classes, image_size=cfg.model.image_size,
-            batch_size=cfg.optim.batch_size // (replicas if group else 1),
-            steps=steps * local, repeat=group is not None or cfg.optim.steps_per_epoch
-            is not None, shuffle=cfg.optim.shuffle, augment=cfg.optim.augment,
-            seed=cfg.split.seed, first_epoch=first, epochs=last, skip_batches=skip * local,
-            shard=(group.index, group.size) if group else (0, 1))
-
-    val = None
-    if splits.val:
-        val_base = inputs.decoded(splits.val, cfg.model.image_size, cfg.data.pipeline_cache,
-                                  work, "val")
-        if group:
-            val_base = val_base.shard(group.size, group.index)
-        val = inputs.evaluation_stream(val_base, num_classes, cfg.optim.batch_size)
-    return Streams(train, train_base, val, steps)
 
 
 def _restore(model: keras.Model, run_dir: RunFolder, state: dict) -> None:
@@ -243,7 +209,3 @@ def _restore(model: keras.Model, run_dir: RunFolder, state: dict) -> None:
         # Not uploaded while training (it is the resume weights without the optimizer):
         # a run resumed on a new pod writes it back before it may be published.
         callbacks_lib.save_model_weights(model, run_dir.path(LAST))
-
-
-def _tfcache(cfg: Config) -> Path:
-    return Path(cfg.runtime.work_dir) / "tfcache"

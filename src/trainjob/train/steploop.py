@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import keras
 import numpy as np
@@ -32,10 +33,12 @@ LOSS, CORRECT, TOP_K, COUNT, STOP = range(5)  # the all-reduced vector of a step
 def fit(model: keras.Model, train_ds: tf.data.Dataset, *, strategy: tf.distribute.Strategy,
         cluster: Cluster, stop: StopSignal, val_ds: tf.data.Dataset | None, cfg: Config,
         steps: int, initial_epoch: int, epochs: int, callbacks: list,
-        weights: dict[int, float] | None) -> None:
+        weights: dict[int, float] | None,
+        traced: Callable[[Callable], Callable] = lambda step: step) -> None:
     """``model.fit`` for epochs [initial_epoch, epochs) of ``steps`` steps each.
 
-    ``train_ds`` is this worker's shard, batched per replica (inputs.training_stream)."""
+    ``train_ds`` is this worker's shard, batched per replica (train.streams); ``traced``
+    wraps the replica step's Python (callbacks.StartClock)."""
     num_classes = int(model.output_shape[-1])
     loss_fn = keras.losses.CategoricalCrossentropy(
         label_smoothing=cfg.optim.label_smoothing, reduction=None)
@@ -56,10 +59,12 @@ def fit(model: keras.Model, train_ds: tf.data.Dataset, *, strategy: tf.distribut
         model.optimizer.apply_gradients(zip(grads, model.trainable_variables))
         return tf.concat([_sums(y, probs, per_sample, k), [flag]], axis=0)
 
+    step = traced(replica_step)
+
     @tf.function
     def train_step(flag: tf.Tensor) -> tf.Tensor:
         x, y = next(iterator)
-        per_replica = strategy.run(replica_step, args=(x, y, flag))
+        per_replica = strategy.run(step, args=(x, y, flag))
         return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
 
     evaluate = _validator(model, strategy, val_ds, loss_fn, k, cluster,

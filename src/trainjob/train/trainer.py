@@ -7,7 +7,6 @@ import hashlib
 import json
 import logging
 import sys
-from collections import Counter
 from pathlib import Path
 
 import keras
@@ -15,7 +14,6 @@ import numpy as np
 import tensorflow as tf
 
 from trainjob.config import Config
-from trainjob.data.catalog import Sample
 from trainjob.run.phases import HEAD
 from trainjob.train.model import backbone_of, gpus, resolve_jit
 
@@ -124,12 +122,13 @@ def learning_rate(model: keras.Model) -> float:
     return float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
 
 
-def class_weights(train: list[Sample], num_classes: int, mode: str) -> dict[int, float] | None:
+def class_weights(counts: list[int], mode: str) -> dict[int, float] | None:
+    """``--class-weight balanced``: each class weighted by total / (classes x its count),
+    from the training images per class (``counts``, in class order)."""
     if mode != "balanced":
         return None
-    counts = Counter(s.label for s in train)
-    total = len(train)
-    return {k: total / (num_classes * counts[k]) if counts[k] else 0.0 for k in range(num_classes)}
+    total, num_classes = sum(counts), len(counts)
+    return {k: total / (num_classes * n) if n else 0.0 for k, n in enumerate(counts)}
 
 
 def fit_verbosity(mode: str) -> int:

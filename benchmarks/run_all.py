@@ -55,8 +55,8 @@ def previous() -> tuple[dict, str]:
 
 
 def pipeline_section(pipe: dict) -> str:
-    if "per_core" not in pipe:  # the figures of the benchmark before this one
-        return ""
+    if "packed" not in pipe.get("per_core", {}).get("contenders", {}):
+        return ""  # the figures of an earlier version of the benchmark: rerun it
     core, every = pipe["per_core"]["contenders"], pipe["all_cores"]["contenders"]
     floor, idfd = core["floor"][0]["per_cpu_s"], core["idfd_keras_flip"][0]["per_cpu_s"]
     labels = [("trainjob", 0, "trainjob, epoch 1 (reads the files)"),
@@ -318,19 +318,17 @@ def first_step_section(fs: dict) -> str:
 The real job (`trainjob train`) as a fresh process with a fresh `TRAINJOB_HOME` (cold cache
 and work folder, like a new pod), timed from its start to its log line "first training step
 done", then killed (`benchmarks/first_step.py`). The data: {fs['classes']} class folders of
-synthetic JPEGs ({fs['sides_px'][0]}-{fs['sides_px'][1]} px, about
-{data[last]['mean_bytes'] / 1000:.1f} KB each), made by the benchmark, in SeaweedFS (`weed mini`) on
-loopback. **Classic**: the folder as one tar archive (the classic path's fastest form: a
-prefix of that many objects would time per-object GETs), which the job downloads, unpacks
-and scans image by image before it builds its tf.data pipeline. **Packed**: the same
-folder through `trainjob dataset pack` (shard size: {fs['shard_size']}), which the job
-streams. The model is not the subject: a tiny stand-in backbone (the test hook
-`stand_in_backbone: small`) instead of ResNet50, {fs['image_size']} px, batch
-{fs['batch_size']}, `--weights none`. Tracing the train step does not depend on the data: it is
-taken out of the start and shown on its own. Medians of the rounds shown (the contenders take
-turns). Machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, TensorFlow
-{m['tensorflow']}, Keras {m['keras']}; load average (1 min) at each job: {m['load_1min_at_runs']}.
-{_when(fs)}
+synthetic JPEGs, {fs['sides_px'][0]}-{fs['sides_px'][1]} px, {data[last]['mean_bytes']:,} bytes on average, made by the benchmark,
+in SeaweedFS (`weed mini`) on loopback. **Classic**: the folder as one tar archive (the
+classic path's fastest form: a prefix of that many objects would time per-object GETs),
+which the job downloads, unpacks and scans image by image before it builds its tf.data
+pipeline. **Packed**: the same folder through `trainjob dataset pack` (shard size:
+{fs['shard_size']}), which the job streams. The model is not the subject: a tiny stand-in
+backbone (the test hook `stand_in_backbone: small`) instead of ResNet50, {fs['image_size']} px,
+batch {fs['batch_size']}, `--weights none`. Tracing the train step does not depend on the data: it
+is taken out of the start and shown on its own. Medians of the rounds shown, the contenders
+taking turns. Machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, TensorFlow {m['tensorflow']},
+Keras {m['keras']}; load average (1 min) at each job: {m['load_1min_at_runs']}. {_when(fs)}
 
 | images | dataset (MB) | classic (s) | packed (s) | classic / packed | tracing, classic / packed (s) | whole start with tracing, classic / packed (s) | rounds |
 | --- | --- | --- | --- | --- | --- | --- | --- |
@@ -359,13 +357,13 @@ apart); on the packed path it includes fetching the first shuffle window.
 What this shows: the classic path downloads the whole archive, unpacks it and opens every
 image with Pillow before its first step, so its download, unpack and scan phases grow with
 the dataset. The packed path's start reads no image before training: one HEAD, one
-`index.json` of a few KB (the same at every size), then the first step waits for its first
+`index.json` of a few KB (about the same at every size), then the first step waits for its first
 shuffle window, the first 4 training shards, fetched two at a time and checked by sha256.
 `dataset pack` cuts the training split into shards of about the shard size but into at least
 16, so the window is a quarter of the training split until that split holds 16 full shards
-(2 GiB of images at the default 128 MiB), and 4 shards from there on: below that size the
-packed start still grows with the data, by the fetch of a quarter of it (the first-window
-column); above it, it stops growing.
+(2 GiB of training images at the default 128 MiB), and 4 shards from there on: below that
+size the packed start still grows with the data, by the fetch of a quarter of its training
+split (the first-window column); above it, it stops growing.
 """
 
 

@@ -4,6 +4,7 @@ Regression tests for the ways a run used to be lost (see docs/architecture.md)."
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -312,3 +313,28 @@ def test_resume_refuses_a_run_started_on_another_input_pipeline(tmp_path, saved)
         savepoints.check_compatible({"fingerprint": started}, current)
     assert err.value.exit_code == 2 and "trainjob release" in str(err.value)
     savepoints.check_compatible({"fingerprint": current}, current)  # the same pipeline: fine
+
+
+@pytest.mark.parametrize("options, code, named", [
+    (["--test-fraction", "0"], 2, "--test-fraction 0"),
+    ([], 3, "fewer than 3 images"),
+])
+def test_an_empty_test_split_fails_before_training_with_one_line(tmp_path, monkeypatch,
+                                                                 options, code, named):
+    """The final model is scored on the test split: none is exit 2 or 3 in a second, not a
+    TensorFlow error after the whole training (a bug found by the first-step benchmark)."""
+    import sampledata
+
+    from trainjob.cli import main
+
+    for name in [k for k in os.environ if k.startswith("TRAINJOB_")]:
+        monkeypatch.delenv(name)
+    data = tmp_path / "data"
+    sampledata.make_class_folders(data, classes=3, per_class=2 if not options else 6,
+                                  background=False)
+    out = tmp_path / "run"
+    monkeypatch.setenv("TRAINJOB_HOME", str(tmp_path / "home"))
+    assert main(["train", "--data", str(data), "--output", str(out), *options]) == code
+    status = read_json(out / STATUS)
+    assert status["state"] == "failed" and named in status["error"], status
+    assert not (out / MANIFEST).exists()

@@ -11,7 +11,7 @@ from pathlib import Path
 from trainjob import termination
 from trainjob.config import Config
 from trainjob.data import source, stream
-from trainjob.data.catalog import Dataset, split
+from trainjob.data.catalog import Dataset, check_test_split, split
 from trainjob.data.packed import packed_store
 from trainjob.errors import ConfigError, as_job_error
 from trainjob.run import cluster, configfile, resumption, savepoints, shutdown, startpoint, tracking
@@ -21,6 +21,7 @@ from trainjob.run.lock import RunLock
 from trainjob.run.stop import StopSignal
 from trainjob.store import hostcache
 from trainjob.store.base import Store
+from trainjob.store.client import redact
 from trainjob.store.s3 import S3Store
 from trainjob.store.uri import open_store
 from trainjob.train import weights
@@ -106,6 +107,7 @@ def _train(cfg: Config, run_dir: RunFolder, state: dict | None, stop: StopSignal
         initial = weights.resolve(cfg.model.weights, Path(cfg.data.cache_dir) / "downloads",
                                   cfg.runtime.threads)
     data = _load_data(cfg, record)
+    check_test_split(data, redact(cfg.data.data), cfg.split.test_fraction)
     record.dataset = data.summary
     record.fingerprint = savepoints.fingerprint(cfg, data)
     if state:

@@ -90,7 +90,8 @@ def rendered(tmp_path_factory) -> dict[str, list[dict]]:
     with each component."""
     require_kustomize()
     out = {"base": render(K8S), "multiworker": render(K8S / "multiworker"),
-           "jobset": render(K8S / "jobset"), "sweep": render(K8S / "sweep")}
+           "jobset": render(K8S / "jobset"), "sweep": render(K8S / "sweep"),
+           "pack": render(K8S / "pack")}
     tmp = tmp_path_factory.mktemp("kueue")
     shutil.copytree(K8S, tmp / "k8s")
     out |= render_all(tmp / "k8s", "kueue")
@@ -355,3 +356,28 @@ def dataclass_value(cfg, name: str):
         if name in group:
             return group[name]
     raise KeyError(name)
+
+
+def test_pack_job_packs_beside_training_on_cpus_alone(rendered):
+    """k8s/pack: `trainjob dataset pack SRC DEST` as a Job of its own names (it runs beside
+    the training Job, never in its place), on no GPU, failing on the same exit codes."""
+    from trainjob.cli import cli
+    from trainjob.errors import NON_RETRIABLE
+
+    pack, train = rendered["pack"], rendered["base"]
+    for kind in ("Job", "ConfigMap", "ServiceAccount"):
+        assert find(pack, kind)["metadata"]["name"] != find(train, kind)["metadata"]["name"]
+    job = find(pack, "Job")
+    spec = job["spec"]["template"]["spec"]
+    args = spec["containers"][0]["args"]
+    assert args[:2] == ["dataset", "pack"]
+    ctx = cli.commands["dataset"].commands["pack"].make_context("pack", list(args[2:]))
+    assert ctx.params["src"].startswith("s3://") and ctx.params["dest"].endswith("/")
+    assert spec["containers"][0]["envFrom"][0]["configMapRef"]["name"] == \
+        find(pack, "ConfigMap")["metadata"]["name"]
+    assert spec["serviceAccountName"] == find(pack, "ServiceAccount")["metadata"]["name"]
+    resources = spec["containers"][0]["resources"]
+    assert not any("gpu" in key for part in resources.values() for key in part)
+    assert "nodeSelector" not in spec and "tolerations" not in spec
+    fail = [r for r in job["spec"]["podFailurePolicy"]["rules"] if r["action"] == "FailJob"]
+    assert sorted(fail[0]["onExitCodes"]["values"]) == sorted(NON_RETRIABLE)

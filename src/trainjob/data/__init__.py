@@ -5,8 +5,10 @@ and made readable as Pillow sees it (``images``), class folders found, every fil
 and the seeded split (``catalog``), a URI turned into a checked catalog and the published
 archives (``source``), resumable HTTP downloads (``httpfetch``), dataset uploads
 (``upload``), and packed datasets: the record format (``packfmt``), the index
-(``packed``), and packing itself (``packing``, with ``shardwrite`` in its processes).
+(``packed``), packing itself (``packing``, with ``shardwrite`` in its processes), and
+streaming one: each worker's order of an epoch, the bounded buffer, the shards' checks and
+a resume's position, as serialized records for the training layer (``stream``).
 
-May import: ``trainjob.errors``, ``trainjob.store``, and Pillow. Never TensorFlow: a bad
+May import: ``trainjob.errors``, ``trainjob.store``, Pillow and numpy. Never TensorFlow: a bad
 dataset fails in a second.
 """

@@ -20,7 +20,7 @@ from pathlib import Path
 from trainjob.data.archives import ARCHIVE_SUFFIXES, is_archive, is_junk, unpack, walk_files
 from trainjob.data.images import GRAYSCALE_MODES, IMAGE_SUFFIXES, check_image, prune_converted
 from trainjob.data.stream import Packed
-from trainjob.errors import DataError
+from trainjob.errors import ConfigError, DataError
 from trainjob.store import hostcache
 
 log = logging.getLogger(__name__)
@@ -127,6 +127,19 @@ class Dataset:
         split = self.packed.index.split
         return {"val_fraction": split.val_fraction, "test_fraction": split.test_fraction,
                 "train_per_class": split.train_per_class}
+
+
+def check_test_split(data: Dataset, where: str, test_fraction: float) -> None:
+    """The final model is scored on the test split: an empty one fails now, in a second,
+    rather than after the whole training."""
+    if data.sizes()["test"]:
+        return
+    if data.packed is None and test_fraction == 0:
+        raise ConfigError(f"--test-fraction 0 leaves no test images in {where}: the final "
+                          "model is scored on the test split; give a fraction above 0")
+    raise DataError(f"the test split of {where} is empty (every class has fewer than 3 "
+                    "images, or it was packed so): the final model is scored on it; add "
+                    "images, or split (pack) it with a larger --test-fraction")
 
 
 def locate(roots: list[Path]) -> Path:

@@ -1,6 +1,8 @@
 """The training layer: the only one that imports TensorFlow and Keras.
 
-Owns the tf.data pipeline (``inputs``) and its per-image ops (``augment``), the model and
+Owns the data as tf.data streams behind one seam (``streams``: a scanned dataset's files in
+``inputs``, a packed dataset's shards in ``packedinput``) and the per-image ops
+(``augment``), the model and
 its initial weights (``model``, ``weights``), compiling, fitting and the phases
 (``trainer``), the callbacks and RunKeeper,
 Keras' side of the run state (``callbacks``), several workers (``collective``,

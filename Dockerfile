@@ -76,6 +76,8 @@ USER 1000:1000
 # Labels last: a new revision rebuilds only this layer.
 ARG VERSION=0.1.0
 ARG REVISION=unknown
+# What the job tags an MLflow run with (trainjob.image); k8s/base sets the pod's image.
+ENV TRAINJOB_IMAGE=trainjob:${VERSION}+${REVISION}
 LABEL org.opencontainers.image.title="trainjob" \
       org.opencontainers.image.description="Batch training job: image-classification data from S3-compatible storage, Keras ResNet50, artifacts back to S3" \
       org.opencontainers.image.version="${VERSION}" \

@@ -222,8 +222,8 @@ def _stages(tf, augment, inputs, paths: list[str], rounds: int) -> dict:
             d, i, tf.constant(0, tf.int64), seed=SEED, image_size=SIZE, augment=True),
             tf.constant(0)), num_parallel_calls=AUTOTUNE).batch(BATCH)
         if name.startswith("+ one-hot"):
-            return inputs._finish(ds, CLASSES, pixels=tf.uint8)
-        return inputs._finish(ds, CLASSES) if name.startswith("+ float") else ds
+            return inputs.finish(ds, CLASSES, pixels=tf.uint8)
+        return inputs.finish(ds, CLASSES) if name.startswith("+ float") else ds
 
     runs: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(rounds):
@@ -285,7 +285,7 @@ def _previous_stream(tf, paths, labels, n, steps):
                                                xy[1]), num_parallel_calls=AUTOTUNE)
         return ds.batch(BATCH).take(steps)
 
-    return inputs._finish(tf.data.Dataset.range(0, 2).flat_map(one_epoch), CLASSES)
+    return inputs.finish(tf.data.Dataset.range(0, 2).flat_map(one_epoch), CLASSES)
 
 
 def _pack(images: Path, dest: Path) -> Path:
@@ -311,7 +311,7 @@ def _packed_stream(folder: Path, buffer_dir: Path) -> Callable:
     layout = packedinput.Layout(1, 0, BATCH, 1)
     buffer = stream.buffer_shards(cfg.data.stream_buffer, packed.index.shards)
     return packedinput.training_stream(packed, cfg, layout, buffer - stream.EVAL_SLOTS,
-                                       buffer_dir, CLASSES)
+                                       buffer_dir, CLASSES, failures=[])
 
 
 def _warm(tf, paths: list[str]) -> None:

@@ -201,6 +201,9 @@ def test_image_tag_is_pyproject_version(variants):
             assert container(docs)["image"] == f"{images[0]['newName']}:{version}", name
     for name, docs in variants.items():
         assert not container(docs)["image"].endswith(":latest")
+        # MLflow's trainjob.image tag: the image the pod runs, as kustomize set it.
+        env = {e["name"]: e.get("value") for e in container(docs).get("env", [])}
+        assert env["TRAINJOB_IMAGE"] == container(docs)["image"], name
 
 
 # --- the Job's shape ------------------------------------------------------------------------

@@ -133,7 +133,10 @@ def test_a_paused_job_writing_a_local_output_stops_before_its_next_save(tmp_path
         taker.release()
 
 
-def _until(predicate, timeout: float = 30.0) -> None:
+def _until(predicate, timeout: float = 180.0) -> None:
+    """Wait for a state; the timeout only bounds a failure (30 s was once too short for
+    70 MiB of held parts to reach the server and the upload's abort to follow, with the
+    machine loaded 3x: a wait for a state must not assume a speed)."""
     deadline = time.monotonic() + timeout
     while not predicate():
         assert time.monotonic() < deadline, "timed out"

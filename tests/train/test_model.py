@@ -97,6 +97,7 @@ def test_the_test_stand_in_has_resnet50s_bytes_and_only_under_its_hook(tmp_path,
     assert little.count_params() < 1e-2 * small.count_params()
 
 
+@pytest.mark.training  # it fits: make test only
 @pytest.mark.parametrize("precision", ["float32", "mixed_float16"])
 def test_the_model_takes_the_training_streams_uint8_pixels(precision):
     """training_stream hands out uint8 pixels; the model casts them to its float32 input

@@ -140,3 +140,18 @@ def same_pod(a: dict, b: dict) -> bool:
             c["env"] = [e for e in c.get("env", []) if e["name"] != "TRAINJOB_OWNER_ID"]
         return spec
     return norm(a) == norm(b)
+
+
+def assert_real_options(found: dict[str, dict]) -> None:
+    """Every key of each named block of settings is a `trainjob train` option's variable
+    (TRAINJOB_*) or one of boto3's own (AWS_KEYS)."""
+    from trainjob.cli import train
+
+    envvars = {p.envvar for p in train.params if getattr(p, "envvar", None)}
+    assert envvars, "trainjob train has no env twins?"
+    for name, data in found.items():
+        for key in data:
+            if key.startswith("TRAINJOB_"):
+                assert key in envvars, f"{name}: {key} is not an option of `trainjob train`"
+            else:
+                assert key in AWS_KEYS, f"{name}: unexpected key {key}"

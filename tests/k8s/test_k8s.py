@@ -20,12 +20,12 @@ import kubernetes_validate
 import pytest
 import yaml
 from helpers.manifests import (
-    AWS_KEYS,
     BASE,
     COMPONENTS,
     K8S,
     KUBERNETES_VERSIONS,
     ROOT,
+    assert_real_options,
     find,
     kustomize_cmd,
     load_all,
@@ -161,14 +161,7 @@ def configmaps() -> dict[str, dict]:
 
 
 def test_configmap_keys_are_real_options():
-    envvars = {p.envvar for p in train.params if getattr(p, "envvar", None)}
-    assert envvars, "trainjob train has no env twins?"
-    for name, data in configmaps().items():
-        for key in data:
-            if key.startswith("TRAINJOB_"):
-                assert key in envvars, f"{name}: {key} is not an option of `trainjob train`"
-            else:
-                assert key in AWS_KEYS, f"{name}: unexpected key {key}"
+    assert_real_options(configmaps())
 
 
 def test_rendered_configmaps_parse_as_valid_settings(variants, monkeypatch):

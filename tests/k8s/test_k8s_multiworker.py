@@ -24,11 +24,11 @@ import jsonschema
 import pytest
 import yaml
 from helpers.manifests import (
-    AWS_KEYS,
     COMPONENTS,
     K8S,
     KUBERNETES_VERSIONS,
     ROOT,
+    assert_real_options,
     child_job,
     find,
     load_all,
@@ -47,7 +47,6 @@ MULTIWORKER = K8S / "multiworker"
 JOBSET_SCHEMA = ROOT / "tests" / "fixtures" / "jobset-crd-schema.json"
 JOBSET_API = "jobset.x-k8s.io/v1alpha2"
 RJOB = "workers"      # the JobSet's one replicatedJob
-ENVVARS = {p.envvar for p in train.params if getattr(p, "envvar", None)}
 
 
 # --- rendering ------------------------------------------------------------------------------
@@ -381,12 +380,7 @@ def test_multiworker_keys_are_real_options(rendered):
     found = multiworker_settings()
     assert found, "no ConfigMap patch in k8s/multiworker?"
     found |= {name: settings(docs) for name, docs in rendered.items()}
-    for name, data in found.items():
-        for key in data:
-            if key.startswith("TRAINJOB_"):
-                assert key in ENVVARS, f"{name}: {key} is not an option of `trainjob train`"
-            else:
-                assert key in AWS_KEYS, f"{name}: unexpected key {key}"
+    assert_real_options(found)
 
 
 def test_multiworker_settings_parse(rendered, monkeypatch):

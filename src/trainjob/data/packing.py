@@ -37,6 +37,7 @@ from trainjob.data.packed import INDEX, SPLITS, PackedIndex, Shard, SplitSetting
 from trainjob.data.shardwrite import Built, PackItem, ShardPlan, build_shard, watch_parent
 from trainjob.errors import ConfigError, TrainJobError
 from trainjob.store.base import Store
+from trainjob.store.hostcache import pid_alive
 from trainjob.store.local import LocalStore
 
 log = logging.getLogger(__name__)
@@ -293,18 +294,8 @@ def _remove_dead_temporaries(tmp_dir: Path) -> None:
     """Shard files a killed pack left half written (their process is gone)."""
     for path in tmp_dir.glob("*.tmp"):
         pid = path.suffixes[-2].lstrip(".") if len(path.suffixes) >= 2 else ""
-        if not pid.isdigit() or not _alive(int(pid)):
+        if not pid.isdigit() or not pid_alive(int(pid)):
             path.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @dataclass(frozen=True)

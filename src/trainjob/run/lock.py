@@ -39,6 +39,7 @@ from trainjob.errors import ConditionalWritesUnsupported, ConfigError, LostOwner
 from trainjob.hooks import read_hooks
 from trainjob.run.folder import LOCK
 from trainjob.store.base import Store
+from trainjob.store.hostcache import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -342,14 +343,3 @@ def _parse(current: tuple[bytes, str] | None) -> dict | None:
         return None
     return record if isinstance(record, dict) else None
 
-
-def pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

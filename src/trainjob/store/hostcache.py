@@ -187,3 +187,16 @@ def prune(paths: Iterable[Path], *, lock_file: Callable[[Path], Path] = lock_fil
             lock.path.unlink(missing_ok=True)  # still held: see FolderLock.acquire
             removed.append(path)
     return removed
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this host (another user's counts: it exists)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -296,22 +296,19 @@ def _pack(images: Path, dest: Path) -> Path:
     return dest
 
 
-def _packed_stream(folder: Path, buffer_dir: Path) -> Callable:
-    """The packed path's training stream, as a one-worker run builds it (train.streams)."""
+def _packed_stream(folder: Path, work_dir: Path) -> Callable:
+    """The packed path's training stream, as a one-worker run builds it (``streams.build``
+    on ``source.load_packed``)."""
     from trainjob.config import Config
-    from trainjob.data import stream
-    from trainjob.data.packed import read_index
-    from trainjob.store.local import LocalStore
-    from trainjob.train import packedinput
+    from trainjob.data import source
+    from trainjob.data.packed import packed_store
+    from trainjob.train import streams
 
-    store = LocalStore(folder)
-    packed = stream.Packed(store, read_index(store))
-    cfg = Config.from_options(data=str(folder), output=str(buffer_dir / "unused"),
-                              image_size=SIZE, batch_size=BATCH, seed=SEED)
-    layout = packedinput.Layout(1, 0, BATCH, 1)
-    buffer = stream.buffer_shards(cfg.data.stream_buffer, packed.index.shards)
-    return packedinput.training_stream(packed, cfg, layout, buffer - stream.EVAL_SLOTS,
-                                       buffer_dir, CLASSES, failures=[])
+    cfg = Config.from_options(data=str(folder), output=str(work_dir / "unused"),
+                              work_dir=str(work_dir), image_size=SIZE, batch_size=BATCH,
+                              seed=SEED)
+    data = source.load_packed(packed_store(str(folder)), {})
+    return streams.build(cfg, data, 1, None).train
 
 
 def _warm(tf, paths: list[str]) -> None:

@@ -73,14 +73,14 @@ def steps_for(count: int, layout: Layout) -> int:
     return math.ceil(count / layout.worker_batch)
 
 
-def training_stream(packed: Packed, cfg: Config, layout: Layout, buffer: int,
-                    buffer_dir: Path, num_classes: int, failures: list[TrainJobError]
+def training_stream(packed: Packed, plan: stream.Plan, count: int, cfg: Config,
+                    layout: Layout, buffer: int, buffer_dir: Path, num_classes: int,
+                    failures: list[TrainJobError]
                     ) -> Callable[[int, int, int], tf.data.Dataset]:
-    """``train(first, last, skip)``: batches of epochs [first, last), less the ``skip``
-    steps of ``first`` a save point records. The reader's typed errors are also added to
+    """``train(first, last, skip)``: batches of epochs [first, last), ``count`` samples of
+    ``plan`` each (``train_plan``, ``samples_per_epoch``), less the ``skip`` steps of
+    ``first`` a save point records. The reader's typed errors are also added to
     ``failures`` (tf.data hands them on untyped: ``Streams.reported``)."""
-    plan = train_plan(packed, cfg.split.seed, layout, cfg.optim.shuffle)
-    count = samples_per_epoch(plan, layout, cfg.optim.steps_per_epoch)
     on_sample = sample_logger(layout.worker)
 
     def generate(epoch: np.int64, start: np.int64) -> Iterator[tuple[list[bytes], np.ndarray]]:

@@ -125,8 +125,9 @@ def _packed(cfg: Config, data: Dataset, replicas: int, group: Cluster | None) ->
              "steps an epoch on each, through a buffer of %d shards under %s",
              packed.store.uri, len(plan.shards), workers, count, steps, buffer, folder)
     failures: list[TrainJobError] = []
-    train = packedinput.training_stream(packed, cfg, layout, buffer - stream.EVAL_SLOTS,
-                                        folder, num_classes, failures)
+    train = packedinput.training_stream(packed, plan, count, cfg, layout,
+                                        buffer - stream.EVAL_SLOTS, folder, num_classes,
+                                        failures)
     image_size = cfg.model.image_size
 
     def evaluation(split: str, parts: int = 1, part: int = 0, cache: bool = False

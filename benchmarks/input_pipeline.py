@@ -16,8 +16,9 @@ px, ~34 KB):
 
 Per core: tf.data held to one thread (private thread pool 1, intra-op 1), images per process
 CPU-second. All cores: tf.data's defaults, images per wall second. Contenders take turns
-within each round; figures are medians over the rounds, and the load average is recorded at
-every round. Then the stages of the training op, per core, cumulative, on bytes in memory.
+within each round; figures are medians over the rounds, ratios the medians of each round's
+ratio, and the load average is recorded at every round. Then the stages of the training op,
+per core, cumulative, on bytes in memory.
 
 ``python benchmarks/input_pipeline.py [ROUNDS]``; ``run_all.py input_pipeline`` writes
 docs/benchmarks.md.
@@ -45,7 +46,7 @@ import sampledata
 
 SIZE, BATCH, SEED = 224, 32, 42
 CLASSES, PER_CLASS = 30, 100
-ROUNDS = 5
+ROUNDS = 7
 AUTOTUNE = -1  # tf.data.AUTOTUNE
 
 
@@ -163,7 +164,8 @@ def _rounds(contenders: dict, rounds: int, per_core: bool) -> dict:
         out["contenders"][name] = [
             {"per_cpu_s": round(statistics.median(m / c for m, _, c in epoch)),
              "per_wall_s": round(statistics.median(m / w for m, w, _ in epoch)),
-             "per_cpu_s_runs": [round(m / c) for m, _, c in epoch]}
+             "per_cpu_s_runs": [round(m / c) for m, _, c in epoch],
+             "per_wall_s_runs": [round(m / w) for m, w, _ in epoch]}
             for epoch in zip(*per_round)]
     return out
 
@@ -191,15 +193,17 @@ def _stages(tf, augment, inputs, paths: list[str], rounds: int) -> dict:
         return image[0, 0, 0]
 
     steps = {
-        "read the file": lambda d, i: tf.strings.length(d),
+        "read the file (64 per tf.data call, as inputs.encoded)": None,
         "decode (accurate IDCT)": lambda d, i: first(augment.decode(d)),
         "+ window (draw + slice)": lambda d, i: first(window(augment.decode(d), i)),
         "+ flip": lambda d, i: first(flip(window(augment.decode(d), i), i)),
         "+ bilinear resize to 224": lambda d, i: first(resize(flip(window(augment.decode(d), i),
                                                                     i))),
-        "+ round to uint8": lambda d, i: first(augment.to_uint8(
+        "+ round to uint8": lambda d, i: first(augment.round_to_uint8(
             resize(flip(window(augment.decode(d), i), i)))),
-        "+ batching (32)": None,
+        "+ batching (32)": lambda d, i: augment.round_to_uint8(
+            resize(flip(window(augment.decode(d), i), i))),
+        "+ one tf.data call per batch, not per image (augment.train_batch)": None,
         "+ one-hot labels (the end of training_stream)": None,
         "+ float32 cast (before; now the model's, on the accelerator)": None,
         "previous: decode + antialiased resize": lambda d, i: first(augment.eval_image(d, SIZE)),
@@ -213,14 +217,17 @@ def _stages(tf, augment, inputs, paths: list[str], rounds: int) -> dict:
     opts.threading.max_intra_op_parallelism = 1
 
     def dataset(name, fn):
-        if name == "read the file":
-            return files.map(lambda p, i: fn(tf.io.read_file(p), i),
-                             num_parallel_calls=AUTOTUNE).batch(256)
+        if name.startswith("read"):
+            return files.batch(64).map(lambda p, i: tf.strings.length(
+                tf.map_fn(tf.io.read_file, p, fn_output_signature=tf.string)),
+                num_parallel_calls=AUTOTUNE)
+        if name.startswith("+ batching"):
+            return cached.map(fn, num_parallel_calls=AUTOTUNE).batch(BATCH)
         if fn is not None:
             return cached.map(fn, num_parallel_calls=AUTOTUNE).batch(256)
-        ds = cached.map(lambda d, i: (augment.train_image(
-            d, i, tf.constant(0, tf.int64), seed=SEED, image_size=SIZE, augment=True),
-            tf.constant(0)), num_parallel_calls=AUTOTUNE).batch(BATCH)
+        ds = cached.batch(BATCH).map(lambda d, i: (augment.train_batch(
+            d, i, tf.zeros_like(i), tf.constant(0, tf.int64), seed=SEED, image_size=SIZE,
+            augment=True), tf.zeros_like(i)), num_parallel_calls=AUTOTUNE)
         if name.startswith("+ one-hot"):
             return inputs.finish(ds, CLASSES, pixels=tf.uint8)
         return inputs.finish(ds, CLASSES) if name.startswith("+ float") else ds
@@ -245,20 +252,26 @@ def _stages(tf, augment, inputs, paths: list[str], rounds: int) -> dict:
 
 
 def _ratios(results: dict) -> dict:
-    def rate(mode, name, epoch=0):
-        return results[mode]["contenders"][name][epoch]["per_cpu_s" if mode == "per_core"
-                                                        else "per_wall_s"]
+    """Each ratio is the median of its rounds' ratios: the contenders take turns within a
+    round, so a slow spell of the machine weighs on both sides of a ratio, not on one."""
+    def runs(mode, name, epoch=0):
+        return results[mode]["contenders"][name][epoch][
+            "per_cpu_s_runs" if mode == "per_core" else "per_wall_s_runs"]
+
+    def ratio(a: list[int], b: list[int]) -> float:
+        return round(statistics.median(x / y for x, y in zip(a, b)), 2)
+
     out = {}
     for mode in ("per_core", "all_cores"):
-        ours = {"trainjob_e1": rate(mode, "trainjob"), "trainjob_e2": rate(mode, "trainjob", 1),
-                "packed_e1": rate(mode, "packed")}
+        ours = {"trainjob_e1": runs(mode, "trainjob"), "trainjob_e2": runs(mode, "trainjob", 1),
+                "packed_e1": runs(mode, "packed")}
         out[mode] = {
-            **{f"{k}_vs_idfd_keras_flip": round(v / rate(mode, "idfd_keras_flip"), 2)
+            **{f"{k}_vs_idfd_keras_flip": ratio(v, runs(mode, "idfd_keras_flip"))
                for k, v in ours.items()},
-            **{f"{k}_of_floor": round(v / rate(mode, "floor"), 2) for k, v in ours.items()},
-            "trainjob_e1_vs_previous_e1": round(ours["trainjob_e1"] / rate(mode, "previous"), 2),
-            "trainjob_e2_vs_previous_e2": round(ours["trainjob_e2"] / rate(mode, "previous", 1),
-                                                2)}
+            **{f"{k}_of_floor": ratio(v, runs(mode, "floor")) for k, v in ours.items()},
+            "trainjob_e1_vs_previous_e1": ratio(ours["trainjob_e1"], runs(mode, "previous")),
+            "trainjob_e2_vs_previous_e2": ratio(ours["trainjob_e2"],
+                                                runs(mode, "previous", 1))}
     return out
 
 

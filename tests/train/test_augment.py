@@ -115,3 +115,36 @@ def test_evaluation_and_predict_pixels_are_unchanged(fmt, tmp_path):
             augment.eval_image(tf.io.read_file(str(path)), size).numpy(), before)
         (image, _), = inputs.decoded([Sample(str(path), 0)], size, "memory", tmp_path, "val")
         np.testing.assert_array_equal(image.numpy(), before)
+
+
+def test_a_batch_is_augmented_to_the_bytes_of_each_image_alone():
+    """train_batch (one tf.data call per batch) hands out exactly train_image's bytes for
+    every element, with its own id and draw, whatever the sizes and formats in the batch."""
+    images = [_encode(_coordinates()), _encode(_sharp(), "JPEG", quality=90),
+              _encode(_sharp()[:37, :101]), _encode(np.full((9, 9, 3), 200, np.uint8), "JPEG")]
+    ids, draws = [3, 11, 7, 3], [0, 0, 2, 1]
+    for augmented in (True, False):
+        got = augment.train_batch(tf.stack(images), tf.constant(ids, tf.int64),
+                                  tf.constant(draws, tf.int64), tf.constant(4, tf.int64),
+                                  seed=9, image_size=S, augment=augmented).numpy()
+        assert got.shape == (4, S, S, 3) and got.dtype == np.uint8
+        for k, (data, sample_id, draw) in enumerate(zip(images, ids, draws)):
+            np.testing.assert_array_equal(
+                got[k], _train(data, sample_id, 4, 9, augmented=augmented, draw=draw))
+    assert not np.array_equal(got[0], got[3])
+
+
+def test_rounding_a_bilinear_resize_needs_no_clip():
+    """A bilinear resize of uint8 pixels stays within [0, 255] (each output is a weighted
+    mean of four inputs), so round_to_uint8 gives to_uint8's bytes: the training images
+    are the ones the pipeline made before it dropped the clip."""
+    rng = np.random.default_rng(1)
+    extremes = rng.choice(np.array([0, 1, 254, 255], np.uint8), (61, 83, 3))
+    for image in (extremes, _sharp()):
+        for size in (S, 224, 17):
+            resized = tf.image.resize(image, [size, size])
+            np.testing.assert_array_equal(augment.round_to_uint8(resized).numpy(),
+                                          augment.to_uint8(resized).numpy())
+    overshoot = tf.constant([[[-3.0, 255.7, 128.4]]])  # what the clip is for elsewhere
+    assert not np.array_equal(augment.round_to_uint8(overshoot).numpy(),
+                              augment.to_uint8(overshoot).numpy())

@@ -284,6 +284,44 @@ def test_augmentation_follows_the_sample_not_its_position(samples):
     assert sum(not np.array_equal(a[k], other_epoch[k]) for k in a) >= len(a) // 2
 
 
+def _per_image_stream(samples, first, last, *, shard, batch, steps, skip=0):
+    """inputs.training_stream as it was before images were augmented a batch per call:
+    files read one per element, each image augmented in its own tf.data call, then
+    batched; what a run trains on must not have changed."""
+    import tensorflow as tf
+    n = len(samples)
+    base = tf.data.Dataset.from_tensor_slices(
+        ([s.path for s in samples], [s.label for s in samples], tf.range(n, dtype=tf.int64)))
+    base = base.map(lambda path, label, i: (tf.io.read_file(path), label, i)).cache()
+
+    def one_epoch(epoch):
+        ds = base.repeat().enumerate().map(lambda j, e: (*e, j // n))
+        ds = ds.shuffle(n, seed=3 * 100_003 + epoch, reshuffle_each_iteration=False)
+        ds = ds.enumerate().filter(lambda i, _e: i % shard[1] == shard[0]).map(lambda _i, e: e)
+        skipped = tf.where(epoch == first, tf.constant(skip, tf.int64), 0)
+        ds = ds.skip(skipped * batch).map(
+            lambda data, label, i, draw: (augment.train_image(
+                data, i, epoch, seed=3, image_size=SIZE, augment=True, draw=draw), label))
+        return ds.batch(batch).take(steps - skipped)
+
+    return tf.data.Dataset.range(first, last).flat_map(one_epoch)
+
+
+@pytest.mark.parametrize("shard, skip", [((0, 1), 0), ((1, 2), 3)])
+def test_the_stream_trains_on_the_images_it_did_one_call_per_image(samples, shard, skip):
+    """Batches augmented in one call each, and files read a batch per call, hand out the
+    very bytes and labels of the per-image stream: same order, same draws, same resume."""
+    steps = 7  # 28 (or 14) images of 21 samples: some drawn twice, with draw 1
+    got = list(_worker_stream(samples, shard, batch=4 // shard[1], steps=steps, skip=skip,
+                              first=0, last=2))
+    want = list(_per_image_stream(samples, 0, 2, shard=shard, batch=4 // shard[1],
+                                  steps=steps, skip=skip))
+    assert len(got) == len(want) == 2 * steps - skip
+    for (x, y), (wx, wy) in zip(got, want):
+        np.testing.assert_array_equal(x.numpy(), wx.numpy())
+        np.testing.assert_array_equal(np.argmax(y.numpy(), axis=1), wy.numpy())
+
+
 def _worker_stream(samples, shard, *, batch, steps, skip=0, first=0, last=2):
     base = inputs.encoded(samples, "memory", None, "train")
     return inputs.training_stream(base, len(samples), CLASSES, image_size=SIZE,

@@ -1,8 +1,8 @@
 """The tf.data pipelines.
 
-Training: encoded files -> cache (the bytes) -> shuffle -> decode, window, flip, one resize
-(``augment.train_image``) -> batch -> prefetch. Validation and test: decode -> antialiased
-resize (``augment.eval_image``) -> cache (the pixels) -> batch.
+Training: encoded files -> cache (the bytes) -> shuffle -> batch -> decode, window, flip,
+one resize of each image (``augment.train_batch``) -> prefetch. Validation and test:
+decode -> antialiased resize (``augment.eval_image``) -> cache (the pixels) -> batch.
 
 The training stream spans all remaining epochs; each epoch's order is seeded by (seed, epoch)
 and each image's augmentation by (seed, epoch, sample id), the id being the sample's index in
@@ -23,11 +23,12 @@ import tensorflow as tf
 
 from trainjob.data.catalog import Sample
 from trainjob.store import hostcache as cache_lib
-from trainjob.train.augment import eval_image, train_image
+from trainjob.train.augment import eval_image, train_batch
 
 log = logging.getLogger(__name__)
 AUTOTUNE = tf.data.AUTOTUNE
 DECODE = "jpeg-accurate"  # in the file cache's key: caches of an older decode are not reused
+READ_BATCH = 64  # files read per tf.data call in epoch 1
 
 
 def decoded(samples: list[Sample], image_size: int, cache: str, cache_dir: Path,
@@ -55,8 +56,12 @@ def encoded(samples: list[Sample], cache: str, cache_dir: Path, name: str) -> tf
                                       encoded_bytes=sum(os.stat(p).st_size for p in paths))
     ds = tf.data.Dataset.from_tensor_slices(
         (paths, [s.label for s in samples], tf.range(len(samples), dtype=tf.int64)))
-    ds = ds.map(lambda path, label, i: (tf.io.read_file(path), label, i),
-                num_parallel_calls=AUTOTUNE, deterministic=True)
+    # Read in batches, one tf.data call each (as augment.train_batch decodes): an element
+    # of its own per file cost more in hand-offs between threads than the read itself.
+    ds = ds.batch(READ_BATCH).map(
+        lambda path, label, i: (tf.map_fn(tf.io.read_file, path,
+                                          fn_output_signature=tf.string), label, i),
+        num_parallel_calls=AUTOTUNE, deterministic=True).unbatch()
     return _cached(ds, cache, cache_dir, f"{name}-{fingerprint_files(paths, 'encoded')}"
                    if cache == "file" else "")
 
@@ -132,12 +137,12 @@ def training_stream(base: tf.data.Dataset, n: int, num_classes: int, *, image_si
         if count > 1:
             ds = ds.enumerate().filter(lambda i, _e: i % count == index).map(lambda _i, e: e)
         skip = tf.where(epoch == first_epoch, tf.constant(skip_batches, tf.int64), 0)
-        ds = ds.skip(skip * batch_size).map(
-            lambda data, label, i, draw: (train_image(data, i, epoch, seed=seed,
-                                                      image_size=image_size, augment=augment,
-                                                      draw=draw), label),
+        ds = ds.skip(skip * batch_size).batch(batch_size).take(steps - skip)
+        return ds.map(
+            lambda data, label, i, draw: (train_batch(data, i, draw, epoch, seed=seed,
+                                                      image_size=image_size, augment=augment),
+                                          label),
             num_parallel_calls=AUTOTUNE, deterministic=True)
-        return ds.batch(batch_size).take(steps - skip)
 
     stream = tf.data.Dataset.range(first_epoch, epochs).flat_map(one_epoch)
     # The pixels stay uint8: the model casts them to its input's float32 (Keras converts

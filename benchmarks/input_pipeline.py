@@ -1,6 +1,6 @@
-"""Input pipeline throughput at 224 px with the training augmentation, side by side in one
-process on the same Caltech-sized JPEGs (``sampledata.make_photo_folders``: 300 x 180-260
-px, ~34 KB):
+"""Input pipeline throughput at 224 px with the training augmentation, side by side on the
+same Caltech-sized JPEGs (``sampledata.make_photo_folders``: 300 x 180-260 px, ~34 KB),
+each contender in a process of its own:
 
 - trainjob's classic path (``inputs.encoded`` + ``inputs.training_stream``, what a run
   trains on: uint8 pixels, which the model casts, and one-hot labels), epoch 1 (reads the
@@ -16,8 +16,9 @@ px, ~34 KB):
 
 Per core: tf.data held to one thread (private thread pool 1, intra-op 1), images per process
 CPU-second. All cores: tf.data's defaults, images per wall second. Contenders take turns
-within each round; figures are medians over the rounds, ratios the medians of each round's
-ratio, and the load average is recorded at every round. Then the stages of the training op,
+within each round, each in a process of its own, as a job is; figures are medians over the
+rounds, ratios the medians of each round's ratio, and the load average is recorded at every
+round. Then the stages of the training op,
 per core, cumulative, on bytes in memory.
 
 ``python benchmarks/input_pipeline.py [ROUNDS]``; ``run_all.py input_pipeline`` writes
@@ -46,100 +47,126 @@ import sampledata
 
 SIZE, BATCH, SEED = 224, 32, 42
 CLASSES, PER_CLASS = 30, 100
-ROUNDS = 7
+ROUNDS = 5
 AUTOTUNE = -1  # tf.data.AUTOTUNE
+
+
+CONTENDERS = ("trainjob", "packed", "previous", "idfd_keras_flip", "idfd_tf_flip", "floor")
 
 
 def main(rounds: int = ROUNDS) -> dict:
     import keras
     import tensorflow as tf
 
-    from trainjob.data.catalog import Sample
     from trainjob.train import augment, inputs
 
     work = Path(tempfile.mkdtemp(prefix="bench-pipe-"))
     try:
         root = work / "images"
         files = sorted(sampledata.make_photo_folders(root, CLASSES, PER_CLASS))
-        samples = [Sample(str(p), int(p.parent.name.split("_")[1])) for p in files]
-        paths, labels = [s.path for s in samples], [s.label for s in samples]
-        n, steps = len(samples), -(-len(samples) // BATCH)
+        _pack(root, work / "packed")
         sizes = [p.stat().st_size for p in files]
-        packed_dir = _pack(root, work / "packed")
-
-        def limited(ds, per_core: bool):
-            if per_core:
-                opts = tf.data.Options()
-                opts.threading.private_threadpool_size = 1
-                opts.threading.max_intra_op_parallelism = 1
-                ds = ds.with_options(opts)
-            return ds
-
-        def epochs(make: Callable[[int], object], count: int, per_core: bool) -> list[tuple]:
-            """(images, wall s, CPU s) of each epoch; make(e) -> that epoch's dataset."""
-            out = []
-            for e in range(count):
-                ds = limited(make(e), per_core)
-                out.append(_timed(lambda ds=ds: sum(int(b[0].shape[0]) for b in ds)))
-            return out
-
-        def trainjob(per_core):
-            stream = limited(inputs.training_stream(
-                inputs.encoded(samples, "memory", work, "bench"), n, CLASSES, image_size=SIZE,
-                batch_size=BATCH, steps=steps, repeat=False, shuffle=True, augment=True,
-                seed=SEED, first_epoch=0, epochs=2), per_core)
-            it = iter(stream)
-            return [_timed(lambda: sum(int(next(it)[0].shape[0]) for _ in range(steps)))
-                    for _ in range(2)]
-
-        def previous(per_core):
-            stream = limited(_previous_stream(tf, paths, labels, n, steps), per_core)
-            it = iter(stream)
-            return [_timed(lambda: sum(int(next(it)[0].shape[0]) for _ in range(steps)))
-                    for _ in range(2)]
-
-        def packed(per_core):
-            train = _packed_stream(packed_dir, work / "stream")
-            return epochs(lambda e: train(e, e + 1, 0), 1, per_core)
-
-        def idfd(keras_flip):
-            def run(per_core):
-                def make(e):
-                    ds = keras.utils.image_dataset_from_directory(
-                        str(root), image_size=(SIZE, SIZE), batch_size=BATCH, shuffle=True,
-                        seed=SEED + e, verbose=False)
-                    if keras_flip:
-                        flip = keras.layers.RandomFlip("horizontal", seed=SEED)
-                        ds = ds.map(lambda x, y: (flip(x, training=True), y),
-                                    num_parallel_calls=AUTOTUNE)
-                    else:
-                        ds = ds.map(lambda x, y: (tf.image.random_flip_left_right(x), y),
-                                    num_parallel_calls=AUTOTUNE)
-                    return ds.prefetch(AUTOTUNE)
-                return epochs(make, 1, per_core)
-            return run
-
-        def floor(per_core):
-            return epochs(lambda e: tf.data.Dataset.from_tensor_slices((paths, labels)).map(
-                lambda p, y: (tf.image.resize(augment.decode(tf.io.read_file(p)), [SIZE, SIZE]),
-                              y), num_parallel_calls=AUTOTUNE).batch(BATCH).prefetch(AUTOTUNE),
-                1, per_core)
-
-        contenders = {"trainjob": trainjob, "packed": packed, "previous": previous,
-                      "idfd_keras_flip": idfd(True), "idfd_tf_flip": idfd(False),
-                      "floor": floor}
-        results = {"images": n, "mean_kb": round(statistics.mean(sizes) / 1000, 1),
+        results = {"images": len(files), "mean_kb": round(statistics.mean(sizes) / 1000, 1),
                    "image_size": SIZE, "batch_size": BATCH, "rounds": rounds,
                    "machine": _machine(tf, keras)}
-        _warm(tf, paths)
         for mode in ("per_core", "all_cores"):
-            results[mode] = _rounds(contenders, rounds, mode == "per_core")
-        results["stages"] = _stages(tf, augment, inputs, paths, rounds)
+            results[mode] = _rounds(work, rounds, mode)
+        results["stages"] = _stages(tf, augment, inputs, [str(p) for p in files], rounds)
         results["ratios"] = _ratios(results)
         print(json.dumps(results, indent=2))
         return results
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def one(name: str, per_core: bool, work: Path) -> list[tuple]:
+    """(images, wall s, CPU s) of each timed epoch of contender ``name``, in this process:
+    ``main`` starts a process for every contender of every round, as a job is a process
+    with one stream (in one shared process, the classic stream's later rounds ran 10-30%
+    slower than its first; docs/benchmarks.md, History)."""
+    import keras
+    import tensorflow as tf
+
+    from trainjob.data.catalog import Sample
+    from trainjob.train import augment, inputs
+
+    root = work / "images"
+    files = sorted(root.rglob("*.jpg"))
+    samples = [Sample(str(p), int(p.parent.name.split("_")[1])) for p in files]
+    paths, labels = [s.path for s in samples], [s.label for s in samples]
+    n, steps = len(samples), -(-len(samples) // BATCH)
+
+    def limited(ds):
+        if per_core:
+            opts = tf.data.Options()
+            opts.threading.private_threadpool_size = 1
+            opts.threading.max_intra_op_parallelism = 1
+            ds = ds.with_options(opts)
+        return ds
+
+    def epochs(make: Callable[[int], object], count: int) -> list[tuple]:
+        """(images, wall s, CPU s) of each epoch; make(e) -> that epoch's dataset."""
+        out = []
+        for e in range(count):
+            ds = limited(make(e))
+            out.append(_timed(lambda ds=ds: sum(int(b[0].shape[0]) for b in ds)))
+        return out
+
+    def trainjob():
+        stream = limited(inputs.training_stream(
+            inputs.encoded(samples, "memory", work, "bench"), n, CLASSES, image_size=SIZE,
+            batch_size=BATCH, steps=steps, repeat=False, shuffle=True, augment=True,
+            seed=SEED, first_epoch=0, epochs=2))
+        it = iter(stream)
+        return [_timed(lambda: sum(int(next(it)[0].shape[0]) for _ in range(steps)))
+                for _ in range(2)]
+
+    def previous():
+        stream = limited(_previous_stream(tf, paths, labels, n, steps))
+        it = iter(stream)
+        return [_timed(lambda: sum(int(next(it)[0].shape[0]) for _ in range(steps)))
+                for _ in range(2)]
+
+    def packed():
+        train = _packed_stream(work / "packed", work / f"stream-{os.getpid()}")
+        return epochs(lambda e: train(e, e + 1, 0), 1)
+
+    def idfd(keras_flip):
+        def run():
+            def make(e):
+                ds = keras.utils.image_dataset_from_directory(
+                    str(root), image_size=(SIZE, SIZE), batch_size=BATCH, shuffle=True,
+                    seed=SEED + e, verbose=False)
+                if keras_flip:
+                    flip = keras.layers.RandomFlip("horizontal", seed=SEED)
+                    ds = ds.map(lambda x, y: (flip(x, training=True), y),
+                                num_parallel_calls=AUTOTUNE)
+                else:
+                    ds = ds.map(lambda x, y: (tf.image.random_flip_left_right(x), y),
+                                num_parallel_calls=AUTOTUNE)
+                return ds.prefetch(AUTOTUNE)
+            return epochs(make, 1)
+        return run
+
+    def floor():
+        return epochs(lambda e: tf.data.Dataset.from_tensor_slices((paths, labels)).map(
+            lambda p, y: (tf.image.resize(augment.decode(tf.io.read_file(p)), [SIZE, SIZE]),
+                          y), num_parallel_calls=AUTOTUNE).batch(BATCH).prefetch(AUTOTUNE), 1)
+
+    contenders = {"trainjob": trainjob, "packed": packed, "previous": previous,
+                  "idfd_keras_flip": idfd(True), "idfd_tf_flip": idfd(False), "floor": floor}
+    _warm(tf, paths)
+    return contenders[name]()
+
+
+def _in_own_process(name: str, mode: str, work: Path) -> list[tuple]:
+    done = subprocess.run([sys.executable, __file__, "--one", name, mode, str(work)],
+                          capture_output=True, text=True, check=False,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    lines = [line for line in done.stdout.splitlines() if line.startswith("ONE ")]
+    if done.returncode or not lines:
+        raise RuntimeError(f"{name} ({mode}) failed: {done.stderr[-2000:]}")
+    return [tuple(epoch) for epoch in json.loads(lines[-1][4:])]
 
 
 def _timed(fn: Callable[[], int]) -> tuple[int, float, float]:
@@ -148,14 +175,14 @@ def _timed(fn: Callable[[], int]) -> tuple[int, float, float]:
     return images, time.perf_counter() - wall, time.process_time() - cpu
 
 
-def _rounds(contenders: dict, rounds: int, per_core: bool) -> dict:
-    runs: dict[str, list] = {name: [] for name in contenders}
+def _rounds(work: Path, rounds: int, mode: str) -> dict:
+    runs: dict[str, list] = {name: [] for name in CONTENDERS}
     loads = []
     for r in range(rounds):
         loads.append(round(os.getloadavg()[0], 2))
-        for name, fn in contenders.items():
-            runs[name].append(fn(per_core))
-            print(f"{'per core' if per_core else 'all cores'} round {r} {name}: " + ", ".join(
+        for name in CONTENDERS:
+            runs[name].append(_in_own_process(name, mode, work))
+            print(f"{mode.replace('_', ' ')} round {r} {name}: " + ", ".join(
                 f"e{e + 1} {m / w:.0f}/s {m / c:.0f}/cpu-s" for e, (m, w, c)
                 in enumerate(runs[name][-1])), file=sys.stderr, flush=True)
     loads.append(round(os.getloadavg()[0], 2))
@@ -342,4 +369,7 @@ def _machine(tf, keras) -> dict:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else ROUNDS)
+    if sys.argv[1:2] == ["--one"]:  # one contender, for main
+        print("ONE " + json.dumps(one(sys.argv[2], sys.argv[3] == "per_core", Path(sys.argv[4]))))
+    else:
+        main(int(sys.argv[1]) if len(sys.argv) > 1 else ROUNDS)

@@ -90,8 +90,8 @@ def pipeline_section(pipe: dict) -> str:
     return f"""## Input pipeline: trainjob against image_dataset_from_directory
 
 {pipe['images']:,} Caltech-sized JPEGs (300 x 180-260 px, {pipe['mean_kb']} KB on average, made by
-`scripts/sampledata.py`), {pipe['image_size']} px, batch {pipe['batch_size']}, side by side in one process, taking turns in
-each of {pipe['rounds']} rounds, medians; a ratio is the median of the rounds' ratios, so that a
+`scripts/sampledata.py`), {pipe['image_size']} px, batch {pipe['batch_size']}, side by side, each contender in a process of
+its own as a job is, taking turns in each of {pipe['rounds']} rounds, medians; a ratio is the median of the rounds' ratios, so that a
 slow spell of the machine weighs on both of its sides (`benchmarks/input_pipeline.py`). trainjob runs its training
 augmentation (a window of 80-100% of each side, a flip, one bilinear resize) and hands out
 what a run trains on (uint8 pixels, which the model casts to float32, and one-hot labels;

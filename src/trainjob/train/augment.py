@@ -75,9 +75,9 @@ def train_batch(encoded: tf.Tensor, sample_ids: tf.Tensor, draws: tf.Tensor, epo
     of shape [n]), stacked: uint8 [n, image_size, image_size, 3], the same bytes.
 
     One tf.data call per batch instead of one per image: each tf.data element costs tens of
-    microseconds of hand-offs between threads, map_fn's loop less. The classic path's first
-    epoch took 4-7% less CPU per image so; the packed path, which parses its records in the
-    same call, took more, and keeps one image per call (docs/benchmarks.md)."""
+    microseconds of hand-offs between threads, map_fn's loop less. Side by side, the
+    classic path's first epoch ran 0.97-1.07x as fast so; the packed path, which parses its
+    records in the same call, 0.93x, and keeps one image per call (docs/benchmarks.md)."""
     return tf.map_fn(
         lambda e: train_image(e[0], e[1], epoch, seed=seed, image_size=image_size,
                               augment=augment, draw=e[2]),

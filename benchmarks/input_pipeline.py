@@ -18,8 +18,7 @@ Per core: tf.data held to one thread (private thread pool 1, intra-op 1), images
 CPU-second. All cores: tf.data's defaults, images per wall second. Contenders take turns
 within each round, each in a process of its own, as a job is; figures are medians over the
 rounds, ratios the medians of each round's ratio, and the load average is recorded at every
-round. Then the stages of the training op,
-per core, cumulative, on bytes in memory.
+round. Then the stages of the training op, per core, cumulative, on bytes in memory.
 
 ``python benchmarks/input_pipeline.py [ROUNDS]``; ``run_all.py input_pipeline`` writes
 docs/benchmarks.md.
@@ -245,9 +244,8 @@ def _stages(tf, augment, inputs, paths: list[str], rounds: int) -> dict:
 
     def dataset(name, fn):
         if name.startswith("read"):
-            return files.batch(64).map(lambda p, i: tf.strings.length(
-                tf.map_fn(tf.io.read_file, p, fn_output_signature=tf.string)),
-                num_parallel_calls=AUTOTUNE)
+            return files.batch(inputs.READ_BATCH).map(
+                lambda p, i: tf.strings.length(inputs.read_files(p)), num_parallel_calls=AUTOTUNE)
         if name.startswith("+ batching"):
             return cached.map(fn, num_parallel_calls=AUTOTUNE).batch(BATCH)
         if fn is not None:
@@ -278,6 +276,11 @@ def _stages(tf, augment, inputs, paths: list[str], rounds: int) -> dict:
     return out
 
 
+def paired_ratio(ours: list[int], theirs: list[int]) -> float:
+    """The median of the rounds' ratios of two contenders' rates (round by round)."""
+    return statistics.median(a / b for a, b in zip(ours, theirs))
+
+
 def _ratios(results: dict) -> dict:
     """Each ratio is the median of its rounds' ratios: the contenders take turns within a
     round, so a slow spell of the machine weighs on both sides of a ratio, not on one."""
@@ -286,7 +289,7 @@ def _ratios(results: dict) -> dict:
             "per_cpu_s_runs" if mode == "per_core" else "per_wall_s_runs"]
 
     def ratio(a: list[int], b: list[int]) -> float:
-        return round(statistics.median(x / y for x, y in zip(a, b)), 2)
+        return round(paired_ratio(a, b), 2)
 
     out = {}
     for mode in ("per_core", "all_cores"):

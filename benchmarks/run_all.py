@@ -21,6 +21,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from input_pipeline import paired_ratio  # noqa: E402  (the benchmarks beside this file)
+
 DOC = HERE.parent / "docs" / "benchmarks.md"
 NAMES = ("input_pipeline", "sync_overhead", "sync_lag", "fetch", "fetch_index", "first_step")
 NOTES = "## History and caveats"
@@ -58,12 +60,6 @@ def _spread(runs: list[int]) -> str:
     return f"{min(runs):,}-{max(runs):,}"
 
 
-def _paired(ours: dict, theirs: dict) -> float:
-    """The median of the rounds' ratios (per core)."""
-    return statistics.median(a / b for a, b in zip(ours["per_cpu_s_runs"],
-                                                   theirs["per_cpu_s_runs"]))
-
-
 def pipeline_section(pipe: dict) -> str:
     if "packed" not in pipe.get("per_core", {}).get("contenders", {}):
         return ""  # the figures of an earlier version of the benchmark: rerun it
@@ -76,13 +72,16 @@ def pipeline_section(pipe: dict) -> str:
               ("idfd_keras_flip", 0, "`image_dataset_from_directory` + Keras `RandomFlip`"),
               ("idfd_tf_flip", 0, "`image_dataset_from_directory` + `tf.image` flip"),
               ("floor", 0, "floor: decode + one bilinear resize, batched")]
+    def per_core_vs(ours: dict, theirs: str) -> float:
+        return paired_ratio(ours["per_cpu_s_runs"], core[theirs][0]["per_cpu_s_runs"])
+
     rows = []
     for name, epoch, label in labels:
         one, all_ = core[name][epoch], every[name][epoch]
         rows.append(f"| {label} | {one['per_cpu_s']:,} | {_spread(one['per_cpu_s_runs'])} | "
                     f"{all_['per_wall_s']:,} | {all_['per_cpu_s']:,} | "
-                    f"{_paired(one, core['idfd_keras_flip'][0]):.2f}x | "
-                    f"{_paired(one, core['floor'][0]):.2f} |")
+                    f"{per_core_vs(one, 'idfd_keras_flip'):.2f}x | "
+                    f"{per_core_vs(one, 'floor'):.2f} |")
     stages = "\n".join(f"| {step} | {v['per_cpu_s']:,} | {v['us_per_image']:,} | "
                        f"{v['step_us']:,} |" for step, v in pipe["stages"].items())
     m, ratio = pipe["machine"], pipe["ratios"]["per_core"]

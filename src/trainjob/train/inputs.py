@@ -58,12 +58,15 @@ def encoded(samples: list[Sample], cache: str, cache_dir: Path, name: str) -> tf
         (paths, [s.label for s in samples], tf.range(len(samples), dtype=tf.int64)))
     # Read in batches, one tf.data call each (as augment.train_batch decodes): an element
     # of its own per file cost more in hand-offs between threads than the read itself.
-    ds = ds.batch(READ_BATCH).map(
-        lambda path, label, i: (tf.map_fn(tf.io.read_file, path,
-                                          fn_output_signature=tf.string), label, i),
-        num_parallel_calls=AUTOTUNE, deterministic=True).unbatch()
+    ds = ds.batch(READ_BATCH).map(lambda path, label, i: (read_files(path), label, i),
+                                  num_parallel_calls=AUTOTUNE, deterministic=True).unbatch()
     return _cached(ds, cache, cache_dir, f"{name}-{fingerprint_files(paths, 'encoded')}"
                    if cache == "file" else "")
+
+
+def read_files(paths: tf.Tensor) -> tf.Tensor:
+    """The bytes of each file of ``paths`` (shape [n]), in one op call of the caller's."""
+    return tf.map_fn(tf.io.read_file, paths, fn_output_signature=tf.string)
 
 
 def _cached(ds: tf.data.Dataset, cache: str, cache_dir: Path, key: str) -> tf.data.Dataset:
